@@ -1,0 +1,1 @@
+//! Fault injection and consistency checkers for NovaCron clusters.

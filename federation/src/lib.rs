@@ -1,0 +1,1 @@
+//! Links between NovaCron sites and the federated catalog.

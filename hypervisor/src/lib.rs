@@ -1,0 +1,1 @@
+//! The Hypervisor trait and its libvirt driver.

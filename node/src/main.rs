@@ -1,0 +1,2 @@
+//! The `novacron` binary.
+fn main() {}

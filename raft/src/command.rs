@@ -1,0 +1,164 @@
+//! The closed set of state changes: every write in the cluster is one [`Command`].
+//!
+//! A command is data only. Ids and timestamps are chosen by the proposer (the API handler or a
+//! controller) before the command enters the log, so that `apply` is a pure function of the
+//! state and the command.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    AuditEntry, ClusterSecrets, Member, Millis, NodeId, NodeRecord, NodeState, Quota, Role, Tenant,
+    User,
+};
+
+/// What a client (or a controller) asks the replicated state machine to do.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct Request {
+    /// When the proposer made the request; the only clock `apply` ever sees.
+    pub at: Millis,
+    /// Who asked (user id, or `node:<id>` for controllers). Recorded in the audit log.
+    pub actor: String,
+    /// When set, a retry with the same key returns the first outcome instead of applying twice.
+    pub idempotency_key: Option<String>,
+    pub command: Command,
+}
+
+impl Request {
+    pub fn new(at: Millis, actor: impl Into<String>, command: Command) -> Self {
+        Self {
+            at,
+            actor: actor.into(),
+            idempotency_key: None,
+            command,
+        }
+    }
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.command.name())
+    }
+}
+
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum Command {
+    /// Does nothing; used to probe that the log accepts writes.
+    Noop,
+    /// Written once by the first node: the cluster's identity, CA and the admin account.
+    InitCluster {
+        secrets: ClusterSecrets,
+        admin: User,
+    },
+    /// Admits a node. The id is allocated here, deterministically, so every replica agrees.
+    RegisterNode { member: Member },
+    /// Marks a node removed; it may not come back under the same id.
+    RemoveNode { id: NodeId },
+    SetNodeState { id: NodeId, state: NodeState },
+    SetNodeSchedulable { id: NodeId, schedulable: bool },
+    /// Adds a JWT signing key in front; keeps at most `keep` keys.
+    RotateJwtKey { key: Vec<u8>, keep: u32 },
+    CreateTenant { tenant: Tenant },
+    UpdateTenantQuota {
+        id: String,
+        quota: Quota,
+        expected_version: Option<u64>,
+    },
+    DeleteTenant {
+        id: String,
+        expected_version: Option<u64>,
+    },
+    CreateUser { user: User },
+    UpdateUser {
+        id: String,
+        password_hash: Option<String>,
+        role: Option<Role>,
+        expected_version: Option<u64>,
+    },
+    DeleteUser { id: String },
+    /// Records an event that changed nothing else (for example a failed login).
+    Audit { entry: AuditEntry },
+}
+
+impl Command {
+    /// A stable, short name for metrics, logs and audit.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Noop => "noop",
+            Command::InitCluster { .. } => "cluster.init",
+            Command::RegisterNode { .. } => "node.register",
+            Command::RemoveNode { .. } => "node.remove",
+            Command::SetNodeState { .. } => "node.set_state",
+            Command::SetNodeSchedulable { .. } => "node.set_schedulable",
+            Command::RotateJwtKey { .. } => "cluster.rotate_jwt_key",
+            Command::CreateTenant { .. } => "tenant.create",
+            Command::UpdateTenantQuota { .. } => "tenant.update",
+            Command::DeleteTenant { .. } => "tenant.delete",
+            Command::CreateUser { .. } => "user.create",
+            Command::UpdateUser { .. } => "user.update",
+            Command::DeleteUser { .. } => "user.delete",
+            Command::Audit { .. } => "audit",
+        }
+    }
+}
+
+/// Why `apply` refused a command. Refusals are deterministic: every replica refuses alike,
+/// and the refusal is the committed outcome of that log entry.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    NotFound,
+    AlreadyExists,
+    VersionMismatch,
+    QuotaExceeded,
+    NotEmpty,
+    Invalid,
+    AlreadyInitialized,
+}
+
+impl RejectCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::NotFound => "not_found",
+            RejectCode::AlreadyExists => "already_exists",
+            RejectCode::VersionMismatch => "version_mismatch",
+            RejectCode::QuotaExceeded => "quota_exceeded",
+            RejectCode::NotEmpty => "not_empty",
+            RejectCode::Invalid => "invalid",
+            RejectCode::AlreadyInitialized => "already_initialized",
+        }
+    }
+}
+
+/// The outcome of applying one log entry.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum Response {
+    /// Applied; nothing to return. Also the response to blank and membership entries.
+    Ok,
+    Node(NodeRecord),
+    Tenant(Tenant),
+    User(User),
+    Rejected { code: RejectCode, message: String },
+}
+
+impl Default for Response {
+    fn default() -> Self {
+        Response::Ok
+    }
+}

@@ -1,0 +1,51 @@
+//! The layout of the state key space: one ordered map, with a short prefix per kind of object.
+//!
+//! Numeric parts are zero-padded decimals so that byte order equals numeric order in scans.
+
+pub const SECRETS: &[u8] = b"c/secrets";
+pub const NEXT_NODE_ID: &[u8] = b"c/next_node_id";
+pub const AUDIT_HEAD: &[u8] = b"c/audit_head";
+
+pub const TENANT_PREFIX: &[u8] = b"t/";
+pub const USER_PREFIX: &[u8] = b"u/";
+pub const NODE_PREFIX: &[u8] = b"n/";
+pub const AUDIT_PREFIX: &[u8] = b"a/";
+
+fn join(prefix: &str, rest: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + rest.len());
+    k.extend_from_slice(prefix.as_bytes());
+    k.extend_from_slice(rest.as_bytes());
+    k
+}
+
+pub fn tenant(id: &str) -> Vec<u8> {
+    join("t/", id)
+}
+pub fn tenant_name(name: &str) -> Vec<u8> {
+    join("tn/", name)
+}
+pub fn tenant_user_count(id: &str) -> Vec<u8> {
+    join("tu/", id)
+}
+pub fn user(id: &str) -> Vec<u8> {
+    join("u/", id)
+}
+pub fn user_name(name: &str) -> Vec<u8> {
+    join("un/", name)
+}
+pub fn node(id: u64) -> Vec<u8> {
+    join("n/", &format!("{id:020}"))
+}
+pub fn node_name(name: &str) -> Vec<u8> {
+    join("nn/", name)
+}
+pub fn audit(seq: u64) -> Vec<u8> {
+    join("a/", &format!("{seq:020}"))
+}
+/// Idempotency keys are scoped by actor so one client cannot replay another's outcome.
+pub fn idempotency(actor: &str, key: &str) -> Vec<u8> {
+    join("i/", &format!("{}/{key}", actor.len()))
+        .into_iter()
+        .chain(actor.bytes())
+        .collect()
+}

@@ -1,0 +1,1 @@
+//! The QUIC transport for Raft RPCs.

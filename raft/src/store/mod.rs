@@ -1,0 +1,1 @@
+//! The sled-backed Raft log and state machine (see store/mod.rs).

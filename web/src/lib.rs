@@ -1,0 +1,1 @@
+//! The NovaCron dashboard, embedded in the binary.

@@ -1,0 +1,2 @@
+//! `cargo xtask`: the one automation entry point (ci, bench, dev).
+fn main() {}
