@@ -4,6 +4,7 @@ mod auth;
 mod cluster;
 mod health;
 mod tenants;
+mod users;
 
 use std::time::Instant;
 
@@ -27,6 +28,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/cluster", get(cluster::status))
         .route("/cluster/join", post(cluster::join))
         .route("/tenants", get(tenants::list).post(tenants::create))
+        .route("/users", get(users::list).post(users::create))
+        .route(
+            "/users/{id}",
+            get(users::get_one).patch(users::update).delete(users::delete),
+        )
         .route(
             "/tenants/{id}",
             get(tenants::get_one)
