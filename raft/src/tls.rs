@@ -118,7 +118,10 @@ pub fn generate_ca(cluster_id: &str) -> Result<CaBundle, TlsError> {
     let key = KeyPair::generate().map_err(TlsError::Generate)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("novacron cluster CA {cluster_id}"));
+    dn.push(
+        DnType::CommonName,
+        format!("novacron cluster CA {cluster_id}"),
+    );
     dn.push(DnType::OrganizationName, "novacron");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -167,8 +170,8 @@ impl NodeKey {
     /// Generates a key pair and a CSR naming `node_name`.
     pub fn generate(node_name: &str) -> Result<NodeKey, TlsError> {
         let key = KeyPair::generate().map_err(TlsError::Generate)?;
-        let mut params = CertificateParams::new(vec![node_name.to_string()])
-            .map_err(TlsError::Generate)?;
+        let mut params =
+            CertificateParams::new(vec![node_name.to_string()]).map_err(TlsError::Generate)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, node_name);
         params.distinguished_name = dn;
@@ -189,11 +192,9 @@ pub fn sign_node_csr(ca: &CaBundle, csr_pem: &str, node_name: &str) -> Result<St
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(TlsError::InvalidCa)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(TlsError::InvalidCa)?;
 
-    let mut params = CertificateParams::new(vec![
-        node_name.to_string(),
-        CLUSTER_SERVER_NAME.to_string(),
-    ])
-    .map_err(TlsError::Generate)?;
+    let mut params =
+        CertificateParams::new(vec![node_name.to_string(), CLUSTER_SERVER_NAME.to_string()])
+            .map_err(TlsError::Generate)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node_name);
     params.distinguished_name = dn;
@@ -419,7 +420,9 @@ impl FromStr for JoinToken {
         let (Some(prefix), Some(fp), Some(secret), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(TlsError::MalformedToken("expected three dot-separated parts"));
+            return Err(TlsError::MalformedToken(
+                "expected three dot-separated parts",
+            ));
         };
         if prefix != JOIN_TOKEN_PREFIX {
             return Err(TlsError::MalformedToken("unknown token version"));
