@@ -245,7 +245,7 @@ impl Cluster {
             Ok(_) => Attempt::Fail(WriteError::Indeterminate(NetError::UnexpectedReply)),
             Err(NetError::Remote(f)) => match f.code {
                 // Refused before proposing: always safe to resend.
-                ErrorCode::NotLeader => Attempt::Retry {
+                ErrorCode::NotLeader | ErrorCode::Stopped => Attempt::Retry {
                     tried,
                     last: WriteError::Remote(f),
                 },

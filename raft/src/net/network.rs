@@ -113,7 +113,7 @@ impl NetworkClient {
                         self.node.clone(),
                         source,
                     )),
-                    None if failure.code == ErrorCode::Fatal => {
+                    None if matches!(failure.code, ErrorCode::Fatal | ErrorCode::Stopped) => {
                         RPCError::RemoteError(RemoteError::new_with_node(
                             self.target,
                             self.node.clone(),

@@ -224,6 +224,8 @@ pub enum ErrorCode {
     UnknownExtension = 6,
     /// The extension handler refused the request.
     ExtensionFailed = 7,
+    /// The remote Raft had stopped before the request reached it: nothing was proposed.
+    Stopped = 8,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

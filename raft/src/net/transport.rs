@@ -528,6 +528,10 @@ impl Server {
                 let Some(raft) = &self.raft else {
                     return no_raft();
                 };
+                // A stopped Raft proposes nothing: say so, so the caller may resend safely.
+                if raft.metrics().borrow().running_state.is_err() {
+                    return error(ErrorCode::Stopped, "raft has stopped on this node");
+                }
                 let request = match codec::decode(&f.request) {
                     Ok(r) => r,
                     Err(e) => return error(ErrorCode::BadRequest, e.to_string()),
