@@ -3,6 +3,10 @@
 //! small in-memory store written here) electing a leader, forwarding writes from followers,
 //! serving linearizable reads and shipping a snapshot to a late learner.
 
+// Test helpers (the store, node setup) may unwrap too: a panic there is a test failure, which is
+// what clippy.toml grants to test functions.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -255,10 +259,12 @@ struct SmData {
     actors: Vec<String>,
 }
 
+type StoredSnapshot = (SnapshotMeta<NodeId, Member>, Vec<u8>);
+
 #[derive(Clone)]
 struct MemSm {
     data: Arc<Mutex<SmData>>,
-    snapshot: Arc<Mutex<Option<(SnapshotMeta<NodeId, Member>, Vec<u8>)>>>,
+    snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     applied: Arc<watch::Sender<u64>>,
 }
 

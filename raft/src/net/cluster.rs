@@ -52,7 +52,7 @@ pub enum WriteError {
     Indeterminate(#[source] NetError),
     /// The local Raft has stopped.
     #[error("raft has stopped on this node")]
-    Fatal(#[source] Fatal<NodeId>),
+    Fatal(#[source] Box<Fatal<NodeId>>),
     #[error("the request cannot be encoded")]
     Codec(#[from] CodecError),
     #[error("the leader refused the request")]
@@ -68,7 +68,7 @@ pub enum ReadError {
     #[error("the read could not be confirmed before the deadline")]
     Timeout,
     #[error("raft has stopped on this node")]
-    Fatal(#[source] Fatal<NodeId>),
+    Fatal(#[source] Box<Fatal<NodeId>>),
     #[error("the leader refused the read index")]
     Remote(RemoteFailure),
 }
@@ -207,7 +207,7 @@ impl Cluster {
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Attempt::Fail(WriteError::Membership(e))
             }
-            Err(RaftError::Fatal(f)) => Attempt::Fail(WriteError::Fatal(f)),
+            Err(RaftError::Fatal(f)) => Attempt::Fail(WriteError::Fatal(Box::new(f))),
         }
     }
 
@@ -325,7 +325,7 @@ impl Cluster {
     async fn local_read_index(&self) -> Result<u64, ReadError> {
         match self.raft.get_read_log_id().await {
             Ok((read_log_id, _)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::Fatal(f)) => Err(ReadError::Fatal(f)),
+            Err(RaftError::Fatal(f)) => Err(ReadError::Fatal(Box::new(f))),
             // Lost leadership or quorum meanwhile: retry once the leader is known again.
             Err(RaftError::APIError(_)) => Err(ReadError::NoLeader),
         }
@@ -343,7 +343,7 @@ impl Cluster {
         match caught_up {
             Ok(Ok(())) => Ok(()),
             // The sender is gone: the state machine stopped.
-            Ok(Err(_)) => Err(ReadError::Fatal(Fatal::Stopped)),
+            Ok(Err(_)) => Err(ReadError::Fatal(Box::new(Fatal::Stopped))),
             Err(_) => Err(ReadError::Timeout),
         }
     }
