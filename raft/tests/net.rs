@@ -105,14 +105,62 @@ async fn extension_rpc_between_nodes_of_one_ca() -> anyhow::Result<()> {
     assert_eq!(echo_b.calls.load(Ordering::SeqCst), 4);
     assert_eq!(echo_a.calls.load(Ordering::SeqCst), 1);
 
-    // A node without an extension handler for the kind, serving Raft-less, refuses Raft RPCs
-    // politely rather than hanging: covered by the NoExtensions handler here.
+    // The default handler knows no kinds and says so.
     let c = Transport::bind(localhost(), &NodeIdentity::issue(&ca, "c")?)?;
     let _stop_c = serve_ext(&c, Arc::new(NoExtensions));
     match a.call_extension(c.local_addr()?, "echo", vec![]).await {
         Err(NetError::Remote(f)) => assert_eq!(f.code, ErrorCode::UnknownExtension),
         other => panic!("expected unknown kind, got {other:?}"),
     }
+    Ok(())
+}
+
+/// Splices every tunnel back to its opener (an echo), counting tunnels.
+#[derive(Default)]
+struct TunnelEcho {
+    tunnels: Arc<AtomicUsize>,
+}
+
+impl ExtensionHandler for TunnelEcho {
+    fn handle<'a>(
+        &'a self,
+        kind: &'a str,
+        _body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ExtensionError>> {
+        Box::pin(async move { Err(ExtensionError::UnknownKind(kind.into())) })
+    }
+
+    fn tunnel(
+        &self,
+        _peer: std::net::SocketAddr,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> BoxFuture<'static, ()> {
+        self.tunnels.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let _ = tokio::io::copy(&mut recv, &mut send).await;
+            let _ = send.finish();
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_tunnel_stream_reaches_the_extension_handler() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let ca = generate_ca("t")?;
+    let a = Transport::bind(localhost(), &NodeIdentity::issue(&ca, "a")?)?;
+    let b = Transport::bind(localhost(), &NodeIdentity::issue(&ca, "b")?)?;
+    let handler = TunnelEcho::default();
+    let tunnels = handler.tunnels.clone();
+    let _stop = serve_ext(&b, Arc::new(handler));
+
+    let (mut send, mut recv) = a.open_tunnel(b.local_addr()?).await?;
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    send.write_all(&payload).await?;
+    send.shutdown().await?;
+    let back = recv.read_to_end(1 << 20).await?;
+    assert_eq!(back, payload);
+    assert_eq!(tunnels.load(Ordering::SeqCst), 1);
     Ok(())
 }
 
