@@ -100,7 +100,9 @@ impl ApiError {
             RejectCode::AlreadyExists | RejectCode::NotEmpty | RejectCode::AlreadyInitialized => {
                 ApiError::Conflict(message)
             }
-            RejectCode::VersionMismatch => ApiError::PreconditionFailed(message),
+            RejectCode::VersionMismatch | RejectCode::StaleEpoch => {
+                ApiError::PreconditionFailed(message)
+            }
             RejectCode::QuotaExceeded => ApiError::QuotaExceeded(message),
             RejectCode::Invalid => ApiError::Validation(message),
         }

@@ -5,6 +5,7 @@ mod cluster;
 mod health;
 mod tenants;
 mod users;
+mod vms;
 
 use std::time::Instant;
 
@@ -28,6 +29,15 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/cluster", get(cluster::status))
         .route("/cluster/join", post(cluster::join))
         .route("/tenants", get(tenants::list).post(tenants::create))
+        .route("/vms", get(vms::list).post(vms::create))
+        .route(
+            "/vms/{id}",
+            get(vms::get_one).delete(vms::delete),
+        )
+        .route("/vms/{id}/start", post(vms::start))
+        .route("/vms/{id}/stop", post(vms::stop))
+        .route("/vms/{id}/reboot", post(vms::reboot))
+        .route("/operations/{id}", get(vms::get_operation))
         .route("/users", get(users::list).post(users::create))
         .route(
             "/users/{id}",

@@ -3,3 +3,4 @@
 mod fake;
 mod tenants;
 mod users;
+mod vms;
