@@ -1,2 +1,139 @@
-//! The `novacron` binary.
-fn main() {}
+//! The `novacron` binary: `serve` runs a node, `dev up` a local cluster, and the other
+//! subcommands are the CLI client of the REST API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use node::client::{ClientArgs, ClientCommand};
+
+#[derive(Parser)]
+#[command(name = "novacron", version, about = "A control plane for virtual machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: create a cluster (--init), join one (--join), or restart from DIR.
+    Serve(ServeArgs),
+    /// Local clusters for trying NovaCron out.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    api_addr: Option<SocketAddr>,
+    #[arg(long)]
+    peer_addr: Option<SocketAddr>,
+    /// Create a new cluster with this node as its only voter.
+    #[arg(long, conflicts_with = "join")]
+    init: bool,
+    /// API URL of a node of the cluster to join.
+    #[arg(long, requires = "token")]
+    join: Option<String>,
+    /// Join token (from DIR/join-token of the first node).
+    #[arg(long, env = "NOVACRON_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Raft and membership timers, as JSON (see Tuning); for tests and benchmarks.
+    #[arg(long, env = "NOVACRON_TUNING", hide = true)]
+    tuning: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Start a local N-node cluster on loopback; Ctrl-C stops it.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 8080)]
+        base_port: u16,
+        /// Where the nodes keep their data (default: a fresh temporary directory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("NOVACRON_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn,quinn=warn"));
+    let json = std::env::var("NOVACRON_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    // One TLS provider for quinn, reqwest and rustls (see ARCHITECTURE.md).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => {
+                init_tracing();
+                let tuning = match a.tuning {
+                    Some(t) => Some(serde_json::from_str(&t).map_err(|e| {
+                        anyhow::anyhow!("--tuning is not valid JSON for the tuning settings: {e}")
+                    })?),
+                    None => None,
+                };
+                let opts = node::server::ServeOptions {
+                    data_dir: a.data_dir,
+                    name: a.name,
+                    api_addr: a.api_addr,
+                    peer_addr: a.peer_addr,
+                    init: a.init,
+                    join: a.join,
+                    token: a.token,
+                    tuning,
+                };
+                node::server::serve(opts, node::server::shutdown_signal()).await
+            }
+            Command::Dev {
+                command:
+                    DevCommand::Up {
+                        nodes,
+                        base_port,
+                        data_dir,
+                    },
+            } => {
+                init_tracing();
+                node::dev::up(nodes, base_port, data_dir).await
+            }
+            Command::Client(c) => node::client::run(ClientArgs::from_env(), c).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

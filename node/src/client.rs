@@ -1,0 +1,321 @@
+//! The CLI client: each subcommand is one or two REST calls, printed as a table for people or
+//! as JSON with `-o json`. Failures exit non-zero with a one-line error.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// Where the API is and who we are; flags win over the environment, which wins over the
+/// credentials stored by `novacron login`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct Conn {
+    #[arg(long, global = true, env = "NOVACRON_URL")]
+    pub url: Option<String>,
+    #[arg(long = "token", global = true, env = "NOVACRON_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Log in and store the token for later commands.
+    Login {
+        #[arg(long, default_value = "admin")]
+        user: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cluster membership and Raft state.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Tenants and quotas.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Leader, term, and each member's role and health.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        max_vms: Option<u64>,
+        #[arg(long)]
+        max_vcpus: Option<u64>,
+        #[arg(long)]
+        max_memory: Option<u64>,
+        #[arg(long)]
+        max_disk: Option<u64>,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+/// Placeholder for settings shared by every client command (reserved for config files).
+#[derive(Debug, Default)]
+pub struct ClientArgs;
+
+impl ClientArgs {
+    pub fn from_env() -> Self {
+        ClientArgs
+    }
+}
+
+fn credentials_path() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".novacron").join("credentials.json"))
+}
+
+fn stored_credentials() -> Option<(String, String)> {
+    let text = std::fs::read_to_string(credentials_path()?).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    Some((v["url"].as_str()?.to_string(), v["token"].as_str()?.to_string()))
+}
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn new(conn: &Conn, need_token: bool) -> anyhow::Result<Self> {
+        let stored = stored_credentials();
+        let url = conn
+            .url
+            .clone()
+            .or_else(|| stored.as_ref().map(|s| s.0.clone()))
+            .ok_or_else(|| anyhow!("no API URL: pass --url or set NOVACRON_URL"))?;
+        let token = conn.api_token.clone().or_else(|| stored.map(|s| s.1));
+        if need_token && token.is_none() {
+            bail!("not logged in: run `novacron login` or set NOVACRON_TOKEN");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self {
+            http,
+            url: url.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut req = self.http.request(method, format!("{}{}", self.url, path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.url))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let detail = value["detail"].as_str().unwrap_or("request failed");
+            let code = value["code"].as_str().unwrap_or("error");
+            bail!("{detail} ({code}, HTTP {})", status.as_u16());
+        }
+        Ok(value)
+    }
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("NOVACRON_PASSWORD") {
+        return Ok(p);
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("Password: ");
+        let _ = std::io::stderr().flush();
+    }
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line).context("cannot read the password")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for row in rows {
+        println!("{}", line(row));
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn emit(output: Output, value: &Value, table: impl FnOnce(&Value)) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => table(value),
+    }
+    Ok(())
+}
+
+pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClientCommand::Login { user, conn } => {
+            let api = Api::new(&conn, false)?;
+            let password = read_password()?;
+            let v = api
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v1/auth/login",
+                    Some(json!({"username": user, "password": password})),
+                )
+                .await?;
+            let token = v["token"].as_str().ok_or_else(|| anyhow!("login returned no token"))?;
+            if let Some(path) = credentials_path() {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).ok();
+                }
+                let body = serde_json::to_vec(&json!({"url": api.url, "token": token}))?;
+                crate::config::write_atomic(&path, &body, 0o600)
+                    .with_context(|| format!("cannot store credentials in {}", path.display()))?;
+            }
+            emit(conn.output, &v, |_| println!("{token}"))
+        }
+        ClientCommand::Cluster {
+            command: ClusterCommand::Status,
+            conn,
+        } => {
+            let api = Api::new(&conn, true)?;
+            let v = api.call(reqwest::Method::GET, "/api/v1/cluster", None).await?;
+            emit(conn.output, &v, |v| {
+                println!(
+                    "cluster {}  leader {}  term {}  commit {}",
+                    s(&v["cluster_id"]),
+                    s(&v["leader_name"]),
+                    s(&v["term"]),
+                    s(&v["commit_index"])
+                );
+                let rows = v["members"]
+                    .as_array()
+                    .map(|ms| {
+                        ms.iter()
+                            .map(|m| {
+                                let leader = m["id"] == v["leader"];
+                                vec![
+                                    s(&m["id"]),
+                                    s(&m["name"]),
+                                    format!("{}{}", s(&m["role"]), if leader { "*" } else { "" }),
+                                    s(&m["state"]),
+                                    s(&m["api_addr"]),
+                                    s(&m["matched_index"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(&["ID", "NAME", "ROLE", "STATE", "API", "MATCHED"], rows);
+            })
+        }
+        ClientCommand::Tenant { command, conn } => {
+            let api = Api::new(&conn, true)?;
+            match command {
+                TenantCommand::Create {
+                    name,
+                    max_vms,
+                    max_vcpus,
+                    max_memory,
+                    max_disk,
+                } => {
+                    let body = json!({"name": name, "quota": {
+                        "max_vms": max_vms, "max_vcpus": max_vcpus,
+                        "max_memory_mib": max_memory, "max_disk_gib": max_disk}});
+                    let v = api.call(reqwest::Method::POST, "/api/v1/tenants", Some(body)).await?;
+                    emit(conn.output, &v, |v| println!("{}", s(&v["id"])))
+                }
+                TenantCommand::List => {
+                    let v = api.call(reqwest::Method::GET, "/api/v1/tenants", None).await?;
+                    emit(conn.output, &v, |v| {
+                        let rows = v["items"]
+                            .as_array()
+                            .map(|ts| {
+                                ts.iter()
+                                    .map(|t| {
+                                        vec![
+                                            s(&t["id"]),
+                                            s(&t["name"]),
+                                            s(&t["usage"]["vms"]),
+                                            s(&t["quota"]["max_vms"]),
+                                        ]
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        print_table(&["ID", "NAME", "VMS", "MAX_VMS"], rows);
+                    })
+                }
+                TenantCommand::Show { id } => {
+                    let v = api
+                        .call(reqwest::Method::GET, &format!("/api/v1/tenants/{id}"), None)
+                        .await?;
+                    emit(conn.output, &v, |v| {
+                        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+                    })
+                }
+                TenantCommand::Delete { id } => {
+                    api.call(reqwest::Method::DELETE, &format!("/api/v1/tenants/{id}"), None)
+                        .await?;
+                    Ok(())
+                }
+            }
+        }
+    }
+}

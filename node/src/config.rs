@@ -1,0 +1,169 @@
+//! The node's stored settings (`DIR/node.json`) and the tunables of the Raft engine.
+//!
+//! A node is configured once, by `--init` or `--join`; a restart with only `--data-dir` reads
+//! everything back from here. Secrets are never in this file: the TLS key sits in `DIR/tls/`
+//! (mode 0600) and cluster secrets live in the replicated state.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid node configuration: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// What a node remembers about itself across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Format of this file, for upgrades.
+    pub version: u32,
+    pub name: String,
+    pub node_id: u64,
+    pub cluster_id: String,
+    /// Addresses actually bound (a port 0 given on the command line is replaced by the real one).
+    pub api_addr: String,
+    pub peer_addr: String,
+    /// True until the first node has written the cluster's initial state; a crash in between
+    /// makes the restart finish the job.
+    pub init_pending: bool,
+    #[serde(default)]
+    pub tuning: Tuning,
+}
+
+/// Timers and thresholds; defaults suit a LAN. Tests shorten them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tuning {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Take a snapshot after this many applied entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot (for followers slightly behind).
+    pub keep_after_snapshot: u64,
+    /// A voter unreachable from the leader this long is replaced by a healthy learner.
+    pub voter_down_after_ms: u64,
+    /// A node unreachable this long is marked suspect.
+    pub suspect_after_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_min_ms: 500,
+            election_max_ms: 1000,
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+            voter_down_after_ms: 30_000,
+            suspect_after_ms: 2_000,
+        }
+    }
+}
+
+impl Tuning {
+    pub fn voter_down_after(&self) -> Duration {
+        Duration::from_millis(self.voter_down_after_ms)
+    }
+    pub fn suspect_after(&self) -> Duration {
+        Duration::from_millis(self.suspect_after_ms)
+    }
+}
+
+pub const CONFIG_FILE: &str = "node.json";
+pub const ADMIN_PASSWORD_FILE: &str = "admin-password";
+pub const JOIN_TOKEN_FILE: &str = "join-token";
+
+impl NodeConfig {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(CONFIG_FILE)
+    }
+
+    pub fn exists(dir: &Path) -> bool {
+        Self::path(dir).exists()
+    }
+
+    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path, source })
+    }
+
+    /// Writes atomically (temp file, fsync, rename) so a crash never leaves half a config.
+    pub fn save(&self, dir: &Path) -> Result<(), ConfigError> {
+        let path = Self::path(dir);
+        let text = serde_json::to_vec_pretty(self).map_err(|source| ConfigError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        write_atomic(&path, &text, 0o644).map_err(|source| ConfigError::Write { path, source })
+    }
+}
+
+/// Writes a file via a temporary sibling, fsyncs it and renames it into place.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_and_secret_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = NodeConfig {
+            version: 1,
+            name: "n1".into(),
+            node_id: 1,
+            cluster_id: "c".into(),
+            api_addr: "127.0.0.1:8080".into(),
+            peer_addr: "127.0.0.1:7070".into(),
+            init_pending: false,
+            tuning: Tuning::default(),
+        };
+        cfg.save(dir.path()).unwrap();
+        assert_eq!(NodeConfig::load(dir.path()).unwrap(), cfg);
+
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.path().join(ADMIN_PASSWORD_FILE);
+        write_atomic(&p, b"pw", 0o600).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

@@ -1,0 +1,239 @@
+//! The node's implementation of `api::ControlPlane` over Raft, the sled replica and QUIC.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::control::{MemberRole, MemberStatus};
+use api::{ClusterError, ClusterStatus, Consistency, ControlPlane, JoinRequest, JoinResponse};
+use async_trait::async_trait;
+use raft::model::{NodeRecord, NodeState};
+use raft::net::{Cluster, Transport};
+use raft::store::StateReader;
+use raft::tls::{self, CaBundle, JoinToken};
+use raft::{Command, NodeId, Raft, Request, Response};
+
+use crate::config::Tuning;
+use crate::metrics::RaftMetrics;
+
+pub struct NodeControl {
+    pub id: NodeId,
+    pub name: String,
+    pub raft: Raft,
+    pub cluster: Cluster,
+    pub reader: StateReader,
+    pub transport: Transport,
+    pub tuning: Tuning,
+    pub metrics: RaftMetrics,
+    pub started: Instant,
+}
+
+fn internal(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Internal(e.to_string())
+}
+
+impl NodeControl {
+    /// The health of `id` as this node can judge it: exact on the leader (from its replication
+    /// contacts), and the leader's last committed verdict elsewhere.
+    pub fn health(&self, id: NodeId, record: Option<&NodeRecord>, is_leader: bool) -> NodeState {
+        if id == self.id {
+            return NodeState::Up;
+        }
+        if is_leader {
+            return match self.transport.last_contact(id) {
+                Some(t) if t.elapsed() < self.tuning.suspect_after() => NodeState::Up,
+                Some(t) if t.elapsed() < self.tuning.voter_down_after() => NodeState::Suspect,
+                None if self.started.elapsed() < self.tuning.suspect_after() => NodeState::Up,
+                _ => NodeState::Down,
+            };
+        }
+        record.map(|r| r.state).unwrap_or(NodeState::Up)
+    }
+
+    fn leader_api(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.api_addr.clone())
+    }
+}
+
+#[async_trait]
+impl ControlPlane for NodeControl {
+    async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
+        let start = Instant::now();
+        let result = self.cluster.write(req).await;
+        self.metrics.write_seconds.observe(start.elapsed().as_secs_f64());
+        result.map_err(|e| match e {
+            raft::net::WriteError::NoLeader => ClusterError::NoLeader,
+            raft::net::WriteError::Timeout => ClusterError::Timeout,
+            other => internal(other),
+        })
+    }
+
+    async fn read_barrier(&self, consistency: Consistency) -> Result<(), ClusterError> {
+        match consistency {
+            Consistency::Stale => Ok(()),
+            Consistency::Linearizable => self.cluster.linearizable_read().await.map_err(|e| match e {
+                raft::net::ReadError::NoLeader => ClusterError::NoLeader,
+                raft::net::ReadError::Timeout => ClusterError::Timeout,
+                other => internal(other),
+            }),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClusterError> {
+        self.reader.get_raw(key).map_err(internal)
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
+        self.reader.scan_raw(prefix, after, limit).map_err(internal)
+    }
+
+    async fn status(&self) -> Result<ClusterStatus, ClusterError> {
+        let m = self.raft.metrics().borrow().clone();
+        let is_leader = m.current_leader == Some(self.id);
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let records = self.reader.nodes().map_err(internal)?;
+        let matched = m.replication.clone().unwrap_or_default();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let members = membership
+            .nodes()
+            .map(|(id, member)| {
+                let record = records.iter().find(|r| r.id == *id);
+                let state = match self.health(*id, record, is_leader) {
+                    NodeState::Up => "up",
+                    NodeState::Suspect => "suspect",
+                    NodeState::Down => "down",
+                };
+                MemberStatus {
+                    id: *id,
+                    name: member.name.clone(),
+                    role: if voters.contains(id) {
+                        MemberRole::Voter
+                    } else {
+                        MemberRole::Learner
+                    },
+                    api_addr: member.api_addr.clone(),
+                    peer_addr: member.peer_addr.clone(),
+                    state: state.to_string(),
+                    matched_index: if *id == self.id {
+                        m.last_log_index
+                    } else {
+                        matched.get(id).copied().flatten().map(|l| l.index)
+                    },
+                    last_applied: (*id == self.id).then_some(applied),
+                }
+            })
+            .collect();
+        let leader_name = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.name.clone()));
+        let cluster_id = self
+            .reader
+            .secrets()
+            .map_err(internal)?
+            .map(|s| s.cluster_id)
+            .unwrap_or_default();
+        Ok(ClusterStatus {
+            cluster_id,
+            node_id: self.id,
+            node_name: self.name.clone(),
+            leader: m.current_leader,
+            leader_name,
+            term: m.current_term,
+            commit_index: applied,
+            last_applied: applied,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            members,
+        })
+    }
+
+    async fn join(&self, req: JoinRequest) -> Result<JoinResponse, ClusterError> {
+        let is_leader = self.raft.metrics().borrow().current_leader == Some(self.id);
+        if !is_leader {
+            return Err(ClusterError::NotLeader {
+                leader_api: self.leader_api(),
+            });
+        }
+        let refused = |why: &str| ClusterError::JoinRefused(why.to_string());
+        let token: JoinToken = req.token.parse().map_err(|_| refused("malformed join token"))?;
+        let secrets = self
+            .reader
+            .secrets()
+            .map_err(internal)?
+            .ok_or(ClusterError::NoLeader)?;
+        let fingerprint = tls::ca_fingerprint(&secrets.ca_cert_pem).map_err(internal)?;
+        if token.ca_fingerprint != fingerprint || !token.verify_secret(&secrets.join_secret_sha256) {
+            tracing::warn!(node = %req.member.name, "join refused: wrong token");
+            return Err(refused("the join token is not valid for this cluster"));
+        }
+        let ca = CaBundle {
+            cert_pem: secrets.ca_cert_pem.clone(),
+            key_pem: secrets.ca_key_pem.clone(),
+        };
+        let cert_pem = tls::sign_node_csr(&ca, &req.csr_pem, &req.member.name)
+            .map_err(|e| ClusterError::JoinRefused(format!("bad certificate request: {e}")))?;
+        let (_, outcome) = self
+            .write(Request::new(
+                api::now_ms(),
+                format!("node:{}", req.member.name),
+                Command::RegisterNode {
+                    member: req.member.clone(),
+                },
+            ))
+            .await?;
+        let node_id = match outcome {
+            Response::Node(n) => n.id,
+            Response::Rejected { message, .. } => return Err(ClusterError::JoinRefused(message)),
+            other => return Err(internal(format!("unexpected outcome {other:?}"))),
+        };
+        // Non-blocking: the learner catches up once its transport is up; the membership
+        // controller promotes it when it is healthy.
+        self.raft
+            .add_learner(node_id, req.member.clone(), false)
+            .await
+            .map_err(internal)?;
+        tracing::info!(node = %req.member.name, node_id, "node admitted as learner");
+        Ok(JoinResponse {
+            node_id,
+            cluster_id: secrets.cluster_id,
+            ca_cert_pem: secrets.ca_cert_pem,
+            cert_pem,
+        })
+    }
+
+    fn ready(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader.is_some()
+            && m.running_state.is_ok()
+            && matches!(self.reader.secrets(), Ok(Some(_)))
+    }
+
+    fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+}
+
+/// Waits until `check` holds on the Raft metrics, or the timeout passes.
+pub async fn wait_metrics(
+    raft: &Raft,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&openraft::RaftMetrics<u64, raft::Member>) -> bool,
+) -> anyhow::Result<()> {
+    raft.wait(Some(timeout))
+        .metrics(check, what)
+        .await
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("waiting for {what}: {e}"))
+}
+
+pub type SharedControl = Arc<NodeControl>;

@@ -1,0 +1,13 @@
+//! The `novacron` node: configuration, wiring of store, Raft, transport and API, the leader's
+//! membership controller, the local development cluster and the CLI client.
+//!
+//! This is the only crate that sees both the replicated state and (through `hypervisor`) the
+//! machine's VMs.
+
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod dev;
+pub mod membership;
+pub mod metrics;
+pub mod server;

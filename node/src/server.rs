@@ -1,0 +1,536 @@
+//! `novacron serve`: creates a cluster (`--init`), joins one (`--join`), or restarts a node
+//! from its data directory, then wires store, Raft, QUIC transport, controllers and the API.
+//!
+//! Layout of a data directory:
+//! - `node.json`: the node's settings (see `config`);
+//! - `tls/`: the cluster CA certificate and this node's certificate and key (0600);
+//! - `db/`: the sled database (Raft log, vote, state machine, snapshot);
+//! - `admin-password`, `join-token` (first node only, 0600);
+//! - `init-pending.json` (0600): the first node's initial secrets until they are committed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use raft::model::{ClusterSecrets, Role, User, SYSTEM_TENANT};
+use raft::net::{Cluster, Transport};
+use raft::store::Store;
+use raft::tls::{self, JoinToken, NodeIdentity, NodeKey};
+use raft::{Command, Member, Raft, Request, Response};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{
+    write_atomic, NodeConfig, Tuning, ADMIN_PASSWORD_FILE, JOIN_TOKEN_FILE,
+};
+use crate::control::{wait_metrics, NodeControl};
+use crate::metrics::RaftMetrics;
+
+const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
+const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7070";
+const INIT_PENDING_FILE: &str = "init-pending.json";
+
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub name: Option<String>,
+    pub api_addr: Option<SocketAddr>,
+    pub peer_addr: Option<SocketAddr>,
+    pub init: bool,
+    pub join: Option<String>,
+    pub token: Option<String>,
+    pub tuning: Option<Tuning>,
+}
+
+/// The first node's initial secrets, kept on disk only until the cluster has committed them,
+/// so that a crash during `--init` can be finished by a restart.
+#[derive(Serialize, Deserialize)]
+struct InitMaterial {
+    cluster_id: String,
+    ca_cert_pem: String,
+    ca_key_pem: String,
+    jwt_key_hex: String,
+    join_secret_sha256: String,
+    admin_password_hash: String,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then stops it cleanly.
+pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let node = Node::start(opts).await?;
+    tracing::info!(
+        name = %node.config.name,
+        id = node.config.node_id,
+        api = %node.api_addr,
+        peer = %node.config.peer_addr,
+        "node serving"
+    );
+    shutdown.await;
+    tracing::info!("shutting down");
+    node.stop().await
+}
+
+/// A running node.
+pub struct Node {
+    pub config: NodeConfig,
+    pub api_addr: SocketAddr,
+    pub control: Arc<NodeControl>,
+    stop_tx: watch::Sender<bool>,
+    api_task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+    store: Store,
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+fn random_password() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect()
+}
+
+/// Finds the address a UDP bind would get (for port 0), so it can be announced before the
+/// transport exists. The tiny window between probe and bind only matters with port 0.
+fn probe_udp(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let s = std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
+    Ok(s.local_addr()?)
+}
+
+fn raft_config(cluster_id: &str, t: &Tuning) -> anyhow::Result<openraft::Config> {
+    let config = openraft::Config {
+        cluster_name: cluster_id.to_string(),
+        heartbeat_interval: t.heartbeat_ms,
+        election_timeout_min: t.election_min_ms,
+        election_timeout_max: t.election_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every),
+        max_in_snapshot_log_to_keep: t.keep_after_snapshot,
+        install_snapshot_timeout: 5_000,
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map_err(|e| anyhow!("invalid Raft settings: {e}"))
+}
+
+impl Node {
+    pub async fn start(opts: ServeOptions) -> anyhow::Result<Node> {
+        let dir = opts.data_dir.clone();
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        let tls_dir = dir.join("tls");
+
+        let (mut config, identity, listener) = if NodeConfig::exists(&dir) {
+            if opts.init || opts.join.is_some() {
+                tracing::warn!("{} already holds a node; restarting it", dir.display());
+            }
+            let mut config = NodeConfig::load(&dir)?;
+            if let Some(t) = opts.tuning.clone() {
+                config.tuning = t;
+            }
+            let identity = NodeIdentity::load(&tls_dir)?;
+            let listener = tokio::net::TcpListener::bind(&config.api_addr)
+                .await
+                .with_context(|| format!("cannot bind API {}", config.api_addr))?;
+            (config, identity, listener)
+        } else if opts.init {
+            init_new(&opts, &dir, &tls_dir).await?
+        } else if let Some(url) = &opts.join {
+            join_existing(&opts, url, &dir, &tls_dir).await?
+        } else {
+            bail!(
+                "{} holds no node: pass --init to create a cluster or --join URL --token T",
+                dir.display()
+            );
+        };
+
+        let store = Store::open(&dir.join("db"))?;
+        let peer_addr: SocketAddr = config
+            .peer_addr
+            .parse()
+            .with_context(|| format!("bad peer address {}", config.peer_addr))?;
+        let transport = Transport::bind(peer_addr, &identity)?;
+        let actual_peer = transport.local_addr()?;
+        if config.peer_addr != actual_peer.to_string() {
+            config.peer_addr = actual_peer.to_string();
+            config.save(&dir)?;
+        }
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config(&config.cluster_id, &config.tuning)?),
+            transport.network_factory(config.node_id),
+            store.log_store(),
+            store.state_machine(),
+        )
+        .await
+        .map_err(|e| anyhow!("cannot start Raft: {e}"))?;
+        let reader = store.reader();
+        let cluster = Cluster::new(
+            raft.clone(),
+            transport.clone(),
+            reader.applied_watch(),
+            raft::net::ClusterConfig::default(),
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        {
+            let transport = transport.clone();
+            let raft = raft.clone();
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let ext = Arc::new(raft::net::NoExtensions);
+                transport
+                    .serve(raft, ext, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }));
+        }
+
+        let control = Arc::new(NodeControl {
+            id: config.node_id,
+            name: config.name.clone(),
+            raft: raft.clone(),
+            cluster,
+            reader,
+            transport,
+            tuning: config.tuning.clone(),
+            metrics: RaftMetrics::new(),
+            started: Instant::now(),
+        });
+
+        if config.init_pending {
+            finish_init(&control, &dir, &config).await?;
+            config.init_pending = false;
+            config.save(&dir)?;
+            let _ = std::fs::remove_file(dir.join(INIT_PENDING_FILE));
+        }
+
+        tasks.push(tokio::spawn(crate::membership::run(
+            control.clone(),
+            stop_rx.clone(),
+        )));
+        {
+            let control = control.clone();
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rx = control.raft.metrics();
+                let mut leader = None;
+                loop {
+                    {
+                        let m = rx.borrow_and_update().clone();
+                        control.metrics.observe(&m, &mut leader);
+                    }
+                    tokio::select! {
+                        r = rx.changed() => if r.is_err() { return },
+                        _ = stop.changed() => return,
+                    }
+                }
+            }));
+        }
+
+        let api_addr = listener.local_addr()?;
+        let app = api::router(api::AppState::new(control.clone(), api::ApiConfig::default()));
+        let mut stop = stop_rx.clone();
+        let api_task = tokio::spawn(async move {
+            let graceful = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(graceful).await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        });
+
+        Ok(Node {
+            config,
+            api_addr,
+            control,
+            stop_tx,
+            api_task,
+            tasks,
+            store,
+        })
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, stops Raft and flushes the store.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop_tx.send(true);
+        if tokio::time::timeout(Duration::from_secs(10), self.api_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests did not finish within 10 s");
+        }
+        if let Err(e) = self.control.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft did not shut down cleanly");
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+        self.control.transport.close();
+        self.store.flush().await?;
+        Ok(())
+    }
+}
+
+async fn bind_api(opts: &ServeOptions) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = match opts.api_addr {
+        Some(a) => a,
+        None => DEFAULT_API_ADDR.parse()?,
+    };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind API {addr}"))
+}
+
+fn peer_addr_of(opts: &ServeOptions) -> anyhow::Result<SocketAddr> {
+    let addr = match opts.peer_addr {
+        Some(a) => a,
+        None => DEFAULT_PEER_ADDR.parse()?,
+    };
+    probe_udp(addr)
+}
+
+async fn init_new(
+    opts: &ServeOptions,
+    dir: &Path,
+    tls_dir: &Path,
+) -> anyhow::Result<(NodeConfig, NodeIdentity, tokio::net::TcpListener)> {
+    let name = opts.name.clone().unwrap_or_else(default_name);
+    let listener = bind_api(opts).await?;
+    let peer = peer_addr_of(opts)?;
+    let cluster_id = uuid::Uuid::new_v4().to_string();
+    let ca = tls::generate_ca(&cluster_id)?;
+    let key = NodeKey::generate(&name)?;
+    let cert_pem = tls::sign_node_csr(&ca, &key.csr_pem, &name)?;
+    let identity = NodeIdentity {
+        ca_cert_pem: ca.cert_pem.clone(),
+        cert_pem,
+        key_pem: key.key_pem.clone(),
+    };
+    identity.save(tls_dir)?;
+
+    let token = JoinToken::generate(tls::ca_fingerprint(&ca.cert_pem)?);
+    let password = match std::env::var("NOVACRON_ADMIN_PASSWORD") {
+        Ok(p) if !p.is_empty() => p,
+        _ => random_password(),
+    };
+    write_atomic(&dir.join(ADMIN_PASSWORD_FILE), password.as_bytes(), 0o600)?;
+    write_atomic(&dir.join(JOIN_TOKEN_FILE), token.to_string().as_bytes(), 0o600)?;
+    let admin_password_hash = tokio::task::spawn_blocking(move || api::auth::hash_password(&password))
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
+    let jwt_key: [u8; 32] = rand::random();
+    let material = InitMaterial {
+        cluster_id: cluster_id.clone(),
+        ca_cert_pem: ca.cert_pem.clone(),
+        ca_key_pem: ca.key_pem.clone(),
+        jwt_key_hex: hex::encode(jwt_key),
+        join_secret_sha256: token.secret_sha256(),
+        admin_password_hash,
+    };
+    write_atomic(
+        &dir.join(INIT_PENDING_FILE),
+        &serde_json::to_vec(&material)?,
+        0o600,
+    )?;
+    let config = NodeConfig {
+        version: 1,
+        name,
+        node_id: 1,
+        cluster_id,
+        api_addr: listener.local_addr()?.to_string(),
+        peer_addr: peer.to_string(),
+        init_pending: true,
+        tuning: opts.tuning.clone().unwrap_or_default(),
+    };
+    config.save(dir)?;
+    Ok((config, identity, listener))
+}
+
+/// Makes this node the single voter and commits the cluster's identity, admin and itself.
+async fn finish_init(ctl: &NodeControl, dir: &Path, config: &NodeConfig) -> anyhow::Result<()> {
+    let text = std::fs::read(dir.join(INIT_PENDING_FILE))
+        .context("the cluster's initial secrets are missing; remove the data dir and --init again")?;
+    let m: InitMaterial = serde_json::from_slice(&text)?;
+    let member = Member {
+        name: config.name.clone(),
+        api_addr: config.api_addr.clone(),
+        peer_addr: config.peer_addr.clone(),
+    };
+    if !ctl.raft.is_initialized().await? {
+        let mut nodes = std::collections::BTreeMap::new();
+        nodes.insert(config.node_id, member.clone());
+        ctl.raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| anyhow!("cannot initialise the cluster: {e}"))?;
+    }
+    let me = config.node_id;
+    wait_metrics(&ctl.raft, Duration::from_secs(30), "this node to lead", |x| {
+        x.current_leader == Some(me)
+    })
+    .await?;
+    let now = api::now_ms();
+    let secrets = ClusterSecrets {
+        cluster_id: m.cluster_id,
+        ca_cert_pem: m.ca_cert_pem,
+        ca_key_pem: m.ca_key_pem,
+        jwt_keys: vec![hex::decode(&m.jwt_key_hex)?],
+        join_secret_sha256: m.join_secret_sha256,
+        created_at: now,
+    };
+    let admin = User {
+        id: uuid::Uuid::new_v4().to_string(),
+        username: "admin".into(),
+        password_hash: m.admin_password_hash,
+        tenant: SYSTEM_TENANT.into(),
+        role: Role::Admin,
+        created_at: now,
+        updated_at: now,
+        version: 0,
+    };
+    let (_, r) = ctl
+        .cluster
+        .write(Request::new(now, "init", Command::InitCluster { secrets, admin }))
+        .await?;
+    match r {
+        Response::Rejected { code: raft::RejectCode::AlreadyInitialized, .. } | Response::User(_) => {}
+        other => bail!("cluster initialisation was refused: {other:?}"),
+    }
+    let (_, r) = ctl
+        .cluster
+        .write(Request::new(now, "init", Command::RegisterNode { member }))
+        .await?;
+    match r {
+        Response::Node(n) if n.id == me => Ok(()),
+        other => bail!("registering the first node failed: {other:?}"),
+    }
+}
+
+async fn join_existing(
+    opts: &ServeOptions,
+    url: &str,
+    dir: &Path,
+    tls_dir: &Path,
+) -> anyhow::Result<(NodeConfig, NodeIdentity, tokio::net::TcpListener)> {
+    let token_text = opts
+        .token
+        .clone()
+        .ok_or_else(|| anyhow!("--join needs --token"))?;
+    let token: JoinToken = token_text
+        .parse()
+        .map_err(|e| anyhow!("the join token is malformed: {e}"))?;
+    let name = opts.name.clone().unwrap_or_else(default_name);
+    let listener = bind_api(opts).await?;
+    let peer = peer_addr_of(opts)?;
+    let key = NodeKey::generate(&name)?;
+    let member = Member {
+        name: name.clone(),
+        api_addr: listener.local_addr()?.to_string(),
+        peer_addr: peer.to_string(),
+    };
+    let req = api::JoinRequest {
+        token: token_text,
+        csr_pem: key.csr_pem.clone(),
+        member,
+    };
+    let resp = post_join(url, &req).await?;
+    if tls::ca_fingerprint(&resp.ca_cert_pem)? != token.ca_fingerprint {
+        bail!("the cluster at {url} presented a CA that does not match the join token; refusing to join");
+    }
+    let identity = NodeIdentity {
+        ca_cert_pem: resp.ca_cert_pem,
+        cert_pem: resp.cert_pem,
+        key_pem: key.key_pem,
+    };
+    identity.save(tls_dir)?;
+    let config = NodeConfig {
+        version: 1,
+        name,
+        node_id: resp.node_id,
+        cluster_id: resp.cluster_id,
+        api_addr: req.member.api_addr.clone(),
+        peer_addr: req.member.peer_addr.clone(),
+        init_pending: false,
+        tuning: opts.tuning.clone().unwrap_or_default(),
+    };
+    config.save(dir)?;
+    Ok((config, identity, listener))
+}
+
+/// Posts the join request, following the leader hint and retrying while there is no leader.
+async fn post_join(url: &str, req: &api::JoinRequest) -> anyhow::Result<api::JoinResponse> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut target = url.trim_end_matches('/').to_string();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = http
+            .post(format!("{target}/api/v1/cluster/join"))
+            .json(req)
+            .send()
+            .await;
+        match result {
+            Ok(resp) if resp.status().is_success() => return Ok(resp.json().await?),
+            Ok(resp) => {
+                let status = resp.status();
+                let leader = resp
+                    .headers()
+                    .get("x-novacron-leader")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|s| format!("http://{s}"));
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                let detail = body["detail"].as_str().unwrap_or("join failed").to_string();
+                match (status.as_u16(), leader) {
+                    (421, Some(l)) => {
+                        target = l;
+                        continue;
+                    }
+                    (421 | 503 | 504, _) if Instant::now() < deadline => {}
+                    _ => bail!("join refused by {target}: {detail} (HTTP {})", status.as_u16()),
+                }
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %e, "cluster not reachable yet; retrying");
+            }
+            Err(e) => bail!("cannot reach {target}: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

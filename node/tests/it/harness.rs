@@ -1,0 +1,366 @@
+//! A cluster of real `novacron` processes on loopback for integration tests.
+//!
+//! Every node binds port 0 for its API and QUIC endpoint and the harness reads the bound
+//! addresses back from `DIR/node.json`. Waits are on conditions with deadlines, never fixed sleeps.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");
+
+/// Short timers so failover and replacement happen within a test's patience.
+pub fn fast_tuning(voter_down_after_ms: u64, snapshot_every: u64, keep: u64) -> String {
+    json!({
+        "heartbeat_ms": 100,
+        "election_min_ms": 400,
+        "election_max_ms": 800,
+        "snapshot_every": snapshot_every,
+        "keep_after_snapshot": keep,
+        "voter_down_after_ms": voter_down_after_ms,
+        "suspect_after_ms": 1000
+    })
+    .to_string()
+}
+
+pub struct TestNode {
+    pub name: String,
+    pub dir: PathBuf,
+    pub api: String,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct TestCluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+    pub tuning: String,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+fn spawn(dir: &Path, args: &[String], tuning: &str) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))?;
+    Command::new(BIN)
+        .args(args)
+        .env("NOVACRON_TUNING", tuning)
+        .env("NOVACRON_LOG", "info,openraft=warn")
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("cannot start novacron")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, failing after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        interval.tick().await;
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+    }
+}
+
+impl TestCluster {
+    /// Starts node 1 with `--init`, then `n - 1` nodes with `--join`.
+    pub async fn start(n: usize, tuning: String) -> Result<TestCluster> {
+        let root = tempfile::tempdir()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut c = TestCluster {
+            root,
+            nodes: Vec::new(),
+            tuning,
+            http,
+            token: None,
+        };
+        c.add_node(true).await?;
+        let password = std::fs::read_to_string(c.nodes[0].dir.join("admin-password"))?;
+        c.token = Some(c.login(0, "admin", password.trim()).await?);
+        for _ in 1..n {
+            c.add_node(false).await?;
+        }
+        Ok(c)
+    }
+
+    pub fn join_token(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.nodes[0].dir.join("join-token"))?
+            .trim()
+            .to_string())
+    }
+
+    /// Starts one more node (the first with `--init`) and waits until it is ready.
+    pub async fn add_node(&mut self, init: bool) -> Result<usize> {
+        let i = self.nodes.len();
+        let name = format!("n{}", i + 1);
+        let dir = self.root.path().join(&name);
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--name".into(),
+            name.clone(),
+            "--api-addr".into(),
+            "127.0.0.1:0".into(),
+            "--peer-addr".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if init {
+            args.push("--init".into());
+        } else {
+            let url = self.any_running_url()?;
+            args.extend(["--join".into(), url, "--token".into(), self.join_token()?]);
+        }
+        std::fs::create_dir_all(self.root.path())?;
+        let child = spawn(&dir, &args, &self.tuning)?;
+        let api = self.wait_config(&dir).await?;
+        self.nodes.push(TestNode {
+            name,
+            dir,
+            api,
+            child: Some(child),
+        });
+        self.wait_ready(i).await?;
+        Ok(i)
+    }
+
+    fn any_running_url(&self) -> Result<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .map(|n| n.url())
+            .ok_or_else(|| anyhow!("no running node to join"))
+    }
+
+    async fn wait_config(&self, dir: &Path) -> Result<String> {
+        let path = dir.join("node.json");
+        eventually("node.json to be written", Duration::from_secs(60), || {
+            let path = path.clone();
+            async move {
+                let text = std::fs::read_to_string(&path).ok()?;
+                let v: Value = serde_json::from_str(&text).ok()?;
+                v["api_addr"].as_str().map(str::to_string)
+            }
+        })
+        .await
+    }
+
+    pub async fn wait_ready(&self, i: usize) -> Result<()> {
+        let url = format!("{}/readyz", self.nodes[i].url());
+        let http = self.http.clone();
+        eventually(&format!("{} to be ready", self.nodes[i].name), Duration::from_secs(60), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await
+    }
+
+    pub async fn login(&self, i: usize, user: &str, password: &str) -> Result<String> {
+        let r = self
+            .http
+            .post(format!("{}/api/v1/auth/login", self.nodes[i].url()))
+            .json(&json!({"username": user, "password": password}))
+            .send()
+            .await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        if !status.is_success() {
+            bail!("login failed: {status} {v}");
+        }
+        Ok(v["token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no token in {v}"))?
+            .to_string())
+    }
+
+    pub async fn request(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.nodes[i].url(), path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, v))
+    }
+
+    pub async fn create_tenant(&self, i: usize, name: &str) -> Result<Value> {
+        let (s, v) = self
+            .request(i, reqwest::Method::POST, "/api/v1/tenants", Some(json!({"name": name})))
+            .await?;
+        if s != 201 {
+            bail!("create tenant {name} on node {i}: HTTP {s} {v}");
+        }
+        Ok(v)
+    }
+
+    /// Retries a create on `i` through leader elections, until it succeeds.
+    pub async fn create_tenant_eventually(&self, i: usize, name: &str) -> Result<Value> {
+        eventually(&format!("tenant {name} to be created"), Duration::from_secs(30), || async {
+            self.create_tenant(i, name).await.ok()
+        })
+        .await
+    }
+
+    pub async fn status(&self, i: usize) -> Result<Value> {
+        let (s, v) = self.request(i, reqwest::Method::GET, "/api/v1/cluster", None).await?;
+        if s != 200 {
+            bail!("cluster status: HTTP {s} {v}");
+        }
+        Ok(v)
+    }
+
+    /// The index of the node that currently leads, as seen by node `via`.
+    pub async fn leader(&self, via: usize) -> Result<usize> {
+        let v = self.status(via).await?;
+        let name = v["leader_name"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no leader in {v}"))?;
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| anyhow!("unknown leader {name}"))
+    }
+
+    pub async fn wait_leader(&self, via: usize, not: Option<usize>) -> Result<usize> {
+        eventually("a leader", Duration::from_secs(30), || async {
+            let l = self.leader(via).await.ok()?;
+            (Some(l) != not).then_some(l)
+        })
+        .await
+    }
+
+    /// Tenant names visible on node `i` with a stale (local) read.
+    pub async fn tenant_names(&self, i: usize, consistency: &str) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/api/v1/tenants?limit=500&consistency={consistency}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (s, v) = self.request(i, reqwest::Method::GET, &path, None).await?;
+            if s != 200 {
+                bail!("list tenants on node {i}: HTTP {s} {v}");
+            }
+            for t in v["items"].as_array().into_iter().flatten() {
+                names.push(t["name"].as_str().unwrap_or_default().to_string());
+            }
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn wait_has_tenants(&self, i: usize, want: &[String]) -> Result<()> {
+        eventually(
+            &format!("{} to hold {} tenants", self.nodes[i].name, want.len()),
+            Duration::from_secs(60),
+            || async {
+                let have = self.tenant_names(i, "stale").await.ok()?;
+                want.iter().all(|w| have.contains(w)).then_some(())
+            },
+        )
+        .await
+    }
+
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let pid = c.id().to_string();
+            Command::new("kill").args(["-TERM", &pid]).status()?;
+            let status = c.wait()?;
+            if !status.success() {
+                bail!("{} exited with {status} after SIGTERM", self.nodes[i].name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts a stopped node from its data directory.
+    pub async fn restart(&mut self, i: usize) -> Result<()> {
+        let dir = self.nodes[i].dir.clone();
+        let args = vec!["serve".into(), "--data-dir".into(), dir.display().to_string()];
+        self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning)?);
+        Ok(())
+    }
+
+    pub async fn metric(&self, i: usize, name: &str) -> Result<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.nodes[i].url()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow!("metric {name} not found"))
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes[i].dir.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
