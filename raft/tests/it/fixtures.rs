@@ -92,52 +92,116 @@ pub fn history() -> Vec<Request> {
                 admin: user("admin", "admin", SYSTEM_TENANT, Role::Admin),
             },
         ),
-        Request::new(at(1), "node:1", Command::RegisterNode { member: member("a") }),
-        Request::new(at(2), "node:1", Command::RegisterNode { member: member("b") }),
-        Request::new(at(3), "admin", Command::CreateTenant { tenant: tenant("t1", "acme") }),
-        Request::new(at(4), "admin", Command::CreateTenant { tenant: tenant("t2", "beta") }),
+        Request::new(
+            at(1),
+            "node:1",
+            Command::RegisterNode {
+                member: member("a"),
+            },
+        ),
+        Request::new(
+            at(2),
+            "node:1",
+            Command::RegisterNode {
+                member: member("b"),
+            },
+        ),
+        Request::new(
+            at(3),
+            "admin",
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        ),
+        Request::new(
+            at(4),
+            "admin",
+            Command::CreateTenant {
+                tenant: tenant("t2", "beta"),
+            },
+        ),
         // Refused: the name is taken.
-        Request::new(at(5), "admin", Command::CreateTenant { tenant: tenant("t3", "acme") }),
+        Request::new(
+            at(5),
+            "admin",
+            Command::CreateTenant {
+                tenant: tenant("t3", "acme"),
+            },
+        ),
         Request::new(
             at(6),
             "admin",
-            Command::CreateUser { user: user("u1", "ann", "t1", Role::TenantAdmin) },
+            Command::CreateUser {
+                user: user("u1", "ann", "t1", Role::TenantAdmin),
+            },
         ),
         Request::new(
             at(7),
             "admin",
-            Command::CreateUser { user: user("u2", "bob", "t2", Role::Viewer) },
+            Command::CreateUser {
+                user: user("u2", "bob", "t2", Role::Viewer),
+            },
         ),
         // Refused: no such tenant.
         Request::new(
             at(8),
             "admin",
-            Command::CreateUser { user: user("u3", "cid", "nope", Role::Viewer) },
+            Command::CreateUser {
+                user: user("u3", "cid", "nope", Role::Viewer),
+            },
         ),
         Request::new(
             at(9),
             "admin",
             Command::UpdateTenantQuota {
                 id: "t1".into(),
-                quota: Quota { max_vms: Some(4), ..Quota::default() },
+                quota: Quota {
+                    max_vms: Some(4),
+                    ..Quota::default()
+                },
                 expected_version: Some(1),
             },
         ),
-        Request::new(at(10), "node:1", Command::SetNodeState { id: 2, state: NodeState::Down }),
+        Request::new(
+            at(10),
+            "node:1",
+            Command::SetNodeState {
+                id: 2,
+                state: NodeState::Down,
+            },
+        ),
         Request::new(at(11), "admin", Command::DeleteUser { id: "u2".into() }),
         Request::new(
             at(12),
             "admin",
-            Command::DeleteTenant { id: "t2".into(), expected_version: None },
+            Command::DeleteTenant {
+                id: "t2".into(),
+                expected_version: None,
+            },
         ),
-        Request::new(at(13), "node:1", Command::RotateJwtKey { key: vec![2; 32], keep: 2 }),
+        Request::new(
+            at(13),
+            "node:1",
+            Command::RotateJwtKey {
+                key: vec![2; 32],
+                keep: 2,
+            },
+        ),
         Request::new(at(14), "admin", Command::Noop),
     ];
-    let mut once = Request::new(at(15), "admin", Command::CreateTenant { tenant: tenant("t4", "gamma") });
+    let mut once = Request::new(
+        at(15),
+        "admin",
+        Command::CreateTenant {
+            tenant: tenant("t4", "gamma"),
+        },
+    );
     once.idempotency_key = Some("k-1".into());
     out.push(once.clone());
     // The retry carries a different body; the first outcome must win on every replica.
-    once.command = Command::CreateTenant { tenant: tenant("t5", "delta") };
+    once.command = Command::CreateTenant {
+        tenant: tenant("t5", "delta"),
+    };
     out.push(once);
     out
 }

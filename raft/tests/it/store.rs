@@ -34,7 +34,9 @@ async fn the_state_machine_computes_what_apply_computes_in_memory() {
         assert_eq!(got, &want, "entry {}", entry.log_id.index);
     }
     // The history is only a meaningful comparison if it produced refusals too.
-    assert!(responses.iter().any(|r| matches!(r, Response::Rejected { .. })));
+    assert!(responses
+        .iter()
+        .any(|r| matches!(r, Response::Rejected { .. })));
 
     let map = mem.map.borrow();
     let in_memory = digest_of(map.iter().map(|(k, v)| (&k[..], &v[..])));
@@ -55,7 +57,10 @@ async fn reads_see_the_applied_state_and_paginate() {
     assert_eq!(r.tenant_by_name("acme").unwrap().unwrap().id, "t1");
     assert_eq!(r.tenant("t1").unwrap().unwrap().quota.max_vms, Some(4));
     assert!(r.tenant_by_name("beta").unwrap().is_none());
-    assert!(r.tenant("t5").unwrap().is_none(), "the idempotent retry must not apply");
+    assert!(
+        r.tenant("t5").unwrap().is_none(),
+        "the idempotent retry must not apply"
+    );
     assert_eq!(r.user_by_name("ann").unwrap().unwrap().id, "u1");
     assert!(r.user_by_name("bob").unwrap().is_none());
     let users: Vec<String> = r.users().unwrap().into_iter().map(|u| u.id).collect();
@@ -69,10 +74,18 @@ async fn reads_see_the_applied_state_and_paginate() {
     let page1 = r.scan::<Tenant>(keys::TENANT_PREFIX, None, 2).unwrap();
     assert_eq!(page1.len(), 2);
     let cursor = page1.last().unwrap().0.clone();
-    let page2 = r.scan::<Tenant>(keys::TENANT_PREFIX, Some(&cursor), 2).unwrap();
-    assert_eq!(page2.iter().map(|(_, t)| t.id.as_str()).collect::<Vec<_>>(), vec!["t4"]);
+    let page2 = r
+        .scan::<Tenant>(keys::TENANT_PREFIX, Some(&cursor), 2)
+        .unwrap();
+    assert_eq!(
+        page2.iter().map(|(_, t)| t.id.as_str()).collect::<Vec<_>>(),
+        vec!["t4"]
+    );
     let end = page2.last().unwrap().0.clone();
-    assert!(r.scan::<Tenant>(keys::TENANT_PREFIX, Some(&end), 2).unwrap().is_empty());
+    assert!(r
+        .scan::<Tenant>(keys::TENANT_PREFIX, Some(&end), 2)
+        .unwrap()
+        .is_empty());
 
     // The audit log pages the same way and stays hash-chained across pages.
     let all = r.audit(0, usize::MAX).unwrap();
@@ -107,15 +120,23 @@ async fn applied_requests_are_published_and_waiters_wake() {
     assert_eq!(*reader.applied_watch().borrow(), last);
 
     // Every normal entry is published, in log order; blank and membership entries are not.
-    for entry in entries.iter().filter(|e| matches!(e.payload, EntryPayload::Normal(_))) {
+    for entry in entries
+        .iter()
+        .filter(|e| matches!(e.payload, EntryPayload::Normal(_)))
+    {
         let event = events.recv().await.unwrap();
         assert_eq!(event.index, entry.log_id.index);
-        let EntryPayload::Normal(req) = &entry.payload else { unreachable!() };
+        let EntryPayload::Normal(req) = &entry.payload else {
+            unreachable!()
+        };
         assert_eq!(&event.request, req);
     }
     assert!(events.try_recv().is_err());
 
-    match reader.wait_applied(last + 1, Duration::from_millis(50)).await {
+    match reader
+        .wait_applied(last + 1, Duration::from_millis(50))
+        .await
+    {
         Err(StoreError::WaitTimeout { index, reached }) => {
             assert_eq!((index, reached), (last + 1, last));
         }
@@ -137,10 +158,19 @@ async fn a_reopened_store_keeps_log_vote_state_and_snapshot() {
         log.blocking_append(entries.clone()).await.unwrap();
         log.save_committed(Some(log_id(1, n))).await.unwrap();
         sm.apply(entries[..10].to_vec()).await.unwrap();
-        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
         // Applied after the snapshot: the state must survive, not only the snapshot.
         sm.apply(entries[10..].to_vec()).await.unwrap();
-        (snap.meta, snap.snapshot.into_inner(), store.reader().digest().unwrap())
+        (
+            snap.meta,
+            snap.snapshot.into_inner(),
+            store.reader().digest().unwrap(),
+        )
     };
 
     let store = open(&dir);
@@ -160,7 +190,11 @@ async fn a_reopened_store_keeps_log_vote_state_and_snapshot() {
     assert_eq!(store.reader().last_applied_index(), n);
     assert_eq!(store.reader().digest().unwrap(), digest);
 
-    let current = sm.get_current_snapshot().await.unwrap().expect("snapshot kept");
+    let current = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("snapshot kept");
     assert_eq!(current.meta, snapshot_meta);
     assert_eq!(current.meta.last_log_id, Some(log_id(1, 10)));
     assert_eq!(current.snapshot.into_inner(), snapshot_data);
@@ -175,13 +209,26 @@ async fn a_snapshot_installs_on_another_store_with_the_same_digest() {
     sm_a.apply(history_entries()).await.unwrap();
 
     // The follower had state of its own, which the snapshot must replace entirely.
-    let stray = Request::new(1, "x", Command::CreateTenant { tenant: tenant("zz", "stray") });
+    let stray = Request::new(
+        1,
+        "x",
+        Command::CreateTenant {
+            tenant: tenant("zz", "stray"),
+        },
+    );
     sm_b.apply(vec![blank(1), normal(2, stray)]).await.unwrap();
     assert!(b.reader().tenant("zz").unwrap().is_some());
 
-    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let snap = sm_a
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
     let mut incoming = sm_b.begin_receiving_snapshot().await.unwrap();
-    incoming.get_mut().extend_from_slice(snap.snapshot.get_ref());
+    incoming
+        .get_mut()
+        .extend_from_slice(snap.snapshot.get_ref());
     let index = snap.meta.last_log_id.unwrap().index;
     let mut watch = b.reader().applied_watch();
     sm_b.install_snapshot(&snap.meta, incoming).await.unwrap();
@@ -189,13 +236,25 @@ async fn a_snapshot_installs_on_another_store_with_the_same_digest() {
 
     assert_eq!(b.reader().digest().unwrap(), a.reader().digest().unwrap());
     assert!(b.reader().tenant("zz").unwrap().is_none());
-    assert_eq!(sm_b.applied_state().await.unwrap(), sm_a.applied_state().await.unwrap());
+    assert_eq!(
+        sm_b.applied_state().await.unwrap(),
+        sm_a.applied_state().await.unwrap()
+    );
     let current = sm_b.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, snap.meta);
 
     // Both replicas keep agreeing on what comes next.
-    let next = Request::new(2, "admin", Command::CreateTenant { tenant: tenant("t9", "next") });
-    let ra = sm_a.apply(vec![normal(index + 1, next.clone())]).await.unwrap();
+    let next = Request::new(
+        2,
+        "admin",
+        Command::CreateTenant {
+            tenant: tenant("t9", "next"),
+        },
+    );
+    let ra = sm_a
+        .apply(vec![normal(index + 1, next.clone())])
+        .await
+        .unwrap();
     let rb = sm_b.apply(vec![normal(index + 1, next)]).await.unwrap();
     assert_eq!(ra, rb);
     assert_eq!(b.reader().digest().unwrap(), a.reader().digest().unwrap());
@@ -207,12 +266,20 @@ async fn a_snapshot_whose_bytes_do_not_match_its_metadata_is_refused() {
     let (a, b) = (open(&dir_a), open(&dir_b));
     let mut sm_a = a.state_machine();
     sm_a.apply(history_entries()).await.unwrap();
-    let snap = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let snap = sm_a
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
     let mut meta = snap.meta.clone();
     meta.last_log_id = Some(log_id(1, 999));
     let mut sm_b = b.state_machine();
     let result = sm_b.install_snapshot(&meta, snap.snapshot).await;
-    assert!(result.is_err(), "installed a snapshot with the wrong metadata");
+    assert!(
+        result.is_err(),
+        "installed a snapshot with the wrong metadata"
+    );
     assert_eq!(sm_b.applied_state().await.unwrap().0, None);
     assert!(sm_b.get_current_snapshot().await.unwrap().is_none());
 }
@@ -228,7 +295,11 @@ async fn purging_keeps_the_state_and_records_the_purge_point() {
         let mut sm = store.state_machine();
         log.blocking_append(entries.clone()).await.unwrap();
         sm.apply(entries.clone()).await.unwrap();
-        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
         log.purge(log_id(1, 10)).await.unwrap();
         let remaining = log.try_get_log_entries(..).await.unwrap();
         assert_eq!(remaining.first().unwrap().log_id, log_id(1, 11));
@@ -238,9 +309,15 @@ async fn purging_keeps_the_state_and_records_the_purge_point() {
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 10)));
     assert_eq!(state.last_log_id, Some(log_id(1, n)));
-    assert_eq!(log.try_get_log_entries(..).await.unwrap().len() as u64, n - 10);
+    assert_eq!(
+        log.try_get_log_entries(..).await.unwrap().len() as u64,
+        n - 10
+    );
     assert_eq!(store.reader().last_applied_index(), n);
-    assert_eq!(store.reader().tenant_by_name("gamma").unwrap().unwrap().id, "t4");
+    assert_eq!(
+        store.reader().tenant_by_name("gamma").unwrap().unwrap().id,
+        "t4"
+    );
 }
 
 #[tokio::test]
@@ -248,14 +325,25 @@ async fn truncation_removes_the_suffix_and_membership_entries_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let mut log = store.log_store();
-    let entries = vec![blank(1), membership(2, &[1, 2]), blank(3), membership(4, &[1, 2, 3])];
+    let entries = vec![
+        blank(1),
+        membership(2, &[1, 2]),
+        blank(3),
+        membership(4, &[1, 2, 3]),
+    ];
     log.blocking_append(entries.clone()).await.unwrap();
     assert_eq!(log.try_get_log_entries(2..=2).await.unwrap(), entries[1..2]);
     log.truncate(log_id(1, 3)).await.unwrap();
     assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[..2]);
-    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 2)));
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(1, 2))
+    );
     // The history keeps working on top of a truncated log.
     let next = history().remove(0);
     log.blocking_append(vec![normal(3, next)]).await.unwrap();
-    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 3)));
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(1, 3))
+    );
 }
