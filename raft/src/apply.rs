@@ -10,7 +10,10 @@ use sha2::{Digest, Sha256};
 use crate::codec::{self, CodecError};
 use crate::command::{Command, RejectCode, Request, Response};
 use crate::keys;
-use crate::model::{AuditEntry, ClusterSecrets, NodeRecord, NodeState, Tenant, User};
+use crate::model::{
+    AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, Operation, OperationState,
+    Tenant, User, Vm, VmState,
+};
 
 /// A read-your-writes transaction over the state key space.
 ///
@@ -227,6 +230,144 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             Ok(Response::Tenant(tenant))
         }
         Command::CreateUser { user } => create_user(tx, user.clone()),
+        Command::CreateVm { vm, operation } => create_vm(tx, vm, operation, at),
+        Command::SetVmDesired {
+            id,
+            desired,
+            operation,
+            expected_version,
+        } => {
+            let mut vm = match load_vm(tx, id, *expected_version)? {
+                Ok(vm) => vm,
+                Err(r) => return Ok(r),
+            };
+            if vm.state == VmState::Deleting {
+                return Ok(reject(RejectCode::Invalid, "the VM is being deleted"));
+            }
+            vm.desired_state = *desired;
+            vm.updated_at = at;
+            vm.version += 1;
+            put(tx, &keys::vm(id), &vm)?;
+            let op = new_operation(tx, operation, at)?;
+            Ok(Response::Vm {
+                vm,
+                operation: Some(op),
+            })
+        }
+        Command::DeleteVm {
+            id,
+            operation,
+            expected_version,
+        } => {
+            let mut vm = match load_vm(tx, id, *expected_version)? {
+                Ok(vm) => vm,
+                Err(r) => return Ok(r),
+            };
+            if vm.state != VmState::Deleting {
+                release_usage(tx, &vm)?;
+            }
+            vm.state = VmState::Deleting;
+            vm.desired_state = DesiredState::Stopped;
+            vm.updated_at = at;
+            vm.version += 1;
+            let op = new_operation(tx, operation, at)?;
+            if vm.node.is_none() {
+                // Never placed: nothing runs anywhere, so the record can go at once.
+                tx.remove(&keys::vm(id))?;
+                tx.remove(&keys::vm_name(&vm.tenant, &vm.name))?;
+                let mut done = op.clone();
+                done.state = OperationState::Succeeded;
+                put(tx, &keys::operation(&done.id), &done)?;
+                return Ok(Response::Vm {
+                    vm,
+                    operation: Some(done),
+                });
+            }
+            put(tx, &keys::vm(id), &vm)?;
+            Ok(Response::Vm {
+                vm,
+                operation: Some(op),
+            })
+        }
+        Command::PlaceVm {
+            id,
+            node,
+            expected_version,
+        } => {
+            let mut vm = match load_vm(tx, id, *expected_version)? {
+                Ok(vm) => vm,
+                Err(r) => return Ok(r),
+            };
+            if let Some(n) = node {
+                match get::<NodeRecord>(tx, &keys::node(*n))? {
+                    Some(rec) if !rec.removed => {}
+                    _ => return Ok(reject(RejectCode::NotFound, format!("node {n} not found"))),
+                }
+            }
+            vm.node = *node;
+            vm.epoch += 1;
+            if vm.state != VmState::Deleting {
+                vm.state = if node.is_some() {
+                    VmState::Scheduled
+                } else {
+                    VmState::Pending
+                };
+            }
+            vm.updated_at = at;
+            vm.version += 1;
+            put(tx, &keys::vm(id), &vm)?;
+            Ok(Response::Vm { vm, operation: None })
+        }
+        Command::ReportVm {
+            id,
+            node,
+            epoch,
+            state,
+            error: _,
+        } => {
+            let Some(mut vm) = get::<Vm>(tx, &keys::vm(id))? else {
+                return Ok(reject(RejectCode::NotFound, format!("vm {id} not found")));
+            };
+            // Fencing: only the node the current epoch was issued to may report.
+            if *epoch != vm.epoch || vm.node != Some(*node) {
+                return Ok(reject(
+                    RejectCode::StaleEpoch,
+                    format!("report for epoch {epoch} from node {node}; VM is at epoch {} on {:?}", vm.epoch, vm.node),
+                ));
+            }
+            if vm.state == VmState::Deleting || vm.state == *state {
+                return Ok(Response::Vm { vm, operation: None });
+            }
+            vm.state = *state;
+            vm.updated_at = at;
+            vm.version += 1;
+            put(tx, &keys::vm(id), &vm)?;
+            Ok(Response::Vm { vm, operation: None })
+        }
+        Command::PurgeVm { id, epoch } => {
+            let Some(vm) = get::<Vm>(tx, &keys::vm(id))? else {
+                return Ok(Response::Ok);
+            };
+            if vm.state != VmState::Deleting || vm.epoch != *epoch {
+                return Ok(reject(RejectCode::StaleEpoch, "the VM is not being deleted at this epoch"));
+            }
+            tx.remove(&keys::vm(id))?;
+            tx.remove(&keys::vm_name(&vm.tenant, &vm.name))?;
+            Ok(Response::Ok)
+        }
+        Command::FinishOperation { id, state, error } => {
+            let Some(mut op) = get::<Operation>(tx, &keys::operation(id))? else {
+                return Ok(reject(RejectCode::NotFound, format!("operation {id} not found")));
+            };
+            if matches!(op.state, OperationState::Succeeded | OperationState::Failed) {
+                return Ok(Response::Operation(op));
+            }
+            op.state = *state;
+            op.error = error.clone();
+            op.updated_at = at;
+            put(tx, &keys::operation(id), &op)?;
+            Ok(Response::Operation(op))
+        }
         Command::UpdateUser {
             id,
             password_hash,
@@ -292,6 +433,105 @@ fn create_user(tx: &dyn StateTx, mut user: User) -> Result<Response, ApplyError>
     Ok(Response::User(user))
 }
 
+fn load_vm(
+    tx: &dyn StateTx,
+    id: &str,
+    expected_version: Option<u64>,
+) -> Result<Result<Vm, Response>, ApplyError> {
+    let Some(vm) = get::<Vm>(tx, &keys::vm(id))? else {
+        return Ok(Err(reject(RejectCode::NotFound, format!("vm {id} not found"))));
+    };
+    if let Some(v) = expected_version {
+        if v != vm.version {
+            return Ok(Err(reject(
+                RejectCode::VersionMismatch,
+                format!("vm is at version {}, not {v}", vm.version),
+            )));
+        }
+    }
+    Ok(Ok(vm))
+}
+
+fn new_operation(tx: &dyn StateTx, op: &Operation, at: u64) -> Result<Operation, ApplyError> {
+    let mut op = op.clone();
+    op.created_at = at;
+    op.updated_at = at;
+    put(tx, &keys::operation(&op.id), &op)?;
+    Ok(op)
+}
+
+fn exceeds(limit: Option<u64>, used: u64, add: u64) -> bool {
+    limit.is_some_and(|l| used.saturating_add(add) > l)
+}
+
+fn create_vm(tx: &dyn StateTx, vm: &Vm, op: &Operation, at: u64) -> Result<Response, ApplyError> {
+    if vm.id.is_empty() || vm.name.is_empty() || vm.vcpus == 0 || vm.memory_mib == 0 {
+        return Ok(reject(RejectCode::Invalid, "a VM needs an id, a name, vCPUs and memory"));
+    }
+    let Some(mut tenant) = get::<Tenant>(tx, &keys::tenant(&vm.tenant))? else {
+        return Ok(reject(RejectCode::NotFound, format!("tenant {} not found", vm.tenant)));
+    };
+    if tx.get(&keys::vm_name(&vm.tenant, &vm.name))?.is_some() {
+        return Ok(reject(
+            RejectCode::AlreadyExists,
+            format!("a VM named {:?} already exists in this tenant", vm.name),
+        ));
+    }
+    if tx.get(&keys::vm(&vm.id))?.is_some() {
+        return Ok(reject(RejectCode::AlreadyExists, "VM id is taken"));
+    }
+    let q = &tenant.quota;
+    let u = &tenant.usage;
+    let over = [
+        ("VMs", exceeds(q.max_vms, u.vms, 1)),
+        ("vCPUs", exceeds(q.max_vcpus, u.vcpus, u64::from(vm.vcpus))),
+        ("memory", exceeds(q.max_memory_mib, u.memory_mib, vm.memory_mib)),
+        ("disk", exceeds(q.max_disk_gib, u.disk_gib, vm.disk_gib)),
+    ];
+    if let Some((what, _)) = over.iter().find(|(_, o)| *o) {
+        return Ok(reject(
+            RejectCode::QuotaExceeded,
+            format!("tenant {} would exceed its {what} quota", tenant.name),
+        ));
+    }
+    tenant.usage.vms += 1;
+    tenant.usage.vcpus += u64::from(vm.vcpus);
+    tenant.usage.memory_mib += vm.memory_mib;
+    tenant.usage.disk_gib += vm.disk_gib;
+    tenant.version += 1;
+    tenant.updated_at = at;
+    put(tx, &keys::tenant(&tenant.id), &tenant)?;
+    let mut vm = vm.clone();
+    vm.created_at = at;
+    vm.updated_at = at;
+    vm.version = 1;
+    vm.epoch = if vm.node.is_some() { 1 } else { 0 };
+    vm.state = if vm.node.is_some() {
+        VmState::Scheduled
+    } else {
+        VmState::Pending
+    };
+    put(tx, &keys::vm(&vm.id), &vm)?;
+    put(tx, &keys::vm_name(&vm.tenant, &vm.name), &vm.id)?;
+    let op = new_operation(tx, op, at)?;
+    Ok(Response::Vm {
+        vm,
+        operation: Some(op),
+    })
+}
+
+fn release_usage(tx: &dyn StateTx, vm: &Vm) -> Result<(), ApplyError> {
+    if let Some(mut tenant) = get::<Tenant>(tx, &keys::tenant(&vm.tenant))? {
+        tenant.usage.vms = tenant.usage.vms.saturating_sub(1);
+        tenant.usage.vcpus = tenant.usage.vcpus.saturating_sub(u64::from(vm.vcpus));
+        tenant.usage.memory_mib = tenant.usage.memory_mib.saturating_sub(vm.memory_mib);
+        tenant.usage.disk_gib = tenant.usage.disk_gib.saturating_sub(vm.disk_gib);
+        tenant.version += 1;
+        put(tx, &keys::tenant(&tenant.id), &tenant)?;
+    }
+    Ok(())
+}
+
 fn update_node(
     tx: &dyn StateTx,
     id: u64,
@@ -332,7 +572,8 @@ fn record_audit(
     response: &Response,
     log_index: u64,
 ) -> Result<(), ApplyError> {
-    if matches!(req.command, Command::Noop) {
+    // Agents' observations are frequent and carry no intent; they are not audited.
+    if matches!(req.command, Command::Noop | Command::ReportVm { .. }) {
         return Ok(());
     }
     let (seq, prev_hash) = get::<(u64, String)>(tx, keys::AUDIT_HEAD)?.unwrap_or((0, String::new()));
@@ -367,7 +608,9 @@ fn target_tenant(cmd: &Command, response: &Response) -> String {
         (Command::CreateTenant { tenant }, _) => tenant.id.clone(),
         (Command::UpdateTenantQuota { id, .. } | Command::DeleteTenant { id, .. }, _) => id.clone(),
         (Command::CreateUser { user }, _) => user.tenant.clone(),
+        (Command::CreateVm { vm, .. }, _) => vm.tenant.clone(),
         (_, Response::User(u)) => u.tenant.clone(),
+        (_, Response::Vm { vm, .. }) => vm.tenant.clone(),
         _ => crate::model::SYSTEM_TENANT.to_string(),
     }
 }
@@ -387,6 +630,16 @@ fn target_of(cmd: &Command, response: &Response) -> String {
         }
         (Command::CreateUser { user }, _) => format!("user/{}", user.id),
         (Command::UpdateUser { id, .. } | Command::DeleteUser { id }, _) => format!("user/{id}"),
+        (Command::CreateVm { vm, .. }, _) => format!("vm/{}", vm.id),
+        (
+            Command::SetVmDesired { id, .. }
+            | Command::DeleteVm { id, .. }
+            | Command::PlaceVm { id, .. }
+            | Command::ReportVm { id, .. }
+            | Command::PurgeVm { id, .. },
+            _,
+        ) => format!("vm/{id}"),
+        (Command::FinishOperation { id, .. }, _) => format!("operation/{id}"),
         _ => "cluster".to_string(),
     }
 }
@@ -529,5 +782,78 @@ mod tests {
         let mut forged = e1.clone();
         forged.actor = "someone-else".into();
         assert_ne!(audit_hash(&forged), e1.hash);
+    }
+
+    fn vm(id: &str, tenant: &str, node: Option<u64>) -> Vm {
+        Vm {
+            id: id.into(),
+            name: id.into(),
+            tenant: tenant.into(),
+            vcpus: 2,
+            memory_mib: 128,
+            disk_gib: 1,
+            image: None,
+            labels: Default::default(),
+            node,
+            desired_state: DesiredState::Running,
+            state: VmState::Pending,
+            ha: false,
+            anti_affinity_group: None,
+            epoch: 0,
+            created_at: 0,
+            updated_at: 0,
+            version: 0,
+        }
+    }
+
+    fn op(id: &str) -> Operation {
+        Operation {
+            id: id.into(),
+            kind: "vm.create".into(),
+            tenant: "t1".into(),
+            target: String::new(),
+            state: OperationState::Pending,
+            error: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn quotas_are_enforced_and_released() {
+        let st = MemState::default();
+        let mut t = tenant("t1", "acme");
+        t.quota.max_vms = Some(2);
+        t.quota.max_vcpus = Some(5);
+        run(&st, Command::CreateTenant { tenant: t });
+        let create = |id: &str| Command::CreateVm { vm: vm(id, "t1", None), operation: op(&format!("op-{id}")) };
+        assert!(matches!(run(&st, create("a")), Response::Vm { .. }));
+        assert!(matches!(run(&st, create("b")), Response::Vm { .. }));
+        assert!(matches!(
+            run(&st, create("c")),
+            Response::Rejected { code: RejectCode::QuotaExceeded, .. }
+        ));
+        run(&st, Command::DeleteVm { id: "a".into(), operation: op("op-del"), expected_version: None });
+        // 2 vCPUs + 2 = 4 <= 5: fits again after the delete released its share.
+        assert!(matches!(run(&st, create("c")), Response::Vm { .. }));
+        let t: Tenant = get(&st, &keys::tenant("t1")).unwrap().unwrap();
+        assert_eq!((t.usage.vms, t.usage.vcpus), (2, 4));
+    }
+
+    #[test]
+    fn placement_bumps_the_epoch_and_stale_reports_are_refused() {
+        let st = MemState::default();
+        run(&st, Command::CreateTenant { tenant: tenant("t1", "acme") });
+        let m = |n: &str| crate::model::Member { name: n.into(), api_addr: "a".into(), peer_addr: "p".into() };
+        run(&st, Command::RegisterNode { member: m("n1") });
+        run(&st, Command::RegisterNode { member: m("n2") });
+        run(&st, Command::CreateVm { vm: vm("a", "t1", Some(1)), operation: op("o1") });
+        let place = run(&st, Command::PlaceVm { id: "a".into(), node: Some(2), expected_version: None });
+        let Response::Vm { vm: placed, .. } = place else { panic!("{place:?}") };
+        assert_eq!((placed.node, placed.epoch), (Some(2), 2));
+        let old = Command::ReportVm { id: "a".into(), node: 1, epoch: 1, state: VmState::Running, error: None };
+        assert!(matches!(run(&st, old), Response::Rejected { code: RejectCode::StaleEpoch, .. }));
+        let fresh = Command::ReportVm { id: "a".into(), node: 2, epoch: 2, state: VmState::Running, error: None };
+        assert!(matches!(run(&st, fresh), Response::Vm { vm, .. } if vm.state == VmState::Running));
     }
 }

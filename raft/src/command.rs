@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    AuditEntry, ClusterSecrets, Member, Millis, NodeId, NodeRecord, NodeState, Quota, Role, Tenant,
-    User,
+    AuditEntry, ClusterSecrets, DesiredState, Member, Millis, NodeId, NodeRecord, NodeState,
+    Operation, OperationState, Quota, Role, Tenant, User, Vm, VmState,
 };
 
 /// What a client (or a controller) asks the replicated state machine to do.
@@ -79,6 +79,43 @@ pub enum Command {
         expected_version: Option<u64>,
     },
     DeleteUser { id: String },
+    /// Creates a VM and the operation that tracks its creation. The tenant's quota is checked
+    /// and its usage updated here, so concurrent creates can never overshoot.
+    CreateVm { vm: Vm, operation: Operation },
+    /// Changes what the VM should be doing (start, stop, reboot is stop+start by the agent).
+    SetVmDesired {
+        id: String,
+        desired: DesiredState,
+        operation: Operation,
+        expected_version: Option<u64>,
+    },
+    /// Marks a VM for deletion; its quota is released now, the record once the agent confirms.
+    DeleteVm {
+        id: String,
+        operation: Operation,
+        expected_version: Option<u64>,
+    },
+    /// Places (or re-places) a VM on a node and bumps its epoch (fencing token).
+    PlaceVm {
+        id: String,
+        node: Option<NodeId>,
+        expected_version: Option<u64>,
+    },
+    /// What an agent observed of a VM it runs. Ignored when the epoch is stale.
+    ReportVm {
+        id: String,
+        node: NodeId,
+        epoch: u64,
+        state: VmState,
+        error: Option<String>,
+    },
+    /// The agent removed a deleted VM everywhere; the record goes away.
+    PurgeVm { id: String, epoch: u64 },
+    FinishOperation {
+        id: String,
+        state: OperationState,
+        error: Option<String>,
+    },
     /// Records an event that changed nothing else (for example a failed login).
     Audit { entry: AuditEntry },
 }
@@ -100,6 +137,13 @@ impl Command {
             Command::CreateUser { .. } => "user.create",
             Command::UpdateUser { .. } => "user.update",
             Command::DeleteUser { .. } => "user.delete",
+            Command::CreateVm { .. } => "vm.create",
+            Command::SetVmDesired { .. } => "vm.set_desired",
+            Command::DeleteVm { .. } => "vm.delete",
+            Command::PlaceVm { .. } => "vm.place",
+            Command::ReportVm { .. } => "vm.report",
+            Command::PurgeVm { .. } => "vm.purge",
+            Command::FinishOperation { .. } => "operation.finish",
             Command::Audit { .. } => "audit",
         }
     }
@@ -125,6 +169,7 @@ pub enum RejectCode {
     AlreadyExists,
     VersionMismatch,
     QuotaExceeded,
+    StaleEpoch,
     NotEmpty,
     Invalid,
     AlreadyInitialized,
@@ -137,6 +182,7 @@ impl RejectCode {
             RejectCode::AlreadyExists => "already_exists",
             RejectCode::VersionMismatch => "version_mismatch",
             RejectCode::QuotaExceeded => "quota_exceeded",
+            RejectCode::StaleEpoch => "stale_epoch",
             RejectCode::NotEmpty => "not_empty",
             RejectCode::Invalid => "invalid",
             RejectCode::AlreadyInitialized => "already_initialized",
@@ -154,11 +200,8 @@ pub enum Response {
     Node(NodeRecord),
     Tenant(Tenant),
     User(User),
+    Vm { vm: Vm, operation: Option<Operation> },
+    Operation(Operation),
     Rejected { code: RejectCode, message: String },
 }
 
-impl Default for Response {
-    fn default() -> Self {
-        Response::Ok
-    }
-}

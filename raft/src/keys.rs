@@ -10,6 +10,8 @@ pub const TENANT_PREFIX: &[u8] = b"t/";
 pub const USER_PREFIX: &[u8] = b"u/";
 pub const NODE_PREFIX: &[u8] = b"n/";
 pub const AUDIT_PREFIX: &[u8] = b"a/";
+pub const VM_PREFIX: &[u8] = b"v/";
+pub const OPERATION_PREFIX: &[u8] = b"o/";
 
 fn join(prefix: &str, rest: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + rest.len());
@@ -38,6 +40,16 @@ pub fn node(id: u64) -> Vec<u8> {
 }
 pub fn node_name(name: &str) -> Vec<u8> {
     join("nn/", name)
+}
+pub fn vm(id: &str) -> Vec<u8> {
+    join("v/", id)
+}
+/// VM names are unique within a tenant.
+pub fn vm_name(tenant: &str, name: &str) -> Vec<u8> {
+    join("vn/", &format!("{}/{tenant}/{name}", tenant.len()))
+}
+pub fn operation(id: &str) -> Vec<u8> {
+    join("o/", id)
 }
 pub fn audit(seq: u64) -> Vec<u8> {
     join("a/", &format!("{seq:020}"))

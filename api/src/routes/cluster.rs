@@ -1,0 +1,30 @@
+//! `GET /api/v1/cluster` (membership and Raft progress) and `POST /api/v1/cluster/join`.
+
+use axum::extract::State;
+use axum::Json;
+
+use crate::auth::Caller;
+use crate::control::{ClusterStatus, JoinRequest, JoinResponse};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+pub(crate) async fn status(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<ClusterStatus>> {
+    Ok(Json(state.cp.status().await?))
+}
+
+/// Unauthenticated by bearer token: the join token in the body is the credential.
+pub(crate) async fn join(
+    State(state): State<AppState>,
+    Json(req): Json<JoinRequest>,
+) -> ApiResult<Json<JoinResponse>> {
+    if req.member.name.is_empty() || req.member.name.len() > 63 {
+        return Err(ApiError::Validation("node name must have 1 to 63 characters".into()));
+    }
+    if req.csr_pem.len() > 16 * 1024 {
+        return Err(ApiError::Validation("CSR is too large".into()));
+    }
+    Ok(Json(state.cp.join(req).await?))
+}

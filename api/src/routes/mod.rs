@@ -1,0 +1,151 @@
+//! Route table and the middleware stack, applied once for every route.
+
+mod auth;
+mod cluster;
+mod health;
+mod tenants;
+mod users;
+mod vms;
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use raft::{Request as RaftRequest, Response as RaftResponse};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+pub(crate) fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/auth/login", post(auth::login))
+        .route("/cluster", get(cluster::status))
+        .route("/cluster/join", post(cluster::join))
+        .route("/tenants", get(tenants::list).post(tenants::create))
+        .route("/vms", get(vms::list).post(vms::create))
+        .route(
+            "/vms/{id}",
+            get(vms::get_one).delete(vms::delete),
+        )
+        .route("/vms/{id}/start", post(vms::start))
+        .route("/vms/{id}/stop", post(vms::stop))
+        .route("/vms/{id}/reboot", post(vms::reboot))
+        .route("/operations/{id}", get(vms::get_operation))
+        .route("/users", get(users::list).post(users::create))
+        .route(
+            "/users/{id}",
+            get(users::get_one).patch(users::update).delete(users::delete),
+        )
+        .route(
+            "/tenants/{id}",
+            get(tenants::get_one)
+                .patch(tenants::update)
+                .delete(tenants::delete),
+        );
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .layer(RequestBodyLimitLayer::new(state.config.body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            state.config.request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .with_state(state)
+}
+
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .latency
+        .with_label_values(&[&method, &route])
+        .observe(start.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .with_label_values(&[&method, &route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// Proposes a command on behalf of `caller` and turns a refusal of `apply` into an API error.
+pub(crate) async fn propose(
+    state: &AppState,
+    caller: &Caller,
+    idempotency_key: Option<String>,
+    command: raft::Command,
+) -> ApiResult<(u64, RaftResponse)> {
+    let mut req = RaftRequest::new(crate::now_ms(), caller.user_id.clone(), command);
+    req.idempotency_key = idempotency_key;
+    let (index, resp) = state.cp.write(req).await?;
+    match resp {
+        RaftResponse::Rejected { code, message } => Err(ApiError::from_reject(code, message)),
+        other => Ok((index, other)),
+    }
+}
+
+/// The `Idempotency-Key` header, validated.
+pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<String>> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| ApiError::Validation("Idempotency-Key must be ASCII".into()))?;
+            if s.is_empty() || s.len() > 128 {
+                return Err(ApiError::Validation(
+                    "Idempotency-Key must have 1 to 128 characters".into(),
+                ));
+            }
+            Ok(Some(s.to_string()))
+        }
+    }
+}
+
+/// `If-Match: "<version>"` as a version number.
+pub(crate) fn if_match(headers: &axum::http::HeaderMap) -> ApiResult<Option<u64>> {
+    match headers.get(axum::http::header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().unwrap_or_default().trim().trim_start_matches("W/");
+            s.trim_matches('"')
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| ApiError::Validation(format!("If-Match {s:?} is not an ETag of this API")))
+        }
+    }
+}
+
+pub(crate) fn decode<T>(bytes: &[u8]) -> ApiResult<T>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
+            rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+        > + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    raft::codec::decode(bytes).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// `?consistency=stale|linearizable` on reads.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct ReadParams {
+    #[serde(default)]
+    pub consistency: crate::Consistency,
+}

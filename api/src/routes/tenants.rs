@@ -1,0 +1,183 @@
+//! Tenants and their quotas: `/api/v1/tenants[/{id}]`.
+//!
+//! Only admins create, change or delete tenants; other users see their own tenant alone, and
+//! another tenant's id answers 404 so its existence does not leak.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use raft::model::{Quota, Role, Tenant};
+use raft::{keys, Command, Response as RaftResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
+use crate::AppState;
+
+const MAX_PAGE: usize = 500;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateTenant {
+    name: String,
+    #[serde(default)]
+    quota: Option<Quota>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateTenant {
+    quota: Quota,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(flatten)]
+    read: ReadParams,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Page<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+pub(crate) fn validate_name(what: &str, name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(format!(
+            "{what} name {name:?} must be 1-63 characters of letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )))
+    }
+}
+
+fn with_etag(status: StatusCode, tenant: Tenant) -> Response {
+    let etag = format!("\"{}\"", tenant.version);
+    (status, [(header::ETAG, etag)], Json(tenant)).into_response()
+}
+
+fn tenant_of(resp: RaftResponse) -> ApiResult<Tenant> {
+    match resp {
+        RaftResponse::Tenant(t) => Ok(t),
+        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<CreateTenant>,
+) -> ApiResult<Response> {
+    caller.require(Role::Admin)?;
+    validate_name("tenant", &body.name)?;
+    let key = idempotency_key(&headers)?;
+    let tenant = Tenant {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: body.name,
+        quota: body.quota.unwrap_or_default(),
+        usage: Default::default(),
+        created_at: 0,
+        updated_at: 0,
+        version: 0,
+    };
+    let (_, resp) = propose(&state, &caller, key, Command::CreateTenant { tenant }).await?;
+    Ok(with_etag(StatusCode::CREATED, tenant_of(resp)?))
+}
+
+fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Tenant> {
+    let not_found = || ApiError::NotFound(format!("tenant {id}"));
+    if !caller.sees_tenant(id) {
+        return Err(not_found());
+    }
+    let bytes = state.cp.get(&keys::tenant(id))?.ok_or_else(not_found)?;
+    decode(&bytes)
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(read): Query<ReadParams>,
+) -> ApiResult<Response> {
+    state.cp.read_barrier(read.consistency).await?;
+    Ok(with_etag(StatusCode::OK, load(&state, &caller, &id)?))
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Json<Page<Tenant>>> {
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::Validation(format!("limit must be 1..={MAX_PAGE}")));
+    }
+    state.cp.read_barrier(params.read.consistency).await?;
+    if !caller.is_admin() {
+        // A tenant user's list is its own tenant.
+        let own = load(&state, &caller, &caller.tenant.clone())?;
+        return Ok(Json(Page {
+            items: vec![own],
+            next_cursor: None,
+        }));
+    }
+    let after = params.cursor.as_deref().map(keys::tenant);
+    let rows = state.cp.scan(keys::TENANT_PREFIX, after.as_deref(), limit + 1)?;
+    let mut items = rows
+        .iter()
+        .map(|(_, v)| decode::<Tenant>(v))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|t| t.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+pub(crate) async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<UpdateTenant>,
+) -> ApiResult<Response> {
+    caller.require(Role::Admin)?;
+    let key = idempotency_key(&headers)?;
+    let expected_version = if_match(&headers)?;
+    let cmd = Command::UpdateTenantQuota {
+        id,
+        quota: body.quota,
+        expected_version,
+    };
+    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    Ok(with_etag(StatusCode::OK, tenant_of(resp)?))
+}
+
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::Admin)?;
+    let key = idempotency_key(&headers)?;
+    let expected_version = if_match(&headers)?;
+    propose(&state, &caller, key, Command::DeleteTenant { id, expected_version }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

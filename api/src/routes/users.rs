@@ -1,0 +1,261 @@
+//! Users: `/api/v1/users[/{id}]`.
+//!
+//! Admins manage every user; a tenant-admin manages the users of its own tenant and may not
+//! create admins; others may read only themselves. Password hashes never leave the server.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use raft::model::{Role, User};
+use raft::{keys, Command, Response as RaftResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{hash_password, load_user, Caller};
+use crate::error::{ApiError, ApiResult};
+use crate::routes::tenants::validate_name;
+use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
+use crate::AppState;
+
+#[derive(Debug, Serialize)]
+pub(crate) struct UserView {
+    id: String,
+    username: String,
+    tenant: String,
+    role: Role,
+    created_at: u64,
+    updated_at: u64,
+    version: u64,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> Self {
+        UserView {
+            id: u.id,
+            username: u.username,
+            tenant: u.tenant,
+            role: u.role,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+            version: u.version,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateUser {
+    username: String,
+    password: String,
+    tenant: String,
+    role: Role,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateUser {
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    role: Option<Role>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(flatten)]
+    read: ReadParams,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Page {
+    items: Vec<UserView>,
+    next_cursor: Option<String>,
+}
+
+fn validate_password(p: &str) -> ApiResult<()> {
+    if p.len() < 8 || p.len() > 1024 {
+        return Err(ApiError::Validation(
+            "password must have 8 to 1024 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// May `caller` manage users of `tenant` with `role`?
+fn may_manage(caller: &Caller, tenant: &str, role: Option<Role>) -> ApiResult<()> {
+    if caller.is_admin() {
+        return Ok(());
+    }
+    caller.require(Role::TenantAdmin)?;
+    if caller.tenant != tenant {
+        return Err(ApiError::NotFound(format!("tenant {tenant}")));
+    }
+    if role == Some(Role::Admin) {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(())
+}
+
+fn with_etag(status: StatusCode, user: User) -> Response {
+    let etag = format!("\"{}\"", user.version);
+    (status, [(header::ETAG, etag)], Json(UserView::from(user))).into_response()
+}
+
+fn user_of(resp: RaftResponse) -> ApiResult<User> {
+    match resp {
+        RaftResponse::User(u) => Ok(u),
+        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+async fn hash(password: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::Internal(format!("password hashing failed: {e}")))?
+}
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<CreateUser>,
+) -> ApiResult<Response> {
+    may_manage(&caller, &body.tenant, Some(body.role))?;
+    validate_name("user", &body.username)?;
+    validate_password(&body.password)?;
+    if body.role == Role::Admin && body.tenant != raft::model::SYSTEM_TENANT {
+        return Err(ApiError::Validation(
+            "admins belong to the system tenant".into(),
+        ));
+    }
+    let key = idempotency_key(&headers)?;
+    let user = User {
+        id: uuid::Uuid::new_v4().to_string(),
+        username: body.username,
+        password_hash: hash(body.password).await?,
+        tenant: body.tenant,
+        role: body.role,
+        created_at: crate::now_ms(),
+        updated_at: crate::now_ms(),
+        version: 0,
+    };
+    let (_, resp) = propose(&state, &caller, key, Command::CreateUser { user }).await?;
+    Ok(with_etag(StatusCode::CREATED, user_of(resp)?))
+}
+
+fn visible(state: &AppState, caller: &Caller, id: &str) -> ApiResult<User> {
+    let not_found = || ApiError::NotFound(format!("user {id}"));
+    let user = load_user(state, id)?.ok_or_else(not_found)?;
+    let allowed = caller.is_admin()
+        || caller.user_id == user.id
+        || (caller.tenant == user.tenant && caller.role <= Role::TenantAdmin);
+    if allowed {
+        Ok(user)
+    } else {
+        Err(not_found())
+    }
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(read): Query<ReadParams>,
+) -> ApiResult<Response> {
+    state.cp.read_barrier(read.consistency).await?;
+    Ok(with_etag(StatusCode::OK, visible(&state, &caller, &id)?))
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Json<Page>> {
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > 500 {
+        return Err(ApiError::Validation("limit must be 1..=500".into()));
+    }
+    caller.require(Role::TenantAdmin)?;
+    state.cp.read_barrier(params.read.consistency).await?;
+    let tenant_filter = if caller.is_admin() {
+        params.tenant
+    } else {
+        Some(caller.tenant.clone())
+    };
+    let mut items = Vec::new();
+    let mut after = params.cursor.as_deref().map(keys::user);
+    // Filtering happens after the scan, so scan in batches until the page is full.
+    let mut next_cursor = None;
+    'outer: loop {
+        let rows = state.cp.scan(keys::USER_PREFIX, after.as_deref(), limit + 1)?;
+        let exhausted = rows.len() <= limit;
+        for (k, v) in rows {
+            let user: User = decode(&v)?;
+            after = Some(k);
+            if tenant_filter.as_ref().is_some_and(|t| *t != user.tenant) {
+                continue;
+            }
+            if items.len() == limit {
+                next_cursor = items.last().map(|u: &UserView| u.id.clone());
+                break 'outer;
+            }
+            items.push(UserView::from(user));
+        }
+        if exhausted {
+            break;
+        }
+    }
+    Ok(Json(Page { items, next_cursor }))
+}
+
+pub(crate) async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<UpdateUser>,
+) -> ApiResult<Response> {
+    let target = visible(&state, &caller, &id)?;
+    let self_password_only = caller.user_id == target.id && body.role.is_none();
+    if !self_password_only {
+        may_manage(&caller, &target.tenant, body.role)?;
+    }
+    let password_hash = match body.password {
+        Some(p) => {
+            validate_password(&p)?;
+            Some(hash(p).await?)
+        }
+        None => None,
+    };
+    let key = idempotency_key(&headers)?;
+    let cmd = Command::UpdateUser {
+        id,
+        password_hash,
+        role: body.role,
+        expected_version: if_match(&headers)?,
+    };
+    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    Ok(with_etag(StatusCode::OK, user_of(resp)?))
+}
+
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    let target = visible(&state, &caller, &id)?;
+    may_manage(&caller, &target.tenant, Some(target.role))?;
+    if target.id == caller.user_id {
+        return Err(ApiError::Validation("you cannot delete yourself".into()));
+    }
+    let key = idempotency_key(&headers)?;
+    propose(&state, &caller, key, Command::DeleteUser { id }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,395 @@
+//! VMs and their operations: `/api/v1/vms[/{id}[/start|stop|reboot]]`, `/api/v1/operations/{id}`.
+//!
+//! Every change returns `202 {vm, operation}`: the operation finishes when the node's agent has
+//! done the work. Another tenant's VM answers 404. Quotas are enforced inside `apply`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use raft::model::{
+    DesiredState, NodeId, NodeRecord, NodeState, Operation, OperationState, Role, Vm, VmState,
+};
+use raft::{keys, Command, Response as RaftResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::tenants::validate_name;
+use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
+use crate::AppState;
+
+const MAX_LABELS: usize = 64;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Placement {
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    anti_affinity_group: Option<String>,
+    #[serde(default)]
+    node_selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateVm {
+    name: String,
+    vcpus: u32,
+    memory_mib: u64,
+    #[serde(default)]
+    disk_gib: Option<u64>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    placement: Option<Placement>,
+    #[serde(default)]
+    ha: Option<bool>,
+    #[serde(default)]
+    start: Option<bool>,
+    /// Admins may create in any tenant; others always create in their own.
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Accepted {
+    vm: Vm,
+    operation: Operation,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+    /// `key=value`
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(flatten)]
+    read: ReadParams,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Page {
+    items: Vec<Vm>,
+    next_cursor: Option<String>,
+}
+
+fn validate(body: &CreateVm) -> ApiResult<()> {
+    validate_name("VM", &body.name)?;
+    if !(1..=64).contains(&body.vcpus) {
+        return Err(ApiError::Validation("vcpus must be 1 to 64".into()));
+    }
+    if !(64..=1024 * 1024).contains(&body.memory_mib) {
+        return Err(ApiError::Validation("memory_mib must be 64 to 1048576".into()));
+    }
+    if body.disk_gib.is_some_and(|d| d > 64 * 1024) {
+        return Err(ApiError::Validation("disk_gib must be at most 65536".into()));
+    }
+    if let Some(labels) = &body.labels {
+        if labels.len() > MAX_LABELS {
+            return Err(ApiError::Validation(format!("at most {MAX_LABELS} labels")));
+        }
+        for (k, v) in labels {
+            if k.is_empty() || k.len() > 63 || v.len() > 255 {
+                return Err(ApiError::Validation(format!("label {k:?} has an invalid length")));
+            }
+        }
+    }
+    if let Some(img) = &body.image {
+        validate_name("image", img)?;
+    }
+    Ok(())
+}
+
+fn operation(kind: &str, tenant: &str, vm_id: &str) -> Operation {
+    Operation {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: kind.into(),
+        tenant: tenant.into(),
+        target: format!("vm/{vm_id}"),
+        state: OperationState::Pending,
+        error: None,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+fn nodes(state: &AppState) -> ApiResult<Vec<NodeRecord>> {
+    state
+        .cp
+        .scan(keys::NODE_PREFIX, None, 10_000)?
+        .iter()
+        .map(|(_, v)| decode::<NodeRecord>(v))
+        .collect()
+}
+
+/// Until the scheduler lands: the named node, or the up and schedulable node running the fewest
+/// VMs that matches the node selector.
+fn place(state: &AppState, placement: &Placement) -> ApiResult<Option<NodeId>> {
+    let candidates: Vec<NodeRecord> = nodes(state)?
+        .into_iter()
+        .filter(|n| !n.removed)
+        .collect();
+    if let Some(name) = &placement.node {
+        return candidates
+            .iter()
+            .find(|n| n.member.name == *name || n.id.to_string() == *name)
+            .map(|n| Some(n.id))
+            .ok_or_else(|| ApiError::Validation(format!("node {name:?} does not exist")));
+    }
+    let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for (_, v) in state.cp.scan(keys::VM_PREFIX, None, usize::MAX)? {
+        let vm: Vm = decode(&v)?;
+        if let Some(n) = vm.node {
+            *load.entry(n).or_default() += 1;
+        }
+    }
+    let selector = placement.node_selector.clone().unwrap_or_default();
+    Ok(candidates
+        .iter()
+        .filter(|n| n.schedulable && n.state == NodeState::Up)
+        .filter(|n| selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+        .min_by_key(|n| (load.get(&n.id).copied().unwrap_or(0), n.id))
+        .map(|n| n.id))
+}
+
+fn accepted(resp: RaftResponse) -> ApiResult<Response> {
+    match resp {
+        RaftResponse::Vm {
+            vm,
+            operation: Some(operation),
+        } => Ok((StatusCode::ACCEPTED, Json(Accepted { vm, operation })).into_response()),
+        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<CreateVm>,
+) -> ApiResult<Response> {
+    caller.require(Role::Operator)?;
+    validate(&body)?;
+    let tenant = match &body.tenant {
+        Some(t) if caller.is_admin() => t.clone(),
+        Some(t) if *t != caller.tenant => return Err(ApiError::NotFound(format!("tenant {t}"))),
+        _ => caller.tenant.clone(),
+    };
+    let key = idempotency_key(&headers)?;
+    let placement = body.placement.unwrap_or_default();
+    let node = place(&state, &placement)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let vm = Vm {
+        id: id.clone(),
+        name: body.name,
+        tenant: tenant.clone(),
+        vcpus: body.vcpus,
+        memory_mib: body.memory_mib,
+        disk_gib: body.disk_gib.unwrap_or(0),
+        image: body.image,
+        labels: body.labels.unwrap_or_default(),
+        node,
+        desired_state: if body.start.unwrap_or(true) {
+            DesiredState::Running
+        } else {
+            DesiredState::Stopped
+        },
+        state: VmState::Pending,
+        ha: body.ha.unwrap_or(false),
+        anti_affinity_group: placement.anti_affinity_group,
+        epoch: 0,
+        created_at: 0,
+        updated_at: 0,
+        version: 0,
+    };
+    let operation = operation("vm.create", &tenant, &id);
+    let (_, resp) = propose(&state, &caller, key, Command::CreateVm { vm, operation }).await?;
+    accepted(resp)
+}
+
+fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
+    let not_found = || ApiError::NotFound(format!("vm {id}"));
+    let bytes = state.cp.get(&keys::vm(id))?.ok_or_else(not_found)?;
+    let vm: Vm = decode(&bytes)?;
+    if caller.sees_tenant(&vm.tenant) {
+        Ok(vm)
+    } else {
+        Err(not_found())
+    }
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(read): Query<ReadParams>,
+) -> ApiResult<Response> {
+    state.cp.read_barrier(read.consistency).await?;
+    let vm = load(&state, &caller, &id)?;
+    let etag = format!("\"{}\"", vm.version);
+    Ok(([(header::ETAG, etag)], Json(vm)).into_response())
+}
+
+fn state_name(s: VmState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(p): Query<ListParams>,
+) -> ApiResult<Json<Page>> {
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > 500 {
+        return Err(ApiError::Validation("limit must be 1..=500".into()));
+    }
+    let label = match &p.label {
+        Some(l) => Some(
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| ApiError::Validation("label filter must be key=value".into()))?,
+        ),
+        None => None,
+    };
+    state.cp.read_barrier(p.read.consistency).await?;
+    let node_filter: Option<NodeId> = match &p.node {
+        Some(n) => Some(
+            nodes(&state)?
+                .iter()
+                .find(|r| r.member.name == *n || r.id.to_string() == *n)
+                .map(|r| r.id)
+                .unwrap_or(NodeId::MAX),
+        ),
+        None => None,
+    };
+    let tenant = if caller.is_admin() { p.tenant.clone() } else { Some(caller.tenant.clone()) };
+    let mut items = Vec::new();
+    let mut after = p.cursor.as_deref().map(keys::vm);
+    let mut next_cursor = None;
+    'scan: loop {
+        let rows = state.cp.scan(keys::VM_PREFIX, after.as_deref(), 256)?;
+        let exhausted = rows.len() < 256;
+        for (k, v) in rows {
+            after = Some(k);
+            let vm: Vm = decode(&v)?;
+            let keep = tenant.as_ref().is_none_or(|t| *t == vm.tenant)
+                && p.state.as_ref().is_none_or(|s| *s == state_name(vm.state))
+                && node_filter.is_none_or(|n| vm.node == Some(n))
+                && label
+                    .as_ref()
+                    .is_none_or(|(k, v)| vm.labels.get(k) == Some(v));
+            if !keep {
+                continue;
+            }
+            if items.len() == limit {
+                next_cursor = items.last().map(|v: &Vm| v.id.clone());
+                break 'scan;
+            }
+            items.push(vm);
+        }
+        if exhausted {
+            break;
+        }
+    }
+    Ok(Json(Page { items, next_cursor }))
+}
+
+async fn set_desired(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    headers: HeaderMap,
+    desired: DesiredState,
+    kind: &str,
+) -> ApiResult<Response> {
+    caller.require(Role::Operator)?;
+    let vm = load(&state, &caller, &id)?;
+    let key = idempotency_key(&headers)?;
+    let cmd = Command::SetVmDesired {
+        id: id.clone(),
+        desired,
+        operation: operation(kind, &vm.tenant, &id),
+        expected_version: if_match(&headers)?,
+    };
+    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    accepted(resp)
+}
+
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    set_desired(state, caller, id, headers, DesiredState::Running, "vm.start").await
+}
+
+pub(crate) async fn stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    set_desired(state, caller, id, headers, DesiredState::Stopped, "vm.stop").await
+}
+
+pub(crate) async fn reboot(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    set_desired(state, caller, id, headers, DesiredState::Running, "vm.reboot").await
+}
+
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    caller.require(Role::Operator)?;
+    let vm = load(&state, &caller, &id)?;
+    let key = idempotency_key(&headers)?;
+    let cmd = Command::DeleteVm {
+        id: id.clone(),
+        operation: operation("vm.delete", &vm.tenant, &id),
+        expected_version: if_match(&headers)?,
+    };
+    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    accepted(resp)
+}
+
+pub(crate) async fn get_operation(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(read): Query<ReadParams>,
+) -> ApiResult<Json<Operation>> {
+    state.cp.read_barrier(read.consistency).await?;
+    let not_found = || ApiError::NotFound(format!("operation {id}"));
+    let bytes = state.cp.get(&keys::operation(&id))?.ok_or_else(not_found)?;
+    let op: Operation = decode(&bytes)?;
+    if !caller.sees_tenant(&op.tenant) {
+        return Err(not_found());
+    }
+    Ok(Json(op))
+}

@@ -1,0 +1,188 @@
+//! An in-memory `ControlPlane` for router tests: commands go through the real `apply` over
+//! `MemState`, so refusals and versions behave as in a cluster; there is no Raft here.
+
+use std::sync::{Arc, Mutex};
+
+use api::control::{ClusterStatus, JoinRequest, JoinResponse};
+use api::{ApiConfig, AppState, ClusterError, Consistency, ControlPlane};
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request as HttpRequest, StatusCode};
+use http_body_util::BodyExt;
+use raft::apply::{apply, MemState, StateTx};
+use raft::model::{ClusterSecrets, Role, User, SYSTEM_TENANT};
+use raft::{Command, Request, Response};
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub struct FakeCluster {
+    state: Mutex<MemState>,
+    index: Mutex<u64>,
+}
+
+
+#[async_trait]
+impl ControlPlane for FakeCluster {
+    async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
+        let st = self.state.lock().unwrap();
+        let mut idx = self.index.lock().unwrap();
+        *idx += 1;
+        let r = apply(&*st, &req, *idx).map_err(|e| ClusterError::Internal(e.to_string()))?;
+        Ok((*idx, r))
+    }
+    async fn read_barrier(&self, _c: Consistency) -> Result<(), ClusterError> {
+        Ok(())
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClusterError> {
+        Ok(self.state.lock().unwrap().get(key).unwrap())
+    }
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
+        let st = self.state.lock().unwrap();
+        let map = st.map.borrow();
+        Ok(map
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| after.is_none_or(|a| k.as_slice() > a))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+    async fn status(&self) -> Result<ClusterStatus, ClusterError> {
+        Ok(ClusterStatus {
+            cluster_id: "fake".into(),
+            node_id: 1,
+            node_name: "n1".into(),
+            leader: Some(1),
+            leader_name: Some("n1".into()),
+            term: 1,
+            commit_index: *self.index.lock().unwrap(),
+            last_applied: *self.index.lock().unwrap(),
+            last_log_index: *self.index.lock().unwrap(),
+            members: vec![],
+        })
+    }
+    async fn join(&self, _req: JoinRequest) -> Result<JoinResponse, ClusterError> {
+        Err(ClusterError::JoinRefused("no joins in router tests".into()))
+    }
+    fn ready(&self) -> bool {
+        true
+    }
+    fn metrics_text(&self) -> String {
+        String::new()
+    }
+}
+
+pub struct TestApi {
+    pub cp: Arc<FakeCluster>,
+    pub app: axum::Router,
+}
+
+pub const ADMIN_PASSWORD: &str = "admin-pw";
+
+impl TestApi {
+    pub async fn new() -> TestApi {
+        let cp = Arc::new(FakeCluster {
+            state: Mutex::new(MemState::default()),
+            index: Mutex::new(0),
+        });
+        let admin = User {
+            id: "admin-id".into(),
+            username: "admin".into(),
+            password_hash: api::auth::hash_password(ADMIN_PASSWORD).unwrap(),
+            tenant: SYSTEM_TENANT.into(),
+            role: Role::Admin,
+            created_at: 0,
+            updated_at: 0,
+            version: 0,
+        };
+        let secrets = ClusterSecrets {
+            cluster_id: "fake".into(),
+            ca_cert_pem: String::new(),
+            ca_key_pem: String::new(),
+            jwt_keys: vec![b"test-key-0123456789".to_vec()],
+            join_secret_sha256: String::new(),
+            created_at: 0,
+        };
+        cp.write(Request::new(1, "init", Command::InitCluster { secrets, admin }))
+            .await
+            .unwrap();
+        let app = api::router(AppState::new(cp.clone(), ApiConfig::default()));
+        TestApi { cp, app }
+    }
+
+    /// Adds a user directly through `apply` and returns a token for it.
+    pub async fn user(&self, name: &str, tenant: &str, role: Role) -> String {
+        let user = User {
+            id: format!("{name}-id"),
+            username: name.into(),
+            password_hash: api::auth::hash_password("pw").unwrap(),
+            tenant: tenant.into(),
+            role,
+            created_at: 0,
+            updated_at: 0,
+            version: 0,
+        };
+        let (_, r) = self
+            .cp
+            .write(Request::new(1, "test", Command::CreateUser { user }))
+            .await
+            .unwrap();
+        assert!(matches!(r, Response::User(_)), "{r:?}");
+        self.login(name, "pw").await
+    }
+
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let (s, v) = self
+            .call("POST", "/api/v1/auth/login", None, Some(serde_json::json!({"username": user, "password": password})))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (s, _, v) = self.call_full(method, path, token, body, &[]).await;
+        (s, v)
+    }
+
+    pub async fn call_full(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut req = HttpRequest::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string()))
+                .unwrap(),
+            None => req.body(Body::empty()).unwrap(),
+        };
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, headers, v)
+    }
+}
