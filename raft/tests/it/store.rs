@@ -14,7 +14,7 @@ use raft::store::{digest_of, Store, StoreError};
 use crate::fixtures::{blank, history, history_entries, log_id, membership, normal, tenant};
 
 fn open(dir: &tempfile::TempDir) -> Store {
-    Store::open(dir.path()).unwrap()
+    Store::open(dir.path()).expect("a store opens in a fresh directory")
 }
 
 #[tokio::test]

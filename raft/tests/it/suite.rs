@@ -22,6 +22,6 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for TempStores {
 
 // The suite creates its own tokio runtime per case, so this is a plain test.
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
-    Suite::test_all(TempStores)
+fn openraft_storage_suite() {
+    Suite::test_all(TempStores).unwrap();
 }
