@@ -16,7 +16,7 @@ use super::{state_keys, Inner, StoreError};
 use crate::codec;
 use crate::command::{Request, Response};
 use crate::keys;
-use crate::model::{AuditEntry, ClusterSecrets, NodeRecord, Tenant, User};
+use crate::model::{AuditEntry, ClusterSecrets, NodeRecord, Operation, Tenant, User, Vm};
 
 /// One applied client request, as published on [`StateReader::subscribe`].
 ///
@@ -163,6 +163,27 @@ impl StateReader {
     /// Every node ever registered (removed ones included, flagged), ordered by id.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.all(keys::NODE_PREFIX)
+    }
+
+    pub fn vm(&self, id: &str) -> Result<Option<Vm>, StoreError> {
+        self.get(&keys::vm(id))
+    }
+
+    /// The VM called `name` in `tenant` (names are unique per tenant).
+    pub fn vm_by_name(&self, tenant: &str, name: &str) -> Result<Option<Vm>, StoreError> {
+        match self.get::<String>(&keys::vm_name(tenant, name))? {
+            Some(id) => self.vm(&id),
+            None => Ok(None),
+        }
+    }
+
+    /// Every VM of every tenant, ordered by id. The API filters by tenant.
+    pub fn vms(&self) -> Result<Vec<Vm>, StoreError> {
+        self.all(keys::VM_PREFIX)
+    }
+
+    pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+        self.get(&keys::operation(id))
     }
 
     /// The cluster's secrets, once the cluster is initialised.

@@ -4,7 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
 use raft::command::{Command, Request};
-use raft::model::{ClusterSecrets, Member, NodeState, Quota, Role, Tenant, User, SYSTEM_TENANT};
+use raft::model::{
+    ClusterSecrets, DesiredState, Member, NodeState, Operation, OperationState, Quota, Role,
+    Tenant, User, Vm, VmState, SYSTEM_TENANT,
+};
 use raft::TypeConfig;
 
 pub fn log_id(term: u64, index: u64) -> LogId<u64> {
@@ -65,6 +68,41 @@ pub fn user(id: &str, username: &str, tenant: &str, role: Role) -> User {
         created_at: 0,
         updated_at: 0,
         version: 0,
+    }
+}
+
+pub fn vm(id: &str, name: &str, tenant: &str) -> Vm {
+    Vm {
+        id: id.into(),
+        name: name.into(),
+        tenant: tenant.into(),
+        vcpus: 2,
+        memory_mib: 512,
+        disk_gib: 10,
+        image: None,
+        labels: Default::default(),
+        node: None,
+        desired_state: DesiredState::Running,
+        state: VmState::Pending,
+        ha: true,
+        anti_affinity_group: None,
+        epoch: 0,
+        created_at: 0,
+        updated_at: 0,
+        version: 0,
+    }
+}
+
+pub fn operation(id: &str, kind: &str, tenant: &str, target: &str) -> Operation {
+    Operation {
+        id: id.into(),
+        kind: kind.into(),
+        tenant: tenant.into(),
+        target: target.into(),
+        state: OperationState::Pending,
+        error: None,
+        created_at: 0,
+        updated_at: 0,
     }
 }
 
@@ -188,9 +226,49 @@ pub fn history() -> Vec<Request> {
             },
         ),
         Request::new(at(14), "admin", Command::Noop),
+        Request::new(
+            at(15),
+            "u1",
+            Command::CreateVm {
+                vm: vm("v1", "web", "t1"),
+                operation: operation("o1", "vm.create", "t1", "vm/v1"),
+            },
+        ),
+        Request::new(
+            at(16),
+            "node:1",
+            Command::PlaceVm {
+                id: "v1".into(),
+                node: Some(1),
+                expected_version: None,
+            },
+        ),
+        Request::new(
+            at(17),
+            "node:1",
+            Command::ReportVm {
+                id: "v1".into(),
+                node: 1,
+                epoch: 1,
+                state: VmState::Running,
+                error: None,
+            },
+        ),
+        // Stale epoch: ignored the same way everywhere.
+        Request::new(
+            at(18),
+            "node:2",
+            Command::ReportVm {
+                id: "v1".into(),
+                node: 2,
+                epoch: 0,
+                state: VmState::Stopped,
+                error: None,
+            },
+        ),
     ];
     let mut once = Request::new(
-        at(15),
+        at(19),
         "admin",
         Command::CreateTenant {
             tenant: tenant("t4", "gamma"),

@@ -8,7 +8,7 @@ use openraft::{EntryPayload, RaftLogReader, RaftSnapshotBuilder, Vote};
 use raft::apply::{self, MemState};
 use raft::command::{Command, Request, Response};
 use raft::keys;
-use raft::model::{NodeState, Tenant};
+use raft::model::{NodeState, Tenant, VmState};
 use raft::store::{digest_of, Store, StoreError};
 
 use crate::fixtures::{blank, history, history_entries, log_id, membership, normal, tenant};
@@ -69,6 +69,16 @@ async fn reads_see_the_applied_state_and_paginate() {
     assert_eq!(nodes.iter().map(|n| n.id).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(r.node(2).unwrap().unwrap().state, NodeState::Down);
     assert_eq!(r.secrets().unwrap().unwrap().jwt_keys.len(), 2);
+    let vm = r.vm_by_name("t1", "web").unwrap().unwrap();
+    assert_eq!(
+        (vm.id.as_str(), vm.node, vm.state),
+        ("v1", Some(1), VmState::Running)
+    );
+    assert!(vm.epoch >= 1);
+    assert!(r.vm_by_name("t2", "web").unwrap().is_none());
+    assert_eq!(r.vms().unwrap().len(), 1);
+    assert_eq!(r.operation("o1").unwrap().unwrap().target, "vm/v1");
+    assert_eq!(r.tenant("t1").unwrap().unwrap().usage.vms, 1);
 
     // Cursor pagination: each page starts after the last key of the previous one.
     let page1 = r.scan::<Tenant>(keys::TENANT_PREFIX, None, 2).unwrap();
