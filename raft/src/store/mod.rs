@@ -1,1 +1,179 @@
-//! The sled-backed Raft log and state machine (see store/mod.rs).
+//! The sled-backed Raft storage of one node: the log, the vote, and the state machine.
+//!
+//! One sled database holds three trees:
+//! - `log`: the Raft log, keyed by the entry index as a big-endian `u64` so byte order is index
+//!   order; values are [`encoding::StoredEntry`] in our versioned codec.
+//! - `meta`: the vote, the committed log id, the last purged log id and the current snapshot.
+//! - `state`: the replicated key space of `crate::keys`, plus two internal keys (last applied
+//!   log id, last membership) that start with a `0x00` byte, which no replicated key does. They
+//!   are written in the same sled transaction as the effects of the entry, so the applied state
+//!   and the recorded last applied log id can never disagree.
+//!
+//! [`Store`] hands out the three views openraft and the rest of the node need:
+//! [`LogStore`] (`RaftLogStorage`), [`StateMachine`] (`RaftStateMachine`) and [`StateReader`]
+//! (local reads for the API and the controllers). This module does not decide when to snapshot
+//! or purge; openraft does, from its config.
+
+mod encoding;
+mod log;
+mod reader;
+mod state_machine;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
+use tokio::sync::{broadcast, watch, Mutex};
+
+use crate::apply::ApplyError;
+use crate::codec::CodecError;
+use crate::NodeId;
+
+pub use self::log::LogStore;
+pub use self::reader::{digest_of, Applied, StateReader};
+pub use self::state_machine::{SnapshotBuilder, StateMachine};
+
+/// How many applied entries the event channel buffers for slow subscribers before they lag.
+pub const EVENT_CAPACITY: usize = 4096;
+
+/// sled's page cache size. The state of a cluster of this size fits; more only costs memory.
+const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+
+/// Keys of the `meta` tree.
+pub(crate) mod meta_keys {
+    pub const VOTE: &[u8] = b"vote";
+    pub const COMMITTED: &[u8] = b"committed";
+    pub const LAST_PURGED: &[u8] = b"last_purged";
+    pub const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+    pub const SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+}
+
+/// Internal keys of the `state` tree. The leading `0x00` keeps them apart from the replicated
+/// key space (whose keys all start with a printable prefix) and out of digests and snapshots.
+pub(crate) mod state_keys {
+    pub const INTERNAL_PREFIX: u8 = 0x00;
+    pub const LAST_APPLIED: &[u8] = b"\x00last_applied";
+    pub const MEMBERSHIP: &[u8] = b"\x00membership";
+
+    pub fn is_internal(key: &[u8]) -> bool {
+        key.first() == Some(&INTERNAL_PREFIX)
+    }
+}
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled failed")]
+    Sled(#[from] sled::Error),
+    #[error("stored value could not be decoded or encoded")]
+    Codec(#[from] CodecError),
+    #[error("applying a committed entry failed")]
+    Apply(#[from] ApplyError),
+    #[error("raft metadata (membership or log id) is not valid JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("snapshot file claims last log id {in_file}, its metadata says {in_meta}")]
+    SnapshotMismatch { in_file: String, in_meta: String },
+    #[error("a blocking storage task did not complete")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("index {index} was not applied in time; the replica is at {reached}")]
+    WaitTimeout { index: u64, reached: u64 },
+    #[error("the state changed during each of {attempts} digest scans")]
+    DigestUnstable { attempts: usize },
+    #[error("the store was closed while waiting")]
+    Closed,
+}
+
+/// Wraps a store failure in the error openraft expects; openraft treats it as fatal.
+pub(crate) fn storage_error(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    err: impl Into<StoreError>,
+) -> StorageError<NodeId> {
+    let err: StoreError = err.into();
+    StorageIOError::new(subject, verb, AnyError::new(&err)).into()
+}
+
+/// State shared by every view of one store.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) db: sled::Db,
+    pub(crate) log: sled::Tree,
+    pub(crate) meta: sled::Tree,
+    pub(crate) state: sled::Tree,
+    /// Held while entries are applied, a snapshot is scanned or one is installed, so that a
+    /// snapshot (built on its own task by openraft) is a consistent cut of the state.
+    pub(crate) state_lock: Arc<Mutex<()>>,
+    pub(crate) applied: watch::Sender<u64>,
+    pub(crate) events: broadcast::Sender<Applied>,
+}
+
+impl Inner {
+    /// Makes everything written so far durable (sled flushes all trees of the database).
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Tells waiters that the state reached `index`. The value never goes backwards, whatever
+    /// the order in which apply and snapshot installation report.
+    pub(crate) fn publish_applied(&self, index: u64) {
+        self.applied.send_if_modified(|current| {
+            let advanced = index > *current;
+            if advanced {
+                *current = index;
+            }
+            advanced
+        });
+    }
+}
+
+/// A node's storage. Cheap to clone: all clones share one database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in the directory `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_CAPACITY)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let log = db.open_tree("log")?;
+        let meta = db.open_tree("meta")?;
+        let state = db.open_tree("state")?;
+        let last_applied = state_machine::read_last_applied(&state)?
+            .map(|id| id.index)
+            .unwrap_or(0);
+        let (applied, _) = watch::channel(last_applied);
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                log,
+                meta,
+                state,
+                state_lock: Arc::new(Mutex::new(())),
+                applied,
+                events,
+            }),
+        })
+    }
+
+    /// The Raft log and vote, for `openraft::Raft::new`.
+    pub fn log_store(&self) -> LogStore {
+        LogStore::new(self.inner.clone())
+    }
+
+    /// The state machine, for `openraft::Raft::new`.
+    pub fn state_machine(&self) -> StateMachine {
+        StateMachine::new(self.inner.clone())
+    }
+
+    /// Local reads of the replicated state.
+    pub fn reader(&self) -> StateReader {
+        StateReader::new(self.inner.clone())
+    }
+}
