@@ -227,7 +227,7 @@ pub async fn wait_metrics(
     raft: &Raft,
     timeout: Duration,
     what: &str,
-    check: impl Fn(&openraft::RaftMetrics<u64, raft::Member>) -> bool,
+    check: impl Fn(&openraft::RaftMetrics<u64, raft::Member>) -> bool + Send,
 ) -> anyhow::Result<()> {
     raft.wait(Some(timeout))
         .metrics(check, what)

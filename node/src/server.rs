@@ -299,7 +299,6 @@ impl Node {
         for t in self.tasks {
             t.abort();
         }
-        self.control.transport.close();
         self.store.flush().await?;
         Ok(())
     }
@@ -342,7 +341,7 @@ async fn init_new(
     };
     identity.save(tls_dir)?;
 
-    let token = JoinToken::generate(tls::ca_fingerprint(&ca.cert_pem)?);
+    let token = JoinToken::generate(&tls::ca_fingerprint(&ca.cert_pem)?);
     let password = match std::env::var("NOVACRON_ADMIN_PASSWORD") {
         Ok(p) if !p.is_empty() => p,
         _ => random_password(),

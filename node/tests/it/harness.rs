@@ -88,6 +88,8 @@ impl TestCluster {
     /// Starts node 1 with `--init`, then `n - 1` nodes with `--join`.
     pub async fn start(n: usize, tuning: String) -> Result<TestCluster> {
         let root = tempfile::tempdir()?;
+        // reqwest is built without a TLS provider of its own; ours is ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()?;
@@ -349,13 +351,24 @@ impl TestCluster {
             .ok_or_else(|| anyhow!("metric {name} not found"))
     }
 
-    pub fn log_of(&self, i: usize) -> String {
-        std::fs::read_to_string(self.nodes[i].dir.with_extension("log")).unwrap_or_default()
+    /// The node's log, printed when a test fails so the cause is visible.
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let log = std::fs::read_to_string(n.dir.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("==== {} (last 40 lines) ====", n.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {
                 let _ = c.kill();

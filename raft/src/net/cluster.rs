@@ -289,10 +289,11 @@ impl Cluster {
             let remaining = deadline - now;
             let (tried, reply) = match self.leader() {
                 Leader::None => (None, Err(ReadError::NoLeader)),
-                Leader::Me => (
-                    Some(self.raft.metrics().borrow().id),
-                    self.local_read_index().await,
-                ),
+                Leader::Me => {
+                    // Read the id before awaiting: a metrics borrow must not live across it.
+                    let me = self.raft.metrics().borrow().id;
+                    (Some(me), self.local_read_index().await)
+                }
                 Leader::Peer(id, None) => (Some(id), Err(ReadError::NoLeader)),
                 Leader::Peer(id, Some(node)) => {
                     let req = RpcRequest {

@@ -176,4 +176,10 @@ impl Store {
     pub fn reader(&self) -> StateReader {
         StateReader::new(self.inner.clone())
     }
+
+    /// Writes everything buffered to disk (used at shutdown; appends flush on their own).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
 }

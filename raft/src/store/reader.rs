@@ -87,6 +87,24 @@ impl StateReader {
                 rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
             > + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
     {
+        self.scan_raw(prefix, after, limit)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, codec::decode(&v)?)))
+            .collect()
+    }
+
+    /// The stored bytes at `key` (format byte included), for callers that decode themselves.
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.state.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Like [`StateReader::scan`], returning the stored bytes.
+    pub fn scan_raw(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         // The smallest key strictly greater than `after` is `after` followed by a zero byte.
         let start = match after {
             Some(after) if after >= prefix => {
@@ -105,7 +123,7 @@ impl StateReader {
             if !k.starts_with(prefix) {
                 break;
             }
-            out.push((k.to_vec(), codec::decode(&v)?));
+            out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
     }
