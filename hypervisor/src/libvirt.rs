@@ -254,7 +254,30 @@ impl Hypervisor for LibvirtHypervisor {
     async fn define(&self, spec: &VmSpec) -> Result<(), HypervisorError> {
         spec.validate()?;
         let xml = domain_xml(spec);
+        let name = spec.domain_name();
+        let uuid = spec.uuid.hyphenated().to_string();
         self.with_conn(move |conn| {
+            // libvirt reports a clash of name or UUID as a generic "operation failed"; look first
+            // so the caller gets a typed answer. Same name and UUID is a redefinition: allowed.
+            let clash = |found: Result<Domain, virt::error::Error>| -> Result<(), HypervisorError> {
+                match found {
+                    Ok(existing) => {
+                        let (ename, euuid) = (existing.name()?, existing.uuid_string()?);
+                        if ename != name || euuid != uuid {
+                            return Err(HypervisorError::AlreadyExists {
+                                message: format!("domain {ename} has uuid {euuid}"),
+                            });
+                        }
+                        Ok(())
+                    }
+                    Err(e) => match HypervisorError::from(e) {
+                        HypervisorError::NotFound { .. } => Ok(()),
+                        other => Err(other),
+                    },
+                }
+            };
+            clash(conn.lookup_domain_by_name(&name))?;
+            clash(conn.lookup_domain_by_uuid_string(&uuid))?;
             conn.define_domain_xml(&xml)?;
             Ok(())
         })
