@@ -14,12 +14,16 @@ use hypervisor::{
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// The two tests share one daemon and one of them restarts it: they take turns.
+static DAEMON: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_the_tiny_guest_and_reads_its_console() {
     let Ok(uri) = std::env::var("NOVACRON_LIBVIRT_URI") else {
         println!("SKIP real_qemu: NOVACRON_LIBVIRT_URI is not set (no libvirt daemon to use)");
         return;
     };
+    let _turn = DAEMON.lock().await;
     let kernel = std::env::var("NOVACRON_GUEST_KERNEL")
         .expect("NOVACRON_GUEST_KERNEL must be set when NOVACRON_LIBVIRT_URI is");
     let initrd = std::env::var("NOVACRON_GUEST_INITRD")
@@ -79,4 +83,51 @@ async fn boots_the_tiny_guest_and_reads_its_console() {
         Ok(true),
         "marker {marker:?} not seen on the console; got:\n{seen}"
     );
+}
+
+/// The same driver value keeps working across a libvirtd restart: calls fail with
+/// `Unavailable` while the daemon is away and succeed again once it is back, without the caller
+/// reconnecting. Needs `NOVACRON_LIBVIRT_URI` and `NOVACRON_LIBVIRTD_RESTART_CMD`, a shell
+/// command that restarts the daemon behind that URI and returns once it is listening again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_after_a_libvirtd_restart() {
+    let (Ok(uri), Ok(restart)) = (
+        std::env::var("NOVACRON_LIBVIRT_URI"),
+        std::env::var("NOVACRON_LIBVIRTD_RESTART_CMD"),
+    ) else {
+        println!(
+            "SKIP libvirtd restart: NOVACRON_LIBVIRT_URI and NOVACRON_LIBVIRTD_RESTART_CMD are not both set"
+        );
+        return;
+    };
+    let _turn = DAEMON.lock().await;
+    let hv = LibvirtHypervisor::connect(&uri).await.unwrap();
+    hv.list().await.unwrap();
+
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&restart)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "restart command failed: {status}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match hv.list().await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    e.is_unavailable(),
+                    "unexpected error while reconnecting: {e:?}"
+                );
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "libvirt still unavailable after restart: {e}"
+                );
+                // Waiting on an external daemon: there is no event to await, so poll.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
