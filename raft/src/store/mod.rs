@@ -21,6 +21,7 @@ mod state_machine;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use tokio::sync::{broadcast, watch, Mutex};
@@ -38,6 +39,10 @@ pub const EVENT_CAPACITY: usize = 4096;
 
 /// sled's page cache size. The state of a cluster of this size fits; more only costs memory.
 const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+
+/// How long [`Store::open`] waits for an earlier handle in this process to let go of the
+/// database directory (see `open_db`).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Keys of the `meta` tree.
 pub(crate) mod meta_keys {
@@ -127,6 +132,36 @@ impl Inner {
     }
 }
 
+/// Opens the sled database, waiting a bounded time for the directory's lock.
+///
+/// sled finishes some writes and file truncations on its own background threads, which keep the
+/// database (and its exclusive file lock) alive for a moment after the last handle is dropped.
+/// Reopening in the same process (a restarted node in a test harness) would then fail
+/// spuriously. sled offers nothing to wait on, so this retries with a short backoff; a lock held
+/// by another process still fails after [`LOCK_WAIT`].
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(CACHE_CAPACITY)
+        .mode(sled::Mode::HighThroughput);
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e)) if is_lock_contention(&e) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// sled reports a held lock only as text inside an `io::Error` of kind `Other`.
+fn is_lock_contention(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Other && e.to_string().contains("could not acquire lock")
+}
+
 /// A node's storage. Cheap to clone: all clones share one database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -136,11 +171,7 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in the directory `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_CAPACITY)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = open_db(path)?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
         let state = db.open_tree("state")?;
