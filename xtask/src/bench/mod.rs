@@ -49,6 +49,9 @@ pub(crate) struct RaftArgs {
     /// Which systems to measure; the other column of the report reads "not run".
     #[arg(long, value_enum, default_value = "both")]
     only: Systems,
+    /// Use this novacron binary instead of building one with `cargo build --release -p node`.
+    #[arg(long)]
+    novacron_bin: Option<PathBuf>,
     /// Where to write the report (default: docs/benchmarks.md in the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -84,7 +87,11 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
     // Build first, before any server runs, so the compiler does not compete with the measurement.
     let novacron_binary = match args.only {
         Systems::Etcd => None,
-        Systems::Both | Systems::Novacron => Some(novacron::build()),
+        Systems::Both | Systems::Novacron => Some(match &args.novacron_bin {
+            Some(path) if path.exists() => Ok(path.clone()),
+            Some(path) => Err(anyhow::anyhow!("{} does not exist", path.display())),
+            None => novacron::build(),
+        }),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
