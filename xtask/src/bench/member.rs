@@ -107,11 +107,16 @@ impl Member {
         };
         if let Some(status) = child.try_wait().context("polling the process")? {
             self.child = None;
-            bail!(
+            // The log goes to the terminal, not into the error: the error ends up in the report.
+            eprintln!(
                 "{} exited with {status}; last lines of {}:\n{}",
                 self.name,
                 self.log.display(),
                 self.log_tail(20)
+            );
+            bail!(
+                "{} exited with {status} (its log was printed above)",
+                self.name
             );
         }
         Ok(())

@@ -171,6 +171,9 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
         .map(|r| r.name)
         .collect();
     if !failed.is_empty() {
+        // Keep the servers' data and logs for a post-mortem instead of deleting them.
+        let kept = tmp.keep();
+        eprintln!("data and logs kept in {}", kept.display());
         anyhow::bail!("the benchmark failed for {}", failed.join(" and "));
     }
     Ok(())
