@@ -37,6 +37,9 @@ pub(crate) struct CiArgs {
     /// Skip installing Debian packages even when running as root.
     #[arg(long)]
     no_install: bool,
+    /// Run every step even after one fails (the default stops at the first failure).
+    #[arg(long)]
+    keep_going: bool,
 }
 
 /// A named step of the CI run.
@@ -128,7 +131,7 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
             took,
             outcome,
         });
-        if failed {
+        if failed && !args.keep_going {
             break;
         }
     }
@@ -143,21 +146,22 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
         );
     }
     let total = started.elapsed().as_secs_f64();
-    match results.iter().find(|r| r.outcome.is_err()) {
-        Some(failed) => {
-            println!(
-                "ci: FAILED at step `{}` after {total:.1} s ({} of {} steps run)",
-                failed.name,
-                results.len(),
-                steps.len()
-            );
-            bail!("ci failed at step `{}`", failed.name)
-        }
-        None => {
-            println!("ci: all {} steps passed in {total:.1} s", results.len());
-            Ok(())
-        }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| r.outcome.is_err())
+        .map(|r| r.name)
+        .collect();
+    if !failed.is_empty() {
+        println!(
+            "ci: FAILED ({}) after {total:.1} s ({} of {} steps run)",
+            failed.join(", "),
+            results.len(),
+            steps.len()
+        );
+        bail!("ci failed: {}", failed.join(", "));
     }
+    println!("ci: all {} steps passed in {total:.1} s", results.len());
+    Ok(())
 }
 
 fn has_nextest() -> bool {

@@ -252,7 +252,7 @@ async fn measure<C: BenchCluster>(
 }
 
 /// A short id that makes this run's keys and tenant names unique (base 36 of the clock).
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())

@@ -101,7 +101,10 @@ impl Novacron {
             token: String::new(),
         };
 
-        // The first node creates the cluster.
+        // The first node creates the cluster. The admin password is chosen here (the contract
+        // lets NOVACRON_ADMIN_PASSWORD set it); the admin-password file is tried too, below.
+        let chosen_password = format!("bench-{}", super::run_id());
+        cluster.members[0].env("NOVACRON_ADMIN_PASSWORD", &chosen_password);
         cluster.members[0].push_first_arg("--init");
         cluster.members[0].start()?;
         let first_dir = dir.join("n0");
@@ -112,22 +115,27 @@ impl Novacron {
         let url0 = cluster.members[0].url.clone();
         {
             let (client, url0) = (cluster.client.clone(), url0.clone());
-            let (pf, tf) = (password_file.clone(), token_file.clone());
+            let tf = token_file.clone();
             wait_until(
-                "the first node to be ready and write its credentials",
+                "the first node to be ready and write its join token",
                 START_TIMEOUT,
                 &mut cluster.members[..1],
                 move || {
-                    let (client, url0, pf, tf) =
-                        (client.clone(), url0.clone(), pf.clone(), tf.clone());
-                    async move { pf.exists() && tf.exists() && ready(&client, &url0).await }
+                    let (client, url0, tf) = (client.clone(), url0.clone(), tf.clone());
+                    async move { tf.exists() && ready(&client, &url0).await }
                 },
             )
             .await?;
         }
-        let password = read_secret(&password_file)?;
         let join_token = read_secret(&token_file)?;
-        cluster.token = login(&cluster.client, &url0, &password).await?;
+        cluster.token = match login(&cluster.client, &url0, &chosen_password).await {
+            Ok(token) => token,
+            Err(first) => {
+                let from_file = read_secret(&password_file)
+                    .with_context(|| format!("login with the chosen password failed: {first:#}"))?;
+                login(&cluster.client, &url0, &from_file).await?
+            }
+        };
 
         // Join one at a time: each membership change is committed before the next begins.
         for i in 1..3 {
