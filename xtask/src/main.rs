@@ -13,8 +13,8 @@ mod libvirtd;
 mod process;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -43,14 +43,23 @@ enum BenchCommand {
     Raft(bench::RaftArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let outcome = match cli.command {
         Command::Ci(args) => ci::run(&args),
         Command::Libvirtd => libvirtd::ensure(),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),
+    };
+    // One line with the cause chain; returning the error from main would print a backtrace too
+    // whenever RUST_BACKTRACE is set, burying the message.
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

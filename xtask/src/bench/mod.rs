@@ -57,6 +57,28 @@ pub(crate) struct RaftArgs {
     out: Option<PathBuf>,
 }
 
+impl RaftArgs {
+    /// The options that change what is measured, as they would be typed.
+    fn command_line(&self) -> String {
+        let mut line = "cargo xtask bench raft".to_owned();
+        if self.quick {
+            line.push_str(" --quick");
+        }
+        if let Some(secs) = self.duration_secs {
+            line.push_str(&format!(" --duration-secs {secs}"));
+        }
+        if let Some(trials) = self.trials {
+            line.push_str(&format!(" --trials {trials}"));
+        }
+        match self.only {
+            Systems::Both => {}
+            Systems::Novacron => line.push_str(" --only novacron"),
+            Systems::Etcd => line.push_str(" --only etcd"),
+        }
+        line
+    }
+}
+
 /// A 3-member cluster the benchmark can load, kill and restart.
 pub(crate) trait BenchCluster {
     fn name(&self) -> &'static str;
@@ -155,7 +177,7 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
     let settings = report::Settings {
         duration,
         trials,
-        quick: args.quick,
+        command: args.command_line(),
     };
     let markdown = report::render(&novacron_report, &etcd_report, &settings);
     if let Some(dir) = out.parent() {
