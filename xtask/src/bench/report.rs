@@ -129,6 +129,15 @@ pub(crate) fn render(novacron: &SystemReport, etcd: &SystemReport, settings: &Se
         "- kernel: {}",
         cmd_output("uname", &["-r"]).unwrap_or_else(|| "unknown".into())
     );
+    // Other work on the machine skews the numbers; the load average makes that visible.
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    let _ = writeln!(
+        md,
+        "- load average when the report was written (1, 5, 15 min): {}",
+        loadavg.unwrap_or_else(|| "unknown".into())
+    );
     for r in [novacron, etcd] {
         let version = if r.version.is_empty() {
             "n/a"
