@@ -1,2 +1,96 @@
-//! `cargo xtask`: the one automation entry point (ci, bench, dev).
-fn main() {}
+//! `cargo xtask`: the one automation entry point of the workspace.
+//!
+//! - `ci`: prerequisites, format, lints, a libvirtd for the tests, tests; what `.ci/run` calls.
+//! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
+//! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
+//!
+//! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
+//! the product does not compile.
+
+mod bench;
+mod ci;
+mod libvirtd;
+mod process;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "NovaCron workspace automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install prerequisites (as root on Debian), then fmt, clippy and the tests; what CI runs.
+    Ci(ci::CiArgs),
+    /// Start a system libvirtd (qemu:///system) by hand unless one already answers.
+    Libvirtd,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Durable writes and leader failover of a 3-node NovaCron cluster, with etcd as the anchor.
+    Raft(bench::RaftArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Ci(args) => ci::run(&args),
+        Command::Libvirtd => libvirtd::ensure(),
+        Command::Bench {
+            which: BenchCommand::Raft(args),
+        } => bench::run_raft(&args),
+    };
+    // One line with the cause chain; returning the error from main would print a backtrace too
+    // whenever RUST_BACKTRACE is set, burying the message.
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: xtask lives one folder below it.
+pub(crate) fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
+}
+
+/// Where cargo puts build outputs: `CARGO_TARGET_DIR` when set, else `<root>/target`.
+pub(crate) fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+/// The cargo that runs us (`CARGO` is set by `cargo run`), so nested builds use the same toolchain.
+pub(crate) fn cargo() -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(workspace_root());
+    cmd
+}
