@@ -52,7 +52,12 @@ fn key_id(key: &[u8]) -> String {
     hex::encode(&Sha256::digest(key)[..8])
 }
 
-pub fn issue_token(secrets: &ClusterSecrets, user: &User, now_secs: u64, ttl_secs: u64) -> ApiResult<String> {
+pub fn issue_token(
+    secrets: &ClusterSecrets,
+    user: &User,
+    now_secs: u64,
+    ttl_secs: u64,
+) -> ApiResult<String> {
     let key = secrets
         .jwt_keys
         .first()
@@ -138,7 +143,10 @@ pub(crate) fn load_user(state: &AppState, id: &str) -> ApiResult<Option<User>> {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -211,7 +219,10 @@ mod tests {
         let rotated = secrets(vec![b"k2".to_vec(), b"k1".to_vec()]);
         assert!(verify_token(&rotated, &t).is_ok());
         let dropped = secrets(vec![b"k2".to_vec()]);
-        assert!(matches!(verify_token(&dropped, &t), Err(ApiError::BadToken)));
+        assert!(matches!(
+            verify_token(&dropped, &t),
+            Err(ApiError::BadToken)
+        ));
     }
 
     #[test]

@@ -52,11 +52,19 @@ impl ApiError {
     /// Status, stable code and title of each error. Adding a variant fails to compile here.
     pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            ApiError::Validation(_) => (StatusCode::BAD_REQUEST, "validation_failed", "Invalid request"),
-            ApiError::Unauthenticated => {
-                (StatusCode::UNAUTHORIZED, "unauthenticated", "Authentication required")
+            ApiError::Validation(_) => (
+                StatusCode::BAD_REQUEST,
+                "validation_failed",
+                "Invalid request",
+            ),
+            ApiError::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Authentication required",
+            ),
+            ApiError::BadCredentials => {
+                (StatusCode::UNAUTHORIZED, "bad_credentials", "Login failed")
             }
-            ApiError::BadCredentials => (StatusCode::UNAUTHORIZED, "bad_credentials", "Login failed"),
             ApiError::BadToken => (StatusCode::UNAUTHORIZED, "bad_token", "Invalid token"),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", "Not found"),
@@ -69,27 +77,37 @@ impl ApiError {
             ApiError::QuotaExceeded(_) => {
                 (StatusCode::CONFLICT, "quota_exceeded", "Quota exceeded")
             }
-            ApiError::PayloadTooLarge => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Payload too large")
-            }
-            ApiError::RateLimited { .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limited", "Too many requests")
-            }
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+            ),
+            ApiError::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+            ),
             ApiError::Cluster(ClusterError::NoLeader) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no_leader", "No leader")
             }
-            ApiError::Cluster(ClusterError::Timeout) => {
-                (StatusCode::GATEWAY_TIMEOUT, "cluster_timeout", "Cluster timeout")
-            }
-            ApiError::Cluster(ClusterError::NotLeader { .. }) => {
-                (StatusCode::MISDIRECTED_REQUEST, "not_leader", "Not the leader")
-            }
+            ApiError::Cluster(ClusterError::Timeout) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "cluster_timeout",
+                "Cluster timeout",
+            ),
+            ApiError::Cluster(ClusterError::NotLeader { .. }) => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "not_leader",
+                "Not the leader",
+            ),
             ApiError::Cluster(ClusterError::JoinRefused(_)) => {
                 (StatusCode::FORBIDDEN, "join_refused", "Join refused")
             }
-            ApiError::Cluster(ClusterError::Internal(_)) | ApiError::Internal(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error")
-            }
+            ApiError::Cluster(ClusterError::Internal(_)) | ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            ),
         }
     }
 
@@ -132,7 +150,10 @@ impl IntoResponse for ApiError {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
         }
-        if let ApiError::Cluster(ClusterError::NotLeader { leader_api: Some(addr) }) = &self {
+        if let ApiError::Cluster(ClusterError::NotLeader {
+            leader_api: Some(addr),
+        }) = &self
+        {
             if let Ok(v) = HeaderValue::from_str(addr) {
                 resp.headers_mut().insert("x-novacron-leader", v);
             }

@@ -13,7 +13,9 @@ mod routes;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use control::{ClusterError, ClusterStatus, Consistency, ControlPlane, JoinRequest, JoinResponse};
+pub use control::{
+    ClusterError, ClusterStatus, Consistency, ControlPlane, JoinRequest, JoinResponse,
+};
 pub use error::{ApiError, ApiResult};
 
 /// Settings of the HTTP layer.

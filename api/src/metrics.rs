@@ -1,6 +1,8 @@
 //! Prometheus metrics of the API layer: requests by route and status, and their latency.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 #[derive(Clone)]
 pub struct ApiMetrics {
@@ -13,7 +15,10 @@ impl ApiMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("novacron_http_requests_total", "HTTP requests by route and status"),
+            Opts::new(
+                "novacron_http_requests_total",
+                "HTTP requests by route and status",
+            ),
             &["method", "route", "status"],
         )
         .expect("metric definition is static and valid");

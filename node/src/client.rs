@@ -21,7 +21,12 @@ pub enum Output {
 pub struct Conn {
     #[arg(long, global = true, env = "NOVACRON_URL")]
     pub url: Option<String>,
-    #[arg(long = "token", global = true, env = "NOVACRON_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "token",
+        global = true,
+        env = "NOVACRON_TOKEN",
+        hide_env_values = true
+    )]
     pub api_token: Option<String>,
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -97,7 +102,10 @@ fn credentials_path() -> Option<PathBuf> {
 fn stored_credentials() -> Option<(String, String)> {
     let text = std::fs::read_to_string(credentials_path()?).ok()?;
     let v: Value = serde_json::from_str(&text).ok()?;
-    Some((v["url"].as_str()?.to_string(), v["token"].as_str()?.to_string()))
+    Some((
+        v["url"].as_str()?.to_string(),
+        v["token"].as_str()?.to_string(),
+    ))
 }
 
 struct Api {
@@ -129,7 +137,12 @@ impl Api {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let mut req = self.http.request(method, format!("{}{}", self.url, path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -137,7 +150,10 @@ impl Api {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.url))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.url))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         let value: Value = if text.is_empty() {
@@ -164,7 +180,10 @@ fn read_password() -> anyhow::Result<String> {
         let _ = std::io::stderr().flush();
     }
     let mut line = String::new();
-    stdin.lock().read_line(&mut line).context("cannot read the password")?;
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password")?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
@@ -219,7 +238,9 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                     Some(json!({"username": user, "password": password})),
                 )
                 .await?;
-            let token = v["token"].as_str().ok_or_else(|| anyhow!("login returned no token"))?;
+            let token = v["token"]
+                .as_str()
+                .ok_or_else(|| anyhow!("login returned no token"))?;
             if let Some(path) = credentials_path() {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).ok();
@@ -235,7 +256,9 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
             conn,
         } => {
             let api = Api::new(&conn, true)?;
-            let v = api.call(reqwest::Method::GET, "/api/v1/cluster", None).await?;
+            let v = api
+                .call(reqwest::Method::GET, "/api/v1/cluster", None)
+                .await?;
             emit(conn.output, &v, |v| {
                 println!(
                     "cluster {}  leader {}  term {}  commit {}",
@@ -278,11 +301,15 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                     let body = json!({"name": name, "quota": {
                         "max_vms": max_vms, "max_vcpus": max_vcpus,
                         "max_memory_mib": max_memory, "max_disk_gib": max_disk}});
-                    let v = api.call(reqwest::Method::POST, "/api/v1/tenants", Some(body)).await?;
+                    let v = api
+                        .call(reqwest::Method::POST, "/api/v1/tenants", Some(body))
+                        .await?;
                     emit(conn.output, &v, |v| println!("{}", s(&v["id"])))
                 }
                 TenantCommand::List => {
-                    let v = api.call(reqwest::Method::GET, "/api/v1/tenants", None).await?;
+                    let v = api
+                        .call(reqwest::Method::GET, "/api/v1/tenants", None)
+                        .await?;
                     emit(conn.output, &v, |v| {
                         let rows = v["items"]
                             .as_array()
@@ -311,8 +338,12 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                     })
                 }
                 TenantCommand::Delete { id } => {
-                    api.call(reqwest::Method::DELETE, &format!("/api/v1/tenants/{id}"), None)
-                        .await?;
+                    api.call(
+                        reqwest::Method::DELETE,
+                        &format!("/api/v1/tenants/{id}"),
+                        None,
+                    )
+                    .await?;
                     Ok(())
                 }
             }

@@ -64,7 +64,9 @@ impl ControlPlane for NodeControl {
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
         let start = Instant::now();
         let result = self.cluster.write(req).await;
-        self.metrics.write_seconds.observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .write_seconds
+            .observe(start.elapsed().as_secs_f64());
         result.map_err(|e| match e {
             raft::net::WriteError::NoLeader => ClusterError::NoLeader,
             raft::net::WriteError::Timeout => ClusterError::Timeout,
@@ -75,11 +77,13 @@ impl ControlPlane for NodeControl {
     async fn read_barrier(&self, consistency: Consistency) -> Result<(), ClusterError> {
         match consistency {
             Consistency::Stale => Ok(()),
-            Consistency::Linearizable => self.cluster.linearizable_read().await.map_err(|e| match e {
-                raft::net::ReadError::NoLeader => ClusterError::NoLeader,
-                raft::net::ReadError::Timeout => ClusterError::Timeout,
-                other => internal(other),
-            }),
+            Consistency::Linearizable => {
+                self.cluster.linearizable_read().await.map_err(|e| match e {
+                    raft::net::ReadError::NoLeader => ClusterError::NoLeader,
+                    raft::net::ReadError::Timeout => ClusterError::Timeout,
+                    other => internal(other),
+                })
+            }
         }
     }
 
@@ -164,14 +168,18 @@ impl ControlPlane for NodeControl {
             });
         }
         let refused = |why: &str| ClusterError::JoinRefused(why.to_string());
-        let token: JoinToken = req.token.parse().map_err(|_| refused("malformed join token"))?;
+        let token: JoinToken = req
+            .token
+            .parse()
+            .map_err(|_| refused("malformed join token"))?;
         let secrets = self
             .reader
             .secrets()
             .map_err(internal)?
             .ok_or(ClusterError::NoLeader)?;
         let fingerprint = tls::ca_fingerprint(&secrets.ca_cert_pem).map_err(internal)?;
-        if token.ca_fingerprint != fingerprint || !token.verify_secret(&secrets.join_secret_sha256) {
+        if token.ca_fingerprint != fingerprint || !token.verify_secret(&secrets.join_secret_sha256)
+        {
             tracing::warn!(node = %req.member.name, "join refused: wrong token");
             return Err(refused("the join token is not valid for this cluster"));
         }

@@ -11,7 +11,8 @@ use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 
 fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
-    let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
     Command::new(exe)
         .args(args)
@@ -78,14 +79,23 @@ pub async fn up(nodes: usize, base_port: u16, data_dir: Option<PathBuf>) -> anyh
             } else {
                 let token = std::fs::read_to_string(root.join("node1").join("join-token"))
                     .context("the first node wrote no join token")?;
-                args.extend(["--join".into(), format!("http://{}", api(0)), "--token".into(), token]);
+                args.extend([
+                    "--join".into(),
+                    format!("http://{}", api(0)),
+                    "--token".into(),
+                    token,
+                ]);
             }
         }
         let log = root.join(format!("node{}.log", i + 1));
         children.push(spawn(&exe, &args, &log)?);
-        wait_ready(&http, &format!("http://{}/readyz", api(i)), Duration::from_secs(60))
-            .await
-            .with_context(|| format!("node{} did not start; see {}", i + 1, log.display()))?;
+        wait_ready(
+            &http,
+            &format!("http://{}/readyz", api(i)),
+            Duration::from_secs(60),
+        )
+        .await
+        .with_context(|| format!("node{} did not start; see {}", i + 1, log.display()))?;
     }
     let password = std::fs::read_to_string(root.join("node1").join("admin-password"))
         .unwrap_or_else(|_| "(see node1/admin-password)".into());
@@ -102,7 +112,9 @@ pub async fn up(nodes: usize, base_port: u16, data_dir: Option<PathBuf>) -> anyh
     for c in &mut children {
         if let Some(pid) = c.id() {
             // SIGTERM first so each node drains and flushes.
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
         }
     }
     for c in &mut children {

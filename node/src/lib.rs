@@ -4,6 +4,7 @@
 //! This is the only crate that sees both the replicated state and (through `hypervisor`) the
 //! machine's VMs.
 
+pub mod agent;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use node::client::{ClientArgs, ClientCommand};
 
 #[derive(Parser)]
-#[command(name = "novacron", version, about = "A control plane for virtual machines")]
+#[command(
+    name = "novacron",
+    version,
+    about = "A control plane for virtual machines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,7 +90,10 @@ fn main() -> ExitCode {
     // One TLS provider for quinn, reqwest and rustls (see ARCHITECTURE.md).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -54,7 +54,11 @@ pub fn decide(v: &View) -> Decision {
     if !removed_voters.is_empty() {
         let mut voters: BTreeSet<NodeId> = v.voters.difference(&removed_voters).copied().collect();
         // Keep the voter count up when a healthy learner can take the place.
-        if let Some(l) = v.learners.iter().find(|l| v.healthy.contains(l) && !v.removed.contains(l)) {
+        if let Some(l) = v
+            .learners
+            .iter()
+            .find(|l| v.healthy.contains(l) && !v.removed.contains(l))
+        {
             voters.insert(*l);
         }
         if !voters.is_empty() {
@@ -164,7 +168,10 @@ async fn tick_once(
                 .write(Request::new(
                     api::now_ms(),
                     format!("node:{}", ctl.id),
-                    Command::SetNodeState { id: record.id, state },
+                    Command::SetNodeState {
+                        id: record.id,
+                        state,
+                    },
                 ))
                 .await?;
         }
@@ -204,7 +211,13 @@ mod tests {
         ids.iter().copied().collect()
     }
 
-    fn view(voters: &[u64], learners: &[u64], healthy: &[u64], dead: &[u64], removed: &[u64]) -> View {
+    fn view(
+        voters: &[u64],
+        learners: &[u64],
+        healthy: &[u64],
+        dead: &[u64],
+        removed: &[u64],
+    ) -> View {
         View {
             me: 1,
             voters: set(voters),
@@ -227,17 +240,61 @@ mod tests {
     fn decisions() {
         // (case, view, expected)
         let cases = [
-            ("promote while below 3", view(&[1], &[2], &[1, 2], &[], &[]), Decision::SetVoters(set(&[1, 2]))),
-            ("unhealthy learner waits", view(&[1], &[2], &[1], &[], &[]), Decision::Nothing),
-            ("3 voters of 4 nodes is enough", view(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[], &[]), Decision::Nothing),
-            ("5 nodes want 5 voters", view(&[1, 2, 3], &[4, 5], &[1, 2, 3, 4, 5], &[], &[]), Decision::SetVoters(set(&[1, 2, 3, 4]))),
-            ("6 nodes stop at 5", view(&[1, 2, 3, 4, 5], &[6], &[1, 2, 3, 4, 5, 6], &[], &[]), Decision::Nothing),
-            ("dead voter replaced", view(&[1, 2, 3, 4, 5], &[6], &[1, 2, 3, 4, 6], &[5], &[]), Decision::SetVoters(set(&[1, 2, 3, 4, 6]))),
-            ("dead voter, no learner", view(&[1, 2, 3], &[], &[1, 2], &[3], &[]), Decision::Nothing),
-            ("removed voter leaves", view(&[1, 2, 3], &[], &[1, 2, 3], &[], &[3]), Decision::SetVoters(set(&[1, 2]))),
-            ("removed voter replaced", view(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[], &[3]), Decision::SetVoters(set(&[1, 2, 4]))),
-            ("removed learner leaves", view(&[1, 2, 3], &[4], &[1, 2, 3], &[], &[4]), Decision::RemoveNodes(set(&[4]))),
-            ("removed learner not promoted", view(&[1], &[2], &[1, 2], &[], &[2]), Decision::RemoveNodes(set(&[2]))),
+            (
+                "promote while below 3",
+                view(&[1], &[2], &[1, 2], &[], &[]),
+                Decision::SetVoters(set(&[1, 2])),
+            ),
+            (
+                "unhealthy learner waits",
+                view(&[1], &[2], &[1], &[], &[]),
+                Decision::Nothing,
+            ),
+            (
+                "3 voters of 4 nodes is enough",
+                view(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[], &[]),
+                Decision::Nothing,
+            ),
+            (
+                "5 nodes want 5 voters",
+                view(&[1, 2, 3], &[4, 5], &[1, 2, 3, 4, 5], &[], &[]),
+                Decision::SetVoters(set(&[1, 2, 3, 4])),
+            ),
+            (
+                "6 nodes stop at 5",
+                view(&[1, 2, 3, 4, 5], &[6], &[1, 2, 3, 4, 5, 6], &[], &[]),
+                Decision::Nothing,
+            ),
+            (
+                "dead voter replaced",
+                view(&[1, 2, 3, 4, 5], &[6], &[1, 2, 3, 4, 6], &[5], &[]),
+                Decision::SetVoters(set(&[1, 2, 3, 4, 6])),
+            ),
+            (
+                "dead voter, no learner",
+                view(&[1, 2, 3], &[], &[1, 2], &[3], &[]),
+                Decision::Nothing,
+            ),
+            (
+                "removed voter leaves",
+                view(&[1, 2, 3], &[], &[1, 2, 3], &[], &[3]),
+                Decision::SetVoters(set(&[1, 2])),
+            ),
+            (
+                "removed voter replaced",
+                view(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[], &[3]),
+                Decision::SetVoters(set(&[1, 2, 4])),
+            ),
+            (
+                "removed learner leaves",
+                view(&[1, 2, 3], &[4], &[1, 2, 3], &[], &[4]),
+                Decision::RemoveNodes(set(&[4])),
+            ),
+            (
+                "removed learner not promoted",
+                view(&[1], &[2], &[1, 2], &[], &[2]),
+                Decision::RemoveNodes(set(&[2])),
+            ),
         ];
         for (name, v, expected) in cases {
             assert_eq!(decide(&v), expected, "case: {name}");

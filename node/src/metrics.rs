@@ -53,27 +53,47 @@ impl RaftMetrics {
                 "novacron_raft_leader_changes_total",
                 "Times this node saw the leader change",
             ),
-            is_leader: gauge(&registry, "novacron_raft_is_leader", "1 when this node leads"),
+            is_leader: gauge(
+                &registry,
+                "novacron_raft_is_leader",
+                "1 when this node leads",
+            ),
             last_log_index: gauge(&registry, "novacron_raft_last_log_index", "Last log index"),
             commit_index: gauge(
                 &registry,
                 "novacron_raft_commit_index",
                 "Highest index known committed (the applied index on followers)",
             ),
-            last_applied: gauge(&registry, "novacron_raft_last_applied", "Last applied index"),
+            last_applied: gauge(
+                &registry,
+                "novacron_raft_last_applied",
+                "Last applied index",
+            ),
             apply_lag: gauge(
                 &registry,
                 "novacron_raft_apply_lag",
                 "Log entries appended but not yet applied",
             ),
-            snapshot_index: gauge(&registry, "novacron_raft_snapshot_index", "Last snapshot index"),
+            snapshot_index: gauge(
+                &registry,
+                "novacron_raft_snapshot_index",
+                "Last snapshot index",
+            ),
             purged_index: gauge(
                 &registry,
                 "novacron_raft_purged_index",
                 "Last log index removed by compaction",
             ),
-            voters: gauge(&registry, "novacron_raft_voters", "Voters in the membership"),
-            learners: gauge(&registry, "novacron_raft_learners", "Learners in the membership"),
+            voters: gauge(
+                &registry,
+                "novacron_raft_voters",
+                "Voters in the membership",
+            ),
+            learners: gauge(
+                &registry,
+                "novacron_raft_learners",
+                "Learners in the membership",
+            ),
             forwarded_writes: counter(
                 &registry,
                 "novacron_raft_forwarded_writes_total",
@@ -84,7 +104,11 @@ impl RaftMetrics {
         }
     }
 
-    pub fn observe(&self, m: &openraft::RaftMetrics<u64, raft::Member>, previous_leader: &mut Option<u64>) {
+    pub fn observe(
+        &self,
+        m: &openraft::RaftMetrics<u64, raft::Member>,
+        previous_leader: &mut Option<u64>,
+    ) {
         self.term.set(m.current_term as i64);
         if m.current_leader != *previous_leader {
             if m.current_leader.is_some() {
@@ -92,7 +116,8 @@ impl RaftMetrics {
             }
             *previous_leader = m.current_leader;
         }
-        self.is_leader.set(i64::from(m.current_leader == Some(m.id)));
+        self.is_leader
+            .set(i64::from(m.current_leader == Some(m.id)));
         let last_log = m.last_log_index.unwrap_or(0);
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
         self.last_log_index.set(last_log as i64);

@@ -15,20 +15,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use rand::distributions::Alphanumeric;
-use rand::Rng;
 use raft::model::{ClusterSecrets, Role, User, SYSTEM_TENANT};
 use raft::net::{Cluster, Transport};
 use raft::store::Store;
 use raft::tls::{self, JoinToken, NodeIdentity, NodeKey};
 use raft::{Command, Member, Raft, Request, Response};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{
-    write_atomic, NodeConfig, Tuning, ADMIN_PASSWORD_FILE, JOIN_TOKEN_FILE,
-};
+use crate::config::{write_atomic, NodeConfig, Tuning, ADMIN_PASSWORD_FILE, JOIN_TOKEN_FILE};
 use crate::control::{wait_metrics, NodeControl};
 use crate::metrics::RaftMetrics;
 
@@ -262,13 +260,19 @@ impl Node {
         }
 
         let api_addr = listener.local_addr()?;
-        let app = api::router(api::AppState::new(control.clone(), api::ApiConfig::default()));
+        let app = api::router(api::AppState::new(
+            control.clone(),
+            api::ApiConfig::default(),
+        ));
         let mut stop = stop_rx.clone();
         let api_task = tokio::spawn(async move {
             let graceful = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(graceful).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(graceful)
+                .await
+            {
                 tracing::error!(error = %e, "API server failed");
             }
         });
@@ -347,10 +351,15 @@ async fn init_new(
         _ => random_password(),
     };
     write_atomic(&dir.join(ADMIN_PASSWORD_FILE), password.as_bytes(), 0o600)?;
-    write_atomic(&dir.join(JOIN_TOKEN_FILE), token.to_string().as_bytes(), 0o600)?;
-    let admin_password_hash = tokio::task::spawn_blocking(move || api::auth::hash_password(&password))
-        .await?
-        .map_err(|e| anyhow!("{e}"))?;
+    write_atomic(
+        &dir.join(JOIN_TOKEN_FILE),
+        token.to_string().as_bytes(),
+        0o600,
+    )?;
+    let admin_password_hash =
+        tokio::task::spawn_blocking(move || api::auth::hash_password(&password))
+            .await?
+            .map_err(|e| anyhow!("{e}"))?;
     let jwt_key: [u8; 32] = rand::random();
     let material = InitMaterial {
         cluster_id: cluster_id.clone(),
@@ -381,8 +390,9 @@ async fn init_new(
 
 /// Makes this node the single voter and commits the cluster's identity, admin and itself.
 async fn finish_init(ctl: &NodeControl, dir: &Path, config: &NodeConfig) -> anyhow::Result<()> {
-    let text = std::fs::read(dir.join(INIT_PENDING_FILE))
-        .context("the cluster's initial secrets are missing; remove the data dir and --init again")?;
+    let text = std::fs::read(dir.join(INIT_PENDING_FILE)).context(
+        "the cluster's initial secrets are missing; remove the data dir and --init again",
+    )?;
     let m: InitMaterial = serde_json::from_slice(&text)?;
     let member = Member {
         name: config.name.clone(),
@@ -398,9 +408,12 @@ async fn finish_init(ctl: &NodeControl, dir: &Path, config: &NodeConfig) -> anyh
             .map_err(|e| anyhow!("cannot initialise the cluster: {e}"))?;
     }
     let me = config.node_id;
-    wait_metrics(&ctl.raft, Duration::from_secs(30), "this node to lead", |x| {
-        x.current_leader == Some(me)
-    })
+    wait_metrics(
+        &ctl.raft,
+        Duration::from_secs(30),
+        "this node to lead",
+        |x| x.current_leader == Some(me),
+    )
     .await?;
     let now = api::now_ms();
     let secrets = ClusterSecrets {
@@ -423,10 +436,18 @@ async fn finish_init(ctl: &NodeControl, dir: &Path, config: &NodeConfig) -> anyh
     };
     let (_, r) = ctl
         .cluster
-        .write(Request::new(now, "init", Command::InitCluster { secrets, admin }))
+        .write(Request::new(
+            now,
+            "init",
+            Command::InitCluster { secrets, admin },
+        ))
         .await?;
     match r {
-        Response::Rejected { code: raft::RejectCode::AlreadyInitialized, .. } | Response::User(_) => {}
+        Response::Rejected {
+            code: raft::RejectCode::AlreadyInitialized,
+            ..
+        }
+        | Response::User(_) => {}
         other => bail!("cluster initialisation was refused: {other:?}"),
     }
     let (_, r) = ctl
@@ -521,7 +542,10 @@ async fn post_join(url: &str, req: &api::JoinRequest) -> anyhow::Result<api::Joi
                         continue;
                     }
                     (421 | 503 | 504, _) if Instant::now() < deadline => {}
-                    _ => bail!("join refused by {target}: {detail} (HTTP {})", status.as_u16()),
+                    _ => bail!(
+                        "join refused by {target}: {detail} (HTTP {})",
+                        status.as_u16()
+                    ),
                 }
             }
             Err(e) if Instant::now() < deadline => {

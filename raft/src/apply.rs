@@ -38,9 +38,8 @@ pub enum ApplyError {
 fn get<T>(tx: &dyn StateTx, key: &[u8]) -> Result<Option<T>, ApplyError>
 where
     T: rkyv::Archive,
-    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
-            rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
-        > + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
 {
     match tx.get(key)? {
         Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
@@ -92,7 +91,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
         Command::Audit { .. } => Ok(Response::Ok),
         Command::InitCluster { secrets, admin } => {
             if tx.get(keys::SECRETS)?.is_some() {
-                return Ok(reject(RejectCode::AlreadyInitialized, "cluster is already initialised"));
+                return Ok(reject(
+                    RejectCode::AlreadyInitialized,
+                    "cluster is already initialised",
+                ));
             }
             put::<ClusterSecrets>(tx, keys::SECRETS, secrets)?;
             let system = Tenant {
@@ -113,7 +115,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
                 // A node that re-registers under its name (a retried join) gets its record back
                 // unless it was removed.
                 let Some(mut node) = get::<NodeRecord>(tx, &keys::node(id))? else {
-                    return Ok(reject(RejectCode::NotFound, format!("node {id} is missing")));
+                    return Ok(reject(
+                        RejectCode::NotFound,
+                        format!("node {id} is missing"),
+                    ));
                 };
                 if node.removed {
                     return Ok(reject(
@@ -158,7 +163,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
         }
         Command::CreateTenant { tenant } => {
             if tenant.name.is_empty() || tenant.id.is_empty() {
-                return Ok(reject(RejectCode::Invalid, "tenant id and name must not be empty"));
+                return Ok(reject(
+                    RejectCode::Invalid,
+                    "tenant id and name must not be empty",
+                ));
             }
             if tx.get(&keys::tenant_name(&tenant.name))?.is_some() {
                 return Ok(reject(
@@ -184,7 +192,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             expected_version,
         } => {
             let Some(mut tenant) = get::<Tenant>(tx, &keys::tenant(id))? else {
-                return Ok(reject(RejectCode::NotFound, format!("tenant {id} not found")));
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("tenant {id} not found"),
+                ));
             };
             if let Some(v) = expected_version {
                 if *v != tenant.version {
@@ -205,10 +216,16 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             expected_version,
         } => {
             let Some(tenant) = get::<Tenant>(tx, &keys::tenant(id))? else {
-                return Ok(reject(RejectCode::NotFound, format!("tenant {id} not found")));
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("tenant {id} not found"),
+                ));
             };
             if id == crate::model::SYSTEM_TENANT {
-                return Ok(reject(RejectCode::Invalid, "the system tenant cannot be deleted"));
+                return Ok(reject(
+                    RejectCode::Invalid,
+                    "the system tenant cannot be deleted",
+                ));
             }
             if let Some(v) = expected_version {
                 if *v != tenant.version {
@@ -222,7 +239,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             if tenant.usage.vms > 0 || users > 0 {
                 return Ok(reject(
                     RejectCode::NotEmpty,
-                    format!("tenant still has {} VMs and {users} users", tenant.usage.vms),
+                    format!(
+                        "tenant still has {} VMs and {users} users",
+                        tenant.usage.vms
+                    ),
                 ));
             }
             tx.remove(&keys::tenant(id))?;
@@ -316,7 +336,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             vm.updated_at = at;
             vm.version += 1;
             put(tx, &keys::vm(id), &vm)?;
-            Ok(Response::Vm { vm, operation: None })
+            Ok(Response::Vm {
+                vm,
+                operation: None,
+            })
         }
         Command::ReportVm {
             id,
@@ -332,24 +355,36 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             if *epoch != vm.epoch || vm.node != Some(*node) {
                 return Ok(reject(
                     RejectCode::StaleEpoch,
-                    format!("report for epoch {epoch} from node {node}; VM is at epoch {} on {:?}", vm.epoch, vm.node),
+                    format!(
+                        "report for epoch {epoch} from node {node}; VM is at epoch {} on {:?}",
+                        vm.epoch, vm.node
+                    ),
                 ));
             }
             if vm.state == VmState::Deleting || vm.state == *state {
-                return Ok(Response::Vm { vm, operation: None });
+                return Ok(Response::Vm {
+                    vm,
+                    operation: None,
+                });
             }
             vm.state = *state;
             vm.updated_at = at;
             vm.version += 1;
             put(tx, &keys::vm(id), &vm)?;
-            Ok(Response::Vm { vm, operation: None })
+            Ok(Response::Vm {
+                vm,
+                operation: None,
+            })
         }
         Command::PurgeVm { id, epoch } => {
             let Some(vm) = get::<Vm>(tx, &keys::vm(id))? else {
                 return Ok(Response::Ok);
             };
             if vm.state != VmState::Deleting || vm.epoch != *epoch {
-                return Ok(reject(RejectCode::StaleEpoch, "the VM is not being deleted at this epoch"));
+                return Ok(reject(
+                    RejectCode::StaleEpoch,
+                    "the VM is not being deleted at this epoch",
+                ));
             }
             tx.remove(&keys::vm(id))?;
             tx.remove(&keys::vm_name(&vm.tenant, &vm.name))?;
@@ -357,7 +392,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
         }
         Command::FinishOperation { id, state, error } => {
             let Some(mut op) = get::<Operation>(tx, &keys::operation(id))? else {
-                return Ok(reject(RejectCode::NotFound, format!("operation {id} not found")));
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("operation {id} not found"),
+                ));
             };
             if matches!(op.state, OperationState::Succeeded | OperationState::Failed) {
                 return Ok(Response::Operation(op));
@@ -403,7 +441,11 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             tx.remove(&keys::user(id))?;
             tx.remove(&keys::user_name(&user.username))?;
             let count = get::<u64>(tx, &keys::tenant_user_count(&user.tenant))?.unwrap_or(1);
-            put(tx, &keys::tenant_user_count(&user.tenant), &count.saturating_sub(1))?;
+            put(
+                tx,
+                &keys::tenant_user_count(&user.tenant),
+                &count.saturating_sub(1),
+            )?;
             Ok(Response::User(user))
         }
     }
@@ -411,7 +453,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
 
 fn create_user(tx: &dyn StateTx, mut user: User) -> Result<Response, ApplyError> {
     if user.username.is_empty() || user.id.is_empty() {
-        return Ok(reject(RejectCode::Invalid, "user id and username must not be empty"));
+        return Ok(reject(
+            RejectCode::Invalid,
+            "user id and username must not be empty",
+        ));
     }
     if tx.get(&keys::tenant(&user.tenant))?.is_none() {
         return Ok(reject(
@@ -439,7 +484,10 @@ fn load_vm(
     expected_version: Option<u64>,
 ) -> Result<Result<Vm, Response>, ApplyError> {
     let Some(vm) = get::<Vm>(tx, &keys::vm(id))? else {
-        return Ok(Err(reject(RejectCode::NotFound, format!("vm {id} not found"))));
+        return Ok(Err(reject(
+            RejectCode::NotFound,
+            format!("vm {id} not found"),
+        )));
     };
     if let Some(v) = expected_version {
         if v != vm.version {
@@ -466,10 +514,16 @@ fn exceeds(limit: Option<u64>, used: u64, add: u64) -> bool {
 
 fn create_vm(tx: &dyn StateTx, vm: &Vm, op: &Operation, at: u64) -> Result<Response, ApplyError> {
     if vm.id.is_empty() || vm.name.is_empty() || vm.vcpus == 0 || vm.memory_mib == 0 {
-        return Ok(reject(RejectCode::Invalid, "a VM needs an id, a name, vCPUs and memory"));
+        return Ok(reject(
+            RejectCode::Invalid,
+            "a VM needs an id, a name, vCPUs and memory",
+        ));
     }
     let Some(mut tenant) = get::<Tenant>(tx, &keys::tenant(&vm.tenant))? else {
-        return Ok(reject(RejectCode::NotFound, format!("tenant {} not found", vm.tenant)));
+        return Ok(reject(
+            RejectCode::NotFound,
+            format!("tenant {} not found", vm.tenant),
+        ));
     };
     if tx.get(&keys::vm_name(&vm.tenant, &vm.name))?.is_some() {
         return Ok(reject(
@@ -485,7 +539,10 @@ fn create_vm(tx: &dyn StateTx, vm: &Vm, op: &Operation, at: u64) -> Result<Respo
     let over = [
         ("VMs", exceeds(q.max_vms, u.vms, 1)),
         ("vCPUs", exceeds(q.max_vcpus, u.vcpus, u64::from(vm.vcpus))),
-        ("memory", exceeds(q.max_memory_mib, u.memory_mib, vm.memory_mib)),
+        (
+            "memory",
+            exceeds(q.max_memory_mib, u.memory_mib, vm.memory_mib),
+        ),
         ("disk", exceeds(q.max_disk_gib, u.disk_gib, vm.disk_gib)),
     ];
     if let Some((what, _)) = over.iter().find(|(_, o)| *o) {
@@ -576,7 +633,8 @@ fn record_audit(
     if matches!(req.command, Command::Noop | Command::ReportVm { .. }) {
         return Ok(());
     }
-    let (seq, prev_hash) = get::<(u64, String)>(tx, keys::AUDIT_HEAD)?.unwrap_or((0, String::new()));
+    let (seq, prev_hash) =
+        get::<(u64, String)>(tx, keys::AUDIT_HEAD)?.unwrap_or((0, String::new()));
     let seq = seq + 1;
     let mut entry = match &req.command {
         Command::Audit { entry } => entry.clone(),
@@ -706,8 +764,16 @@ mod tests {
             Response::Tenant(t) if t.version == 1 && t.created_at == 5
         ));
         assert!(matches!(
-            run(&st, Command::CreateTenant { tenant: tenant("t2", "acme") }),
-            Response::Rejected { code: RejectCode::AlreadyExists, .. }
+            run(
+                &st,
+                Command::CreateTenant {
+                    tenant: tenant("t2", "acme")
+                }
+            ),
+            Response::Rejected {
+                code: RejectCode::AlreadyExists,
+                ..
+            }
         ));
         let stale = Command::UpdateTenantQuota {
             id: "t1".into(),
@@ -716,25 +782,49 @@ mod tests {
         };
         assert!(matches!(
             run(&st, stale),
-            Response::Rejected { code: RejectCode::VersionMismatch, .. }
+            Response::Rejected {
+                code: RejectCode::VersionMismatch,
+                ..
+            }
         ));
     }
 
     #[test]
     fn tenant_with_users_cannot_be_deleted() {
         let st = MemState::default();
-        run(&st, Command::CreateTenant { tenant: tenant("t1", "acme") });
-        run(&st, Command::CreateUser { user: user("u1", "ann", "t1") });
-        let del = || Command::DeleteTenant { id: "t1".into(), expected_version: None };
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
+        run(
+            &st,
+            Command::CreateUser {
+                user: user("u1", "ann", "t1"),
+            },
+        );
+        let del = || Command::DeleteTenant {
+            id: "t1".into(),
+            expected_version: None,
+        };
         assert!(matches!(
             run(&st, del()),
-            Response::Rejected { code: RejectCode::NotEmpty, .. }
+            Response::Rejected {
+                code: RejectCode::NotEmpty,
+                ..
+            }
         ));
         run(&st, Command::DeleteUser { id: "u1".into() });
         assert!(matches!(run(&st, del()), Response::Tenant(_)));
         // The name is free again.
         assert!(matches!(
-            run(&st, Command::CreateTenant { tenant: tenant("t3", "acme") }),
+            run(
+                &st,
+                Command::CreateTenant {
+                    tenant: tenant("t3", "acme")
+                }
+            ),
             Response::Tenant(_)
         ));
     }
@@ -742,7 +832,11 @@ mod tests {
     #[test]
     fn node_ids_are_allocated_in_order_and_reregistration_keeps_the_id() {
         let st = MemState::default();
-        let m = |n: &str| crate::model::Member { name: n.into(), api_addr: "a".into(), peer_addr: "p".into() };
+        let m = |n: &str| crate::model::Member {
+            name: n.into(),
+            api_addr: "a".into(),
+            peer_addr: "p".into(),
+        };
         let id = |r: Response| match r {
             Response::Node(n) => n.id,
             other => panic!("unexpected {other:?}"),
@@ -760,11 +854,19 @@ mod tests {
     #[test]
     fn idempotent_requests_apply_once() {
         let st = MemState::default();
-        let mut req = Request::new(1, "u", Command::CreateTenant { tenant: tenant("t1", "acme") });
+        let mut req = Request::new(
+            1,
+            "u",
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
         req.idempotency_key = Some("k1".into());
         let first = apply(&st, &req, 1).unwrap();
         let mut retry = req.clone();
-        retry.command = Command::CreateTenant { tenant: tenant("t9", "acme") };
+        retry.command = Command::CreateTenant {
+            tenant: tenant("t9", "acme"),
+        };
         let second = apply(&st, &retry, 2).unwrap();
         assert_eq!(first, second);
     }
@@ -772,8 +874,18 @@ mod tests {
     #[test]
     fn audit_entries_are_chained() {
         let st = MemState::default();
-        run(&st, Command::CreateTenant { tenant: tenant("t1", "acme") });
-        run(&st, Command::CreateTenant { tenant: tenant("t2", "acme") });
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t2", "acme"),
+            },
+        );
         let e1: AuditEntry = get(&st, &keys::audit(1)).unwrap().unwrap();
         let e2: AuditEntry = get(&st, &keys::audit(2)).unwrap().unwrap();
         assert_eq!(e2.prev_hash, e1.hash);
@@ -826,14 +938,27 @@ mod tests {
         t.quota.max_vms = Some(2);
         t.quota.max_vcpus = Some(5);
         run(&st, Command::CreateTenant { tenant: t });
-        let create = |id: &str| Command::CreateVm { vm: vm(id, "t1", None), operation: op(&format!("op-{id}")) };
+        let create = |id: &str| Command::CreateVm {
+            vm: vm(id, "t1", None),
+            operation: op(&format!("op-{id}")),
+        };
         assert!(matches!(run(&st, create("a")), Response::Vm { .. }));
         assert!(matches!(run(&st, create("b")), Response::Vm { .. }));
         assert!(matches!(
             run(&st, create("c")),
-            Response::Rejected { code: RejectCode::QuotaExceeded, .. }
+            Response::Rejected {
+                code: RejectCode::QuotaExceeded,
+                ..
+            }
         ));
-        run(&st, Command::DeleteVm { id: "a".into(), operation: op("op-del"), expected_version: None });
+        run(
+            &st,
+            Command::DeleteVm {
+                id: "a".into(),
+                operation: op("op-del"),
+                expected_version: None,
+            },
+        );
         // 2 vCPUs + 2 = 4 <= 5: fits again after the delete released its share.
         assert!(matches!(run(&st, create("c")), Response::Vm { .. }));
         let t: Tenant = get(&st, &keys::tenant("t1")).unwrap().unwrap();
@@ -843,17 +968,59 @@ mod tests {
     #[test]
     fn placement_bumps_the_epoch_and_stale_reports_are_refused() {
         let st = MemState::default();
-        run(&st, Command::CreateTenant { tenant: tenant("t1", "acme") });
-        let m = |n: &str| crate::model::Member { name: n.into(), api_addr: "a".into(), peer_addr: "p".into() };
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
+        let m = |n: &str| crate::model::Member {
+            name: n.into(),
+            api_addr: "a".into(),
+            peer_addr: "p".into(),
+        };
         run(&st, Command::RegisterNode { member: m("n1") });
         run(&st, Command::RegisterNode { member: m("n2") });
-        run(&st, Command::CreateVm { vm: vm("a", "t1", Some(1)), operation: op("o1") });
-        let place = run(&st, Command::PlaceVm { id: "a".into(), node: Some(2), expected_version: None });
-        let Response::Vm { vm: placed, .. } = place else { panic!("{place:?}") };
+        run(
+            &st,
+            Command::CreateVm {
+                vm: vm("a", "t1", Some(1)),
+                operation: op("o1"),
+            },
+        );
+        let place = run(
+            &st,
+            Command::PlaceVm {
+                id: "a".into(),
+                node: Some(2),
+                expected_version: None,
+            },
+        );
+        let Response::Vm { vm: placed, .. } = place else {
+            panic!("{place:?}")
+        };
         assert_eq!((placed.node, placed.epoch), (Some(2), 2));
-        let old = Command::ReportVm { id: "a".into(), node: 1, epoch: 1, state: VmState::Running, error: None };
-        assert!(matches!(run(&st, old), Response::Rejected { code: RejectCode::StaleEpoch, .. }));
-        let fresh = Command::ReportVm { id: "a".into(), node: 2, epoch: 2, state: VmState::Running, error: None };
+        let old = Command::ReportVm {
+            id: "a".into(),
+            node: 1,
+            epoch: 1,
+            state: VmState::Running,
+            error: None,
+        };
+        assert!(matches!(
+            run(&st, old),
+            Response::Rejected {
+                code: RejectCode::StaleEpoch,
+                ..
+            }
+        ));
+        let fresh = Command::ReportVm {
+            id: "a".into(),
+            node: 2,
+            epoch: 2,
+            state: VmState::Running,
+            error: None,
+        };
         assert!(matches!(run(&st, fresh), Response::Vm { vm, .. } if vm.state == VmState::Running));
     }
 }

@@ -25,10 +25,15 @@ pub enum CodecError {
 pub fn encode<T>(value: &T) -> Result<Vec<u8>, CodecError>
 where
     T: for<'a> rkyv::Serialize<
-        rkyv::api::high::HighSerializer<AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+        rkyv::api::high::HighSerializer<
+            AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
     >,
 {
-    let bytes = rkyv::to_bytes::<rancor::Error>(value).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let bytes =
+        rkyv::to_bytes::<rancor::Error>(value).map_err(|e| CodecError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(bytes.len() + 1);
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&bytes);
@@ -67,8 +72,14 @@ mod tests {
 
         let mut future = bytes.clone();
         future[0] = FORMAT_VERSION + 1;
-        assert!(matches!(decode::<Request>(&future), Err(CodecError::UnknownVersion(_))));
+        assert!(matches!(
+            decode::<Request>(&future),
+            Err(CodecError::UnknownVersion(_))
+        ));
         assert!(matches!(decode::<Request>(&[]), Err(CodecError::Empty)));
-        assert!(matches!(decode::<Request>(&bytes[..bytes.len() / 2]), Err(CodecError::Corrupt(_))));
+        assert!(matches!(
+            decode::<Request>(&bytes[..bytes.len() / 2]),
+            Err(CodecError::Corrupt(_))
+        ));
     }
 }

@@ -13,7 +13,15 @@ use crate::model::{
 
 /// What a client (or a controller) asks the replicated state machine to do.
 #[derive(
-    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
 )]
 pub struct Request {
     /// When the proposer made the request; the only clock `apply` ever sees.
@@ -43,7 +51,15 @@ impl std::fmt::Display for Request {
 }
 
 #[derive(
-    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
 )]
 pub enum Command {
     /// Does nothing; used to probe that the log accepts writes.
@@ -54,14 +70,29 @@ pub enum Command {
         admin: User,
     },
     /// Admits a node. The id is allocated here, deterministically, so every replica agrees.
-    RegisterNode { member: Member },
+    RegisterNode {
+        member: Member,
+    },
     /// Marks a node removed; it may not come back under the same id.
-    RemoveNode { id: NodeId },
-    SetNodeState { id: NodeId, state: NodeState },
-    SetNodeSchedulable { id: NodeId, schedulable: bool },
+    RemoveNode {
+        id: NodeId,
+    },
+    SetNodeState {
+        id: NodeId,
+        state: NodeState,
+    },
+    SetNodeSchedulable {
+        id: NodeId,
+        schedulable: bool,
+    },
     /// Adds a JWT signing key in front; keeps at most `keep` keys.
-    RotateJwtKey { key: Vec<u8>, keep: u32 },
-    CreateTenant { tenant: Tenant },
+    RotateJwtKey {
+        key: Vec<u8>,
+        keep: u32,
+    },
+    CreateTenant {
+        tenant: Tenant,
+    },
     UpdateTenantQuota {
         id: String,
         quota: Quota,
@@ -71,17 +102,24 @@ pub enum Command {
         id: String,
         expected_version: Option<u64>,
     },
-    CreateUser { user: User },
+    CreateUser {
+        user: User,
+    },
     UpdateUser {
         id: String,
         password_hash: Option<String>,
         role: Option<Role>,
         expected_version: Option<u64>,
     },
-    DeleteUser { id: String },
+    DeleteUser {
+        id: String,
+    },
     /// Creates a VM and the operation that tracks its creation. The tenant's quota is checked
     /// and its usage updated here, so concurrent creates can never overshoot.
-    CreateVm { vm: Vm, operation: Operation },
+    CreateVm {
+        vm: Vm,
+        operation: Operation,
+    },
     /// Changes what the VM should be doing (start, stop, reboot is stop+start by the agent).
     SetVmDesired {
         id: String,
@@ -110,14 +148,19 @@ pub enum Command {
         error: Option<String>,
     },
     /// The agent removed a deleted VM everywhere; the record goes away.
-    PurgeVm { id: String, epoch: u64 },
+    PurgeVm {
+        id: String,
+        epoch: u64,
+    },
     FinishOperation {
         id: String,
         state: OperationState,
         error: Option<String>,
     },
     /// Records an event that changed nothing else (for example a failed login).
-    Audit { entry: AuditEntry },
+    Audit {
+        entry: AuditEntry,
+    },
 }
 
 impl Command {
@@ -192,7 +235,15 @@ impl RejectCode {
 
 /// The outcome of applying one log entry.
 #[derive(
-    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
 )]
 pub enum Response {
     /// Applied; nothing to return. Also the response to blank and membership entries.
@@ -200,8 +251,13 @@ pub enum Response {
     Node(NodeRecord),
     Tenant(Tenant),
     User(User),
-    Vm { vm: Vm, operation: Option<Operation> },
+    Vm {
+        vm: Vm,
+        operation: Option<Operation>,
+    },
     Operation(Operation),
-    Rejected { code: RejectCode, message: String },
+    Rejected {
+        code: RejectCode,
+        message: String,
+    },
 }
-

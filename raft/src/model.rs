@@ -374,14 +374,7 @@ pub struct AuditEntry {
 /// The CA key lives in the replicated state so that whichever node leads can admit new nodes;
 /// it never leaves the cluster and is never logged.
 #[derive(
-    Clone,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
+    Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub struct ClusterSecrets {
     pub cluster_id: String,

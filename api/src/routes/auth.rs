@@ -59,7 +59,9 @@ pub(crate) async fn login(
     Json(body): Json<LoginBody>,
 ) -> ApiResult<Json<LoginReply>> {
     if body.username.is_empty() || body.username.len() > 128 || body.password.len() > 1024 {
-        return Err(ApiError::Validation("username or password has an invalid length".into()));
+        return Err(ApiError::Validation(
+            "username or password has an invalid length".into(),
+        ));
     }
     let user = find_user(&state, &body.username)?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());

@@ -21,7 +21,9 @@ pub(crate) async fn join(
     Json(req): Json<JoinRequest>,
 ) -> ApiResult<Json<JoinResponse>> {
     if req.member.name.is_empty() || req.member.name.len() > 63 {
-        return Err(ApiError::Validation("node name must have 1 to 63 characters".into()));
+        return Err(ApiError::Validation(
+            "node name must have 1 to 63 characters".into(),
+        ));
     }
     if req.csr_pem.len() > 16 * 1024 {
         return Err(ApiError::Validation("CSR is too large".into()));

@@ -21,8 +21,5 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut text = state.metrics.render();
     text.push_str(&state.cp.metrics_text());
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

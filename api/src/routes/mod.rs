@@ -30,10 +30,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/cluster/join", post(cluster::join))
         .route("/tenants", get(tenants::list).post(tenants::create))
         .route("/vms", get(vms::list).post(vms::create))
-        .route(
-            "/vms/{id}",
-            get(vms::get_one).delete(vms::delete),
-        )
+        .route("/vms/{id}", get(vms::get_one).delete(vms::delete))
         .route("/vms/{id}/start", post(vms::start))
         .route("/vms/{id}/stop", post(vms::stop))
         .route("/vms/{id}/reboot", post(vms::reboot))
@@ -41,7 +38,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/users", get(users::list).post(users::create))
         .route(
             "/users/{id}",
-            get(users::get_one).patch(users::update).delete(users::delete),
+            get(users::get_one)
+                .patch(users::update)
+                .delete(users::delete),
         )
         .route(
             "/tenants/{id}",
@@ -59,7 +58,10 @@ pub(crate) fn router(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             state.config.request_timeout,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .with_state(state)
 }
 
@@ -124,11 +126,14 @@ pub(crate) fn if_match(headers: &axum::http::HeaderMap) -> ApiResult<Option<u64>
     match headers.get(axum::http::header::IF_MATCH) {
         None => Ok(None),
         Some(v) => {
-            let s = v.to_str().unwrap_or_default().trim().trim_start_matches("W/");
-            s.trim_matches('"')
-                .parse::<u64>()
-                .map(Some)
-                .map_err(|_| ApiError::Validation(format!("If-Match {s:?} is not an ETag of this API")))
+            let s = v
+                .to_str()
+                .unwrap_or_default()
+                .trim()
+                .trim_start_matches("W/");
+            s.trim_matches('"').parse::<u64>().map(Some).map_err(|_| {
+                ApiError::Validation(format!("If-Match {s:?} is not an ETag of this API"))
+            })
         }
     }
 }
@@ -136,9 +141,8 @@ pub(crate) fn if_match(headers: &axum::http::HeaderMap) -> ApiResult<Option<u64>
 pub(crate) fn decode<T>(bytes: &[u8]) -> ApiResult<T>
 where
     T: rkyv::Archive,
-    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
-            rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
-        > + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
 {
     raft::codec::decode(bytes).map_err(|e| ApiError::Internal(e.to_string()))
 }

@@ -54,7 +54,10 @@ pub(crate) fn validate_name(what: &str, name: &str) -> ApiResult<()> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
@@ -124,7 +127,9 @@ pub(crate) async fn list(
 ) -> ApiResult<Json<Page<Tenant>>> {
     let limit = params.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::Validation(format!("limit must be 1..={MAX_PAGE}")));
+        return Err(ApiError::Validation(format!(
+            "limit must be 1..={MAX_PAGE}"
+        )));
     }
     state.cp.read_barrier(params.read.consistency).await?;
     if !caller.is_admin() {
@@ -136,7 +141,9 @@ pub(crate) async fn list(
         }));
     }
     let after = params.cursor.as_deref().map(keys::tenant);
-    let rows = state.cp.scan(keys::TENANT_PREFIX, after.as_deref(), limit + 1)?;
+    let rows = state
+        .cp
+        .scan(keys::TENANT_PREFIX, after.as_deref(), limit + 1)?;
     let mut items = rows
         .iter()
         .map(|(_, v)| decode::<Tenant>(v))
@@ -178,6 +185,15 @@ pub(crate) async fn delete(
     caller.require(Role::Admin)?;
     let key = idempotency_key(&headers)?;
     let expected_version = if_match(&headers)?;
-    propose(&state, &caller, key, Command::DeleteTenant { id, expected_version }).await?;
+    propose(
+        &state,
+        &caller,
+        key,
+        Command::DeleteTenant {
+            id,
+            expected_version,
+        },
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

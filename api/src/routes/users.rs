@@ -193,7 +193,9 @@ pub(crate) async fn list(
     // Filtering happens after the scan, so scan in batches until the page is full.
     let mut next_cursor = None;
     'outer: loop {
-        let rows = state.cp.scan(keys::USER_PREFIX, after.as_deref(), limit + 1)?;
+        let rows = state
+            .cp
+            .scan(keys::USER_PREFIX, after.as_deref(), limit + 1)?;
         let exhausted = rows.len() <= limit;
         for (k, v) in rows {
             let user: User = decode(&v)?;

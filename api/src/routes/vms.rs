@@ -94,10 +94,14 @@ fn validate(body: &CreateVm) -> ApiResult<()> {
         return Err(ApiError::Validation("vcpus must be 1 to 64".into()));
     }
     if !(64..=1024 * 1024).contains(&body.memory_mib) {
-        return Err(ApiError::Validation("memory_mib must be 64 to 1048576".into()));
+        return Err(ApiError::Validation(
+            "memory_mib must be 64 to 1048576".into(),
+        ));
     }
     if body.disk_gib.is_some_and(|d| d > 64 * 1024) {
-        return Err(ApiError::Validation("disk_gib must be at most 65536".into()));
+        return Err(ApiError::Validation(
+            "disk_gib must be at most 65536".into(),
+        ));
     }
     if let Some(labels) = &body.labels {
         if labels.len() > MAX_LABELS {
@@ -105,7 +109,9 @@ fn validate(body: &CreateVm) -> ApiResult<()> {
         }
         for (k, v) in labels {
             if k.is_empty() || k.len() > 63 || v.len() > 255 {
-                return Err(ApiError::Validation(format!("label {k:?} has an invalid length")));
+                return Err(ApiError::Validation(format!(
+                    "label {k:?} has an invalid length"
+                )));
             }
         }
     }
@@ -140,10 +146,7 @@ fn nodes(state: &AppState) -> ApiResult<Vec<NodeRecord>> {
 /// Until the scheduler lands: the named node, or the up and schedulable node running the fewest
 /// VMs that matches the node selector.
 fn place(state: &AppState, placement: &Placement) -> ApiResult<Option<NodeId>> {
-    let candidates: Vec<NodeRecord> = nodes(state)?
-        .into_iter()
-        .filter(|n| !n.removed)
-        .collect();
+    let candidates: Vec<NodeRecord> = nodes(state)?.into_iter().filter(|n| !n.removed).collect();
     if let Some(name) = &placement.node {
         return candidates
             .iter()
@@ -280,7 +283,11 @@ pub(crate) async fn list(
         ),
         None => None,
     };
-    let tenant = if caller.is_admin() { p.tenant.clone() } else { Some(caller.tenant.clone()) };
+    let tenant = if caller.is_admin() {
+        p.tenant.clone()
+    } else {
+        Some(caller.tenant.clone())
+    };
     let mut items = Vec::new();
     let mut after = p.cursor.as_deref().map(keys::vm);
     let mut next_cursor = None;
@@ -339,7 +346,15 @@ pub(crate) async fn start(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    set_desired(state, caller, id, headers, DesiredState::Running, "vm.start").await
+    set_desired(
+        state,
+        caller,
+        id,
+        headers,
+        DesiredState::Running,
+        "vm.start",
+    )
+    .await
 }
 
 pub(crate) async fn stop(
@@ -357,7 +372,15 @@ pub(crate) async fn reboot(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    set_desired(state, caller, id, headers, DesiredState::Running, "vm.reboot").await
+    set_desired(
+        state,
+        caller,
+        id,
+        headers,
+        DesiredState::Running,
+        "vm.reboot",
+    )
+    .await
 }
 
 pub(crate) async fn delete(

@@ -20,7 +20,6 @@ pub struct FakeCluster {
     index: Mutex<u64>,
 }
 
-
 #[async_trait]
 impl ControlPlane for FakeCluster {
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
@@ -108,9 +107,13 @@ impl TestApi {
             join_secret_sha256: String::new(),
             created_at: 0,
         };
-        cp.write(Request::new(1, "init", Command::InitCluster { secrets, admin }))
-            .await
-            .unwrap();
+        cp.write(Request::new(
+            1,
+            "init",
+            Command::InitCluster { secrets, admin },
+        ))
+        .await
+        .unwrap();
         let app = api::router(AppState::new(cp.clone(), ApiConfig::default()));
         TestApi { cp, app }
     }
@@ -138,7 +141,12 @@ impl TestApi {
 
     pub async fn login(&self, user: &str, password: &str) -> String {
         let (s, v) = self
-            .call("POST", "/api/v1/auth/login", None, Some(serde_json::json!({"username": user, "password": password})))
+            .call(
+                "POST",
+                "/api/v1/auth/login",
+                None,
+                Some(serde_json::json!({"username": user, "password": password})),
+            )
             .await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v["token"].as_str().unwrap().to_string()

@@ -10,11 +10,27 @@ async fn setup() -> (TestApi, String, String, String) {
     let t = TestApi::new().await;
     let admin = t.login("admin", ADMIN_PASSWORD).await;
     let (_, a) = t
-        .call("POST", "/api/v1/tenants", Some(&admin), Some(json!({"name": "a", "quota": {"max_vms": 2}})))
+        .call(
+            "POST",
+            "/api/v1/tenants",
+            Some(&admin),
+            Some(json!({"name": "a", "quota": {"max_vms": 2}})),
+        )
         .await;
-    let (_, b) = t.call("POST", "/api/v1/tenants", Some(&admin), Some(json!({"name": "b"}))).await;
-    let ops_a = t.user("opa", a["id"].as_str().unwrap(), Role::Operator).await;
-    let ops_b = t.user("opb", b["id"].as_str().unwrap(), Role::Operator).await;
+    let (_, b) = t
+        .call(
+            "POST",
+            "/api/v1/tenants",
+            Some(&admin),
+            Some(json!({"name": "b"})),
+        )
+        .await;
+    let ops_a = t
+        .user("opa", a["id"].as_str().unwrap(), Role::Operator)
+        .await;
+    let ops_b = t
+        .user("opb", b["id"].as_str().unwrap(), Role::Operator)
+        .await;
     (t, admin, ops_a, ops_b)
 }
 
@@ -22,13 +38,20 @@ async fn setup() -> (TestApi, String, String, String) {
 async fn create_returns_an_operation_and_validates() {
     let (t, _, a, _) = setup().await;
     let (s, v) = t
-        .call("POST", "/api/v1/vms", Some(&a), Some(json!({"name": "web-1", "vcpus": 1, "memory_mib": 128, "labels": {"app": "web"}})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "web-1", "vcpus": 1, "memory_mib": 128, "labels": {"app": "web"}})),
+        )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["vm"]["desired_state"], "running");
     assert_eq!(v["operation"]["kind"], "vm.create");
     let op = v["operation"]["id"].as_str().unwrap();
-    let (s, o) = t.call("GET", &format!("/api/v1/operations/{op}"), Some(&a), None).await;
+    let (s, o) = t
+        .call("GET", &format!("/api/v1/operations/{op}"), Some(&a), None)
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(o["state"], "pending");
     for bad in [
@@ -36,11 +59,22 @@ async fn create_returns_an_operation_and_validates() {
         json!({"name": "x", "vcpus": 1, "memory_mib": 1}),
         json!({"name": "bad name", "vcpus": 1, "memory_mib": 128}),
     ] {
-        let (s, v) = t.call("POST", "/api/v1/vms", Some(&a), Some(bad.clone())).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("validation_failed")), "{bad}");
+        let (s, v) = t
+            .call("POST", "/api/v1/vms", Some(&a), Some(bad.clone()))
+            .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("validation_failed")),
+            "{bad}"
+        );
     }
     let (s, _) = t
-        .call("POST", "/api/v1/vms", Some(&a), Some(json!({"name": "web-1", "vcpus": 1, "memory_mib": 128})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "web-1", "vcpus": 1, "memory_mib": 128})),
+        )
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
 }
@@ -51,19 +85,39 @@ async fn quota_is_enforced_and_freed_by_delete() {
     let mut ids = Vec::new();
     for k in 0..2 {
         let (s, v) = t
-            .call("POST", "/api/v1/vms", Some(&a), Some(json!({"name": format!("v{k}"), "vcpus": 1, "memory_mib": 128})))
+            .call(
+                "POST",
+                "/api/v1/vms",
+                Some(&a),
+                Some(json!({"name": format!("v{k}"), "vcpus": 1, "memory_mib": 128})),
+            )
             .await;
         assert_eq!(s, StatusCode::ACCEPTED);
         ids.push(v["vm"]["id"].as_str().unwrap().to_string());
     }
     let (s, v) = t
-        .call("POST", "/api/v1/vms", Some(&a), Some(json!({"name": "v2", "vcpus": 1, "memory_mib": 128})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "v2", "vcpus": 1, "memory_mib": 128})),
+        )
         .await;
-    assert_eq!((s, v["code"].as_str()), (StatusCode::CONFLICT, Some("quota_exceeded")));
-    let (s, _) = t.call("DELETE", &format!("/api/v1/vms/{}", ids[0]), Some(&a), None).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::CONFLICT, Some("quota_exceeded"))
+    );
+    let (s, _) = t
+        .call("DELETE", &format!("/api/v1/vms/{}", ids[0]), Some(&a), None)
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED);
     let (s, _) = t
-        .call("POST", "/api/v1/vms", Some(&a), Some(json!({"name": "v2", "vcpus": 1, "memory_mib": 128})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "v2", "vcpus": 1, "memory_mib": 128})),
+        )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED);
 }
@@ -72,7 +126,12 @@ async fn quota_is_enforced_and_freed_by_delete() {
 async fn another_tenants_vm_is_invisible() {
     let (t, admin, a, b) = setup().await;
     let (_, v) = t
-        .call("POST", "/api/v1/vms", Some(&a), Some(json!({"name": "secret", "vcpus": 1, "memory_mib": 128})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "secret", "vcpus": 1, "memory_mib": 128})),
+        )
         .await;
     let id = v["vm"]["id"].as_str().unwrap().to_string();
     let op = v["operation"]["id"].as_str().unwrap().to_string();
@@ -90,34 +149,83 @@ async fn another_tenants_vm_is_invisible() {
     let (_, list) = t.call("GET", "/api/v1/vms", Some(&b), None).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
     // A user cannot create in another tenant by naming it.
-    let (_, ta) = t.call("GET", "/api/v1/tenants?limit=10", Some(&admin), None).await;
-    let a_id = ta["items"].as_array().unwrap().iter().find(|x| x["name"] == "a").unwrap()["id"].clone();
+    let (_, ta) = t
+        .call("GET", "/api/v1/tenants?limit=10", Some(&admin), None)
+        .await;
+    let a_id = ta["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "a")
+        .unwrap()["id"]
+        .clone();
     let (s, _) = t
-        .call("POST", "/api/v1/vms", Some(&b), Some(json!({"name": "x", "vcpus": 1, "memory_mib": 128, "tenant": a_id})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&b),
+            Some(json!({"name": "x", "vcpus": 1, "memory_mib": 128, "tenant": a_id})),
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // Admins see both tenants' VMs; filters narrow the list.
-    let (_, all) = t.call("GET", "/api/v1/vms?state=pending", Some(&admin), None).await;
+    let (_, all) = t
+        .call("GET", "/api/v1/vms?state=pending", Some(&admin), None)
+        .await;
     assert_eq!(all["items"].as_array().unwrap().len(), 1);
-    let (_, none) = t.call("GET", "/api/v1/vms?state=running", Some(&admin), None).await;
+    let (_, none) = t
+        .call("GET", "/api/v1/vms?state=running", Some(&admin), None)
+        .await;
     assert_eq!(none["items"].as_array().unwrap().len(), 0);
 }
 
 #[tokio::test]
 async fn viewers_cannot_change_vms() {
     let (t, admin, a, _) = setup().await;
-    let (_, ta) = t.call("GET", "/api/v1/tenants?limit=10", Some(&admin), None).await;
-    let a_id = ta["items"].as_array().unwrap().iter().find(|x| x["name"] == "a").unwrap()["id"].as_str().unwrap().to_string();
+    let (_, ta) = t
+        .call("GET", "/api/v1/tenants?limit=10", Some(&admin), None)
+        .await;
+    let a_id = ta["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "a")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let viewer = t.user("va", &a_id, Role::Viewer).await;
     let (_, v) = t
-        .call("POST", "/api/v1/vms", Some(&a), Some(json!({"name": "v", "vcpus": 1, "memory_mib": 128})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "v", "vcpus": 1, "memory_mib": 128})),
+        )
         .await;
     let id = v["vm"]["id"].as_str().unwrap();
-    assert_eq!(t.call("GET", &format!("/api/v1/vms/{id}"), Some(&viewer), None).await.0, StatusCode::OK);
-    let (s, _) = t.call("POST", &format!("/api/v1/vms/{id}/stop"), Some(&viewer), None).await;
+    assert_eq!(
+        t.call("GET", &format!("/api/v1/vms/{id}"), Some(&viewer), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (s, _) = t
+        .call(
+            "POST",
+            &format!("/api/v1/vms/{id}/stop"),
+            Some(&viewer),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, _) = t
-        .call("POST", "/api/v1/vms", Some(&viewer), Some(json!({"name": "w", "vcpus": 1, "memory_mib": 128})))
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&viewer),
+            Some(json!({"name": "w", "vcpus": 1, "memory_mib": 128})),
+        )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }

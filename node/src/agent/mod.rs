@@ -205,11 +205,11 @@ impl Agent {
             }
             Action::Remove { domain } => {
                 match self.hv.destroy(domain).await {
-                    Ok(()) | Err(hypervisor::HypervisorError::NotFound(_)) => {}
+                    Ok(()) | Err(hypervisor::HypervisorError::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
                 match self.hv.undefine(domain).await {
-                    Ok(()) | Err(hypervisor::HypervisorError::NotFound(_)) => {}
+                    Ok(()) | Err(hypervisor::HypervisorError::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -252,9 +252,10 @@ impl Agent {
                 ("vm.delete", None) => Some((OperationState::Succeeded, None)),
                 (_, None) => None,
                 (_, Some(v)) if v.node != Some(self.me) => None,
-                (_, Some(v)) if v.state == VmState::Failed => {
-                    Some((OperationState::Failed, Some("the VM failed on its node".to_string())))
-                }
+                (_, Some(v)) if v.state == VmState::Failed => Some((
+                    OperationState::Failed,
+                    Some("the VM failed on its node".to_string()),
+                )),
                 ("vm.create" | "vm.start", Some(v)) => match (v.desired_state, v.state) {
                     (raft::model::DesiredState::Running, VmState::Running) => {
                         Some((OperationState::Succeeded, None))

@@ -14,25 +14,44 @@ use raft::model::{DesiredState, NodeId, Vm, VmState};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Define (or redefine at a new epoch) the domain of this VM.
-    Define { vm: String, epoch: u64 },
-    Start { vm: String },
+    Define {
+        vm: String,
+        epoch: u64,
+    },
+    Start {
+        vm: String,
+    },
     /// Graceful stop with a timeout, then destroy.
-    Shutdown { vm: String },
+    Shutdown {
+        vm: String,
+    },
     /// Stop at once and remove the definition and the VM's files (deleted or placed elsewhere).
-    Remove { domain: String },
+    Remove {
+        domain: String,
+    },
     /// Tell the cluster what this VM is doing now.
-    Report { vm: String, epoch: u64, state: VmState },
+    Report {
+        vm: String,
+        epoch: u64,
+        state: VmState,
+    },
     /// The VM is deleted and nothing of it is left here.
-    Purge { vm: String, epoch: u64 },
+    Purge {
+        vm: String,
+        epoch: u64,
+    },
 }
 
 /// What the cluster's state says about one VM assigned to this node.
 pub fn observed_state(d: Option<&DomainInfo>) -> VmState {
     match d.map(|d| d.state) {
         None => VmState::Stopped,
-        Some(DomainState::Running | DomainState::Blocked | DomainState::Paused | DomainState::PmSuspended) => {
-            VmState::Running
-        }
+        Some(
+            DomainState::Running
+            | DomainState::Blocked
+            | DomainState::Paused
+            | DomainState::PmSuspended,
+        ) => VmState::Running,
         Some(DomainState::ShuttingDown) => VmState::Stopping,
         Some(DomainState::Crashed) => VmState::Failed,
         Some(DomainState::Shutoff | DomainState::NoState) => VmState::Stopped,
@@ -112,7 +131,8 @@ pub fn plan(
 
     // Domains of ours that this node must not run: deleted, or placed elsewhere (fenced).
     for (vm_id, d) in &by_vm {
-        if !wanted_here.contains(vm_id) && !vms.iter().any(|v| v.id == *vm_id && v.node == Some(me)) {
+        if !wanted_here.contains(vm_id) && !vms.iter().any(|v| v.id == *vm_id && v.node == Some(me))
+        {
             actions.push(Action::Remove {
                 domain: d.name.clone(),
             });
@@ -169,9 +189,16 @@ mod tests {
                 vec![vm("a", Some(1), 1, WantRun, VmState::Scheduled)],
                 vec![],
                 vec![
-                    Action::Define { vm: "a".into(), epoch: 1 },
+                    Action::Define {
+                        vm: "a".into(),
+                        epoch: 1,
+                    },
                     Action::Start { vm: "a".into() },
-                    Action::Report { vm: "a".into(), epoch: 1, state: VmState::Starting },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Starting,
+                    },
                 ],
             ),
             (
@@ -184,7 +211,11 @@ mod tests {
                 "running, state not yet reported",
                 vec![vm("a", Some(1), 1, WantRun, VmState::Starting)],
                 vec![dom("a", DomainState::Running, 1)],
-                vec![Action::Report { vm: "a".into(), epoch: 1, state: VmState::Running }],
+                vec![Action::Report {
+                    vm: "a".into(),
+                    epoch: 1,
+                    state: VmState::Running,
+                }],
             ),
             (
                 "destroyed behind our back while wanted running: restarted",
@@ -192,14 +223,22 @@ mod tests {
                 vec![dom("a", DomainState::Shutoff, 1)],
                 vec![
                     Action::Start { vm: "a".into() },
-                    Action::Report { vm: "a".into(), epoch: 1, state: VmState::Starting },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Starting,
+                    },
                 ],
             ),
             (
                 "crashed while wanted stopped: reported, not restarted",
                 vec![vm("a", Some(1), 1, WantStop, VmState::Stopped)],
                 vec![dom("a", DomainState::Crashed, 1)],
-                vec![Action::Report { vm: "a".into(), epoch: 1, state: VmState::Failed }],
+                vec![Action::Report {
+                    vm: "a".into(),
+                    epoch: 1,
+                    state: VmState::Failed,
+                }],
             ),
             (
                 "stop requested",
@@ -207,7 +246,11 @@ mod tests {
                 vec![dom("a", DomainState::Running, 1)],
                 vec![
                     Action::Shutdown { vm: "a".into() },
-                    Action::Report { vm: "a".into(), epoch: 1, state: VmState::Stopping },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Stopping,
+                    },
                 ],
             ),
             (
@@ -220,13 +263,22 @@ mod tests {
                 "deleted: removed and purged",
                 vec![vm("a", Some(1), 1, WantStop, VmState::Deleting)],
                 vec![dom("a", DomainState::Running, 1)],
-                vec![Action::Remove { domain: n("a") }, Action::Purge { vm: "a".into(), epoch: 1 }],
+                vec![
+                    Action::Remove { domain: n("a") },
+                    Action::Purge {
+                        vm: "a".into(),
+                        epoch: 1,
+                    },
+                ],
             ),
             (
                 "deleted and already gone: purged",
                 vec![vm("a", Some(1), 1, WantStop, VmState::Deleting)],
                 vec![],
-                vec![Action::Purge { vm: "a".into(), epoch: 1 }],
+                vec![Action::Purge {
+                    vm: "a".into(),
+                    epoch: 1,
+                }],
             ),
             (
                 "orphan domain of ours with no VM: removed",
@@ -239,9 +291,16 @@ mod tests {
                 vec![vm("a", Some(1), 3, WantRun, VmState::Scheduled)],
                 vec![dom("a", DomainState::Shutoff, 1)],
                 vec![
-                    Action::Define { vm: "a".into(), epoch: 3 },
+                    Action::Define {
+                        vm: "a".into(),
+                        epoch: 3,
+                    },
                     Action::Start { vm: "a".into() },
-                    Action::Report { vm: "a".into(), epoch: 3, state: VmState::Starting },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 3,
+                        state: VmState::Starting,
+                    },
                 ],
             ),
         ];

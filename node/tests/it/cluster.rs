@@ -27,7 +27,12 @@ async fn three_nodes_replicate_fail_over_and_restart() -> anyhow::Result<()> {
     let id = t["id"].as_str().unwrap().to_string();
     for i in 0..3 {
         let (s, v) = c
-            .request(i, reqwest::Method::GET, &format!("/api/v1/tenants/{id}"), None)
+            .request(
+                i,
+                reqwest::Method::GET,
+                &format!("/api/v1/tenants/{id}"),
+                None,
+            )
             .await?;
         assert_eq!(s, 200, "node {i}: {v}");
         assert_eq!(v["name"], "through-follower");
@@ -39,7 +44,8 @@ async fn three_nodes_replicate_fail_over_and_restart() -> anyhow::Result<()> {
     let survivor = (leader + 1) % 3;
     let new_leader = c.wait_leader(survivor, Some(leader)).await?;
     assert_ne!(new_leader, leader);
-    c.create_tenant_eventually(survivor, "after-failover").await?;
+    c.create_tenant_eventually(survivor, "after-failover")
+        .await?;
     written.push("after-failover".into());
 
     // The killed node comes back and catches up with everything.
@@ -61,7 +67,11 @@ async fn three_nodes_replicate_fail_over_and_restart() -> anyhow::Result<()> {
     written.push("after-restart".into());
     for i in 0..3 {
         c.wait_has_tenants(i, &written).await?;
-        let linear: BTreeSet<String> = c.tenant_names(i, "linearizable").await?.into_iter().collect();
+        let linear: BTreeSet<String> = c
+            .tenant_names(i, "linearizable")
+            .await?
+            .into_iter()
+            .collect();
         for w in &written {
             assert!(linear.contains(w), "node {i} lost {w}");
         }

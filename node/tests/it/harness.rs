@@ -110,9 +110,11 @@ impl TestCluster {
     }
 
     pub fn join_token(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(self.nodes[0].dir.join("join-token"))?
-            .trim()
-            .to_string())
+        Ok(
+            std::fs::read_to_string(self.nodes[0].dir.join("join-token"))?
+                .trim()
+                .to_string(),
+        )
     }
 
     /// Starts one more node (the first with `--init`) and waits until it is ready.
@@ -174,13 +176,17 @@ impl TestCluster {
     pub async fn wait_ready(&self, i: usize) -> Result<()> {
         let url = format!("{}/readyz", self.nodes[i].url());
         let http = self.http.clone();
-        eventually(&format!("{} to be ready", self.nodes[i].name), Duration::from_secs(60), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                let r = http.get(&url).send().await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        })
+        eventually(
+            &format!("{} to be ready", self.nodes[i].name),
+            Duration::from_secs(60),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let r = http.get(&url).send().await.ok()?;
+                    r.status().is_success().then_some(())
+                }
+            },
+        )
         .await
     }
 
@@ -227,7 +233,12 @@ impl TestCluster {
 
     pub async fn create_tenant(&self, i: usize, name: &str) -> Result<Value> {
         let (s, v) = self
-            .request(i, reqwest::Method::POST, "/api/v1/tenants", Some(json!({"name": name})))
+            .request(
+                i,
+                reqwest::Method::POST,
+                "/api/v1/tenants",
+                Some(json!({"name": name})),
+            )
             .await?;
         if s != 201 {
             bail!("create tenant {name} on node {i}: HTTP {s} {v}");
@@ -237,14 +248,18 @@ impl TestCluster {
 
     /// Retries a create on `i` through leader elections, until it succeeds.
     pub async fn create_tenant_eventually(&self, i: usize, name: &str) -> Result<Value> {
-        eventually(&format!("tenant {name} to be created"), Duration::from_secs(30), || async {
-            self.create_tenant(i, name).await.ok()
-        })
+        eventually(
+            &format!("tenant {name} to be created"),
+            Duration::from_secs(30),
+            || async { self.create_tenant(i, name).await.ok() },
+        )
         .await
     }
 
     pub async fn status(&self, i: usize) -> Result<Value> {
-        let (s, v) = self.request(i, reqwest::Method::GET, "/api/v1/cluster", None).await?;
+        let (s, v) = self
+            .request(i, reqwest::Method::GET, "/api/v1/cluster", None)
+            .await?;
         if s != 200 {
             bail!("cluster status: HTTP {s} {v}");
         }
@@ -332,7 +347,11 @@ impl TestCluster {
     /// Restarts a stopped node from its data directory.
     pub async fn restart(&mut self, i: usize) -> Result<()> {
         let dir = self.nodes[i].dir.clone();
-        let args = vec!["serve".into(), "--data-dir".into(), dir.display().to_string()];
+        let args = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+        ];
         self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning)?);
         Ok(())
     }

@@ -13,7 +13,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("node", &["api", "hypervisor", "raft", "web"]),
 ];
 
-const OURS: &[&str] = &["raft", "hypervisor", "web", "api", "federation", "chaos-tests", "xtask", "node"];
+const OURS: &[&str] = &[
+    "raft",
+    "hypervisor",
+    "web",
+    "api",
+    "federation",
+    "chaos-tests",
+    "xtask",
+    "node",
+];
 
 #[test]
 fn crate_dependencies_follow_the_layering() {

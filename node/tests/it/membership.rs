@@ -30,10 +30,14 @@ fn count(v: &Value, role: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learner_replaces_a_voter_down_beyond_the_timeout() -> anyhow::Result<()> {
     let mut c = TestCluster::start(6, fast_tuning(3_000, 10_000, 1_000)).await?;
-    eventually("5 voters and 1 learner", Duration::from_secs(60), || async {
-        let v = c.status(0).await.ok()?;
-        (count(&v, "voter") == 5 && count(&v, "learner") == 1).then_some(())
-    })
+    eventually(
+        "5 voters and 1 learner",
+        Duration::from_secs(60),
+        || async {
+            let v = c.status(0).await.ok()?;
+            (count(&v, "voter") == 5 && count(&v, "learner") == 1).then_some(())
+        },
+    )
     .await?;
 
     // Stop a voter that is not the leader.
@@ -54,20 +58,30 @@ async fn learner_replaces_a_voter_down_beyond_the_timeout() -> anyhow::Result<()
 
     // The learner is promoted, voters stay at 5, the stopped node is now a learner.
     let observer = leader;
-    eventually("the learner to replace the stopped voter", Duration::from_secs(60), || async {
-        let v = c.status(observer).await.ok()?;
-        let r = roles(&v);
-        let promoted = r.iter().any(|(n, role)| *n == learner_name && role == "voter");
-        let demoted = r.iter().any(|(n, role)| *n == victim_name && role == "learner");
-        (promoted && demoted && count(&v, "voter") == 5).then_some(())
-    })
+    eventually(
+        "the learner to replace the stopped voter",
+        Duration::from_secs(60),
+        || async {
+            let v = c.status(observer).await.ok()?;
+            let r = roles(&v);
+            let promoted = r
+                .iter()
+                .any(|(n, role)| *n == learner_name && role == "voter");
+            let demoted = r
+                .iter()
+                .any(|(n, role)| *n == victim_name && role == "learner");
+            (promoted && demoted && count(&v, "voter") == 5).then_some(())
+        },
+    )
     .await?;
 
     // The stopped node comes back, as a learner, and catches up.
     c.restart(victim).await?;
     c.wait_ready(victim).await?;
-    c.create_tenant_eventually(observer, "after-replacement").await?;
-    c.wait_has_tenants(victim, &["after-replacement".to_string()]).await?;
+    c.create_tenant_eventually(observer, "after-replacement")
+        .await?;
+    c.wait_has_tenants(victim, &["after-replacement".to_string()])
+        .await?;
     let v = c.status(observer).await?;
     assert!(
         roles(&v).contains(&(victim_name.clone(), "learner".to_string())),

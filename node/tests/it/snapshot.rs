@@ -26,6 +26,9 @@ async fn a_node_behind_compaction_installs_a_snapshot() -> anyhow::Result<()> {
     c.wait_ready(lagging).await?;
     c.wait_has_tenants(lagging, &names).await?;
     let snap = c.metric(lagging, "novacron_raft_snapshot_index").await?;
-    assert!(snap > applied_at_stop, "the lagging node holds no snapshot past its old log");
+    assert!(
+        snap > applied_at_stop,
+        "the lagging node holds no snapshot past its old log"
+    );
     Ok(())
 }

@@ -54,6 +54,9 @@ pub fn digest_of<'a>(pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> S
 /// How many times [`StateReader::digest`] rescans when entries are applied during its scan.
 const DIGEST_ATTEMPTS: usize = 16;
 
+/// Keys and stored bytes, in key order.
+pub type RawRows = Vec<(Vec<u8>, Vec<u8>)>;
+
 impl StateReader {
     pub(crate) fn new(inner: Arc<Inner>) -> Self {
         StateReader { inner }
@@ -104,7 +107,7 @@ impl StateReader {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<RawRows, StoreError> {
         // The smallest key strictly greater than `after` is `after` followed by a zero byte.
         let start = match after {
             Some(after) if after >= prefix => {
