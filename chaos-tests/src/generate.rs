@@ -8,6 +8,8 @@
 //! recorded as `fail`. The checkers must accept every such history; the same seed gives the same
 //! history, so a failure replays.
 
+use std::collections::BTreeMap;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -49,8 +51,18 @@ enum Phase {
     Applied(usize),
 }
 
+/// A generated history and the state it leaves.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub seed: u64,
+    pub ops: Vec<Operation>,
+    /// Key -> its final state in the read shape (`null` or `{"version", "value"}`), as a fully
+    /// healed cluster would return it.
+    pub final_state: BTreeMap<String, Value>,
+}
+
 /// Generates a linearizable history from `seed`.
-pub fn register_history(seed: u64, config: &Config) -> Vec<Operation> {
+pub fn register_history(seed: u64, config: &Config) -> Generated {
     let mut rng = StdRng::seed_from_u64(seed);
     let keys: Vec<String> = (0..config.keys.max(1)).map(|k| format!("k{k}")).collect();
     // The sequential model: per key, absent or (version, value).
@@ -140,7 +152,22 @@ pub fn register_history(seed: u64, config: &Config) -> Vec<Operation> {
             }
         }
     }
-    ops
+    let final_state = keys
+        .iter()
+        .zip(&model)
+        .map(|(key, state)| {
+            let read = match state {
+                None => Value::Null,
+                Some((version, value)) => json!({"version": *version, "value": *value}),
+            };
+            (key.clone(), read)
+        })
+        .collect();
+    Generated {
+        seed,
+        ops,
+        final_state,
+    }
 }
 
 /// Applies `op` to one key's model, fills its observation, and says whether it took effect.

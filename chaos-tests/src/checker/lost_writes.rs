@@ -6,8 +6,8 @@
 //! come from a write that is not superseded (an acknowledged one, or one of unknown outcome, which
 //! may have landed last), or be the initial state if nothing was acknowledged. A final value from
 //! a superseded write means the acknowledged writes after it were lost; a value nobody wrote is a
-//! phantom. When the reads carry versions, a final version below the highest acknowledged one is
-//! a loss too (versions only grow).
+//! phantom. When the reads carry versions and the key was never deleted, a final version below
+//! the highest acknowledged one is a loss too (versions only grow while an object lives).
 //!
 //! Final reads use the read shape of [`super::linearizable`]: `null` for absent, or
 //! `{"value": v, "version"?: n}`; a key missing from a node's map is absent.
@@ -174,10 +174,16 @@ pub fn check(
             .filter(|w| !superseded(w))
             .map(|w| w.op.clone())
             .collect();
-        let max_acked_version = acked
-            .iter()
-            .filter_map(|w| w.op.output.get("version").and_then(Value::as_u64))
-            .max();
+        // Versions only grow while the object lives; a delete and a re-create start again at
+        // one, so the version rule applies only to keys never (possibly) deleted.
+        let max_acked_version = if writes.iter().any(|w| w.op.f == Func::Delete) {
+            None
+        } else {
+            acked
+                .iter()
+                .filter_map(|w| w.op.output.get("version").and_then(Value::as_u64))
+                .max()
+        };
         let initial_value = initial.get(*key).map(canonical);
         for (node, reads) in final_reads {
             compared += 1;
