@@ -30,6 +30,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -171,10 +173,10 @@ pub fn check(ops: &[Operation], options: &Options) -> Result<Report, ShapeError>
     let mut operations_checked = 0;
     for (key, key_ops) in by_key {
         let mut interner = Interner::default();
-        let initial = match options.initial.get(key) {
-            Some((version, value)) => Some((*version, interner.intern(value))),
-            None => None,
-        };
+        let initial = options
+            .initial
+            .get(key)
+            .map(|(version, value)| (*version, interner.intern(value)));
         let mut search_ops = Vec::new();
         for op in key_ops {
             if let Some(reg) = RegOp::parse(op, &mut interner)? {
@@ -380,19 +382,28 @@ impl SearchOp<'_> {
     }
 }
 
-/// A fixed-size set of operation indices.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct BitSet(Vec<u64>);
+/// A set of operation indices kept as a 128-bit Zobrist hash: each operation has a random key
+/// and the set is the XOR of its members' keys, so adding or removing one is O(1) and the memo
+/// stores 16 bytes instead of a bitset of the whole history. Two different sets collide with
+/// probability 2^-128 per pair, far below any chance of a checker run ever meeting one; a
+/// collision could only prune a branch, and the keys are drawn from a fixed seed so a verdict
+/// replays exactly.
+struct OpSet {
+    keys: Vec<u128>,
+    hash: u128,
+}
 
-impl BitSet {
+impl OpSet {
     fn new(n: usize) -> Self {
-        Self(vec![0; n.div_ceil(64)])
+        let mut rng = StdRng::seed_from_u64(0x6e6f_7661_6372_6f6e);
+        Self {
+            keys: (0..n).map(|_| rng.gen()).collect(),
+            hash: 0,
+        }
     }
-    fn set(&mut self, i: usize) {
-        self.0[i / 64] |= 1 << (i % 64);
-    }
-    fn clear(&mut self, i: usize) {
-        self.0[i / 64] &= !(1 << (i % 64));
+    /// Adds or removes operation `i` (XOR is its own inverse).
+    fn toggle(&mut self, i: usize) {
+        self.hash ^= self.keys[i];
     }
 }
 
@@ -477,8 +488,8 @@ fn search(
     };
 
     let mut state = initial;
-    let mut linearized = BitSet::new(ops.len());
-    let mut seen: HashSet<(BitSet, State)> = HashSet::new();
+    let mut linearized = OpSet::new(ops.len());
+    let mut seen: HashSet<(u128, State)> = HashSet::new();
     // The calls linearized so far, each with the state before it.
     let mut stack: Vec<(usize, State)> = Vec::new();
     let mut deepest: Option<Box<Violation>> = None;
@@ -487,15 +498,15 @@ fn search(
     let mut entry = links.next[head];
     loop {
         steps += 1;
-        if steps % 1024 == 0 && Instant::now() >= deadline {
+        if steps.is_multiple_of(1024) && Instant::now() >= deadline {
             return KeyVerdict::Unknown;
         }
         let at_return = entry == tail || !node(entry).is_call;
         if !at_return {
             let i = node(entry).op;
             if let Some(next_state) = ops[i].reg.step(state) {
-                linearized.set(i);
-                if seen.insert((linearized.clone(), next_state)) {
+                linearized.toggle(i);
+                if seen.insert((linearized.hash, next_state)) {
                     stack.push((entry, state));
                     state = next_state;
                     links.remove(entry);
@@ -509,7 +520,7 @@ fn search(
                     entry = links.next[head];
                     continue;
                 }
-                linearized.clear(i);
+                linearized.toggle(i);
             }
             entry = links.next[entry];
             continue;
@@ -526,7 +537,7 @@ fn search(
         };
         let i = node(call).op;
         state = before;
-        linearized.clear(i);
+        linearized.toggle(i);
         links.restore(return_node[i]);
         links.restore(call);
         if ops[i].definite() {

@@ -210,6 +210,9 @@ fn max_possible_limit(changes: &[&LimitChange], initial: Option<u64>, t: u64) ->
     candidates.into_iter().flatten().max()
 }
 
+/// The claims and limit changes of one tenant's resource.
+type Group<'a> = (Vec<&'a Claim>, Vec<&'a LimitChange>);
+
 /// Checks samples and acknowledged claims against the limits.
 pub fn check(evidence: &Evidence) -> Report {
     let mut overshoots: Vec<Overshoot> = evidence
@@ -220,7 +223,7 @@ pub fn check(evidence: &Evidence) -> Report {
         .map(Overshoot::Sample)
         .collect();
 
-    let mut groups: BTreeMap<(&str, Resource), (Vec<&Claim>, Vec<&LimitChange>)> = BTreeMap::new();
+    let mut groups: BTreeMap<(&str, Resource), Group<'_>> = BTreeMap::new();
     for claim in evidence
         .claims
         .iter()

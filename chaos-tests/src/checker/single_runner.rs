@@ -4,10 +4,9 @@
 //! consecutive `running` samples of one node the VM is taken to have run there throughout (a stop
 //! and restart inside one poll interval would go unseen; polls faster than a VM restarts make that
 //! moot). So each node yields *observed running spans*, from the first to the last of a series of
-//! consecutive `running` samples, and two spans
-//! on different nodes that overlap prove two copies ran at once. An overlap is excused only when
-//! it lies inside the window of a migration of that VM between exactly those two nodes, widened
-//! by a tolerance for the pause-and-resume instant.
+//! consecutive `running` samples, and two spans on different nodes that overlap prove two copies
+//! ran at once. An overlap is excused only when it lies inside the window of a migration of that
+//! VM between exactly those two nodes, widened by a tolerance for the pause-and-resume instant.
 
 use std::collections::BTreeMap;
 

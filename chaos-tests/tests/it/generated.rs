@@ -33,7 +33,7 @@ fn assert_valid(seed: u64, config: &Config) {
             ..Options::default()
         },
     )
-    .unwrap();
+    .expect("generated values have the register shapes");
     assert_eq!(
         report.verdict(),
         Verdict::Pass,
@@ -81,4 +81,24 @@ fn the_same_seed_gives_the_same_history() {
     let b = register_history(42, &Config::default());
     assert_eq!(a.ops, b.ops);
     assert_ne!(a.ops, register_history(43, &Config::default()).ops);
+}
+
+#[test]
+fn a_corrupted_read_in_a_generated_history_is_caught() {
+    use chaos_tests::history::{Func, Outcome};
+    for seed in seeds().into_iter().take(20) {
+        println!("seed {seed} (replay with CHAOS_SEED={seed})");
+        let mut generated = register_history(seed, &Config::default());
+        let Some(read) = generated
+            .ops
+            .iter_mut()
+            .find(|o| o.f == Func::Read && o.outcome == Outcome::Ok && !o.output.is_null())
+        else {
+            continue;
+        };
+        // Values are drawn from 0..4, so nobody ever wrote this one.
+        read.output["value"] = serde_json::json!(999);
+        let report = linearizable::check(&generated.ops, &Options::default()).unwrap();
+        assert_eq!(report.verdict(), Verdict::Fail, "seed {seed}");
+    }
 }
