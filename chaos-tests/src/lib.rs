@@ -1,1 +1,15 @@
 //! Fault injection and consistency checkers for NovaCron clusters.
+//!
+//! The pieces of a chaos run, each usable on its own:
+//! - [`history`]: what clients invoked and observed, as JSONL, on one clock with the faults;
+//! - [`checker`]: one module per invariant (linearizability, lost writes, quotas, a single
+//!   running copy of each VM, convergence), each returning a typed report;
+//! - [`generate`]: seeded random histories that are valid by construction, to test the checkers;
+//! - [`report`]: the readable text and JSON summary of a run, written under `target/chaos/`;
+//! - [`nemesis`]: faults on real processes (kill, restart, pause) and a seeded fault schedule.
+
+pub mod checker;
+pub mod generate;
+pub mod history;
+pub mod nemesis;
+pub mod report;
