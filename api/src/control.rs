@@ -106,7 +106,7 @@ pub trait ControlPlane: Send + Sync + 'static {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError>;
+    ) -> Result<raft::store::RawRows, ClusterError>;
 
     async fn status(&self) -> Result<ClusterStatus, ClusterError>;
 

@@ -96,7 +96,7 @@ impl ControlPlane for NodeControl {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
+    ) -> Result<raft::store::RawRows, ClusterError> {
         self.reader.scan_raw(prefix, after, limit).map_err(internal)
     }
 

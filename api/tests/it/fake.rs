@@ -40,7 +40,7 @@ impl ControlPlane for FakeCluster {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
+    ) -> Result<raft::store::RawRows, ClusterError> {
         let st = self.state.lock().unwrap();
         let map = st.map.borrow();
         Ok(map

@@ -1,5 +1,8 @@
 //! Router tests without sockets: the API over an in-memory control plane.
 
+// Test support code may unwrap: a panic there is a test failure with its cause.
+#![allow(clippy::unwrap_used)]
+
 mod fake;
 mod tenants;
 mod users;

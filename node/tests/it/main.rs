@@ -1,5 +1,8 @@
 //! Integration tests of the `novacron` binary: real processes, real QUIC, real sled.
 
+// Test support code may unwrap: a panic there is a test failure with its cause.
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 
 mod cluster;

@@ -31,7 +31,7 @@ use crate::codec::CodecError;
 use crate::NodeId;
 
 pub use self::log::LogStore;
-pub use self::reader::{digest_of, Applied, StateReader};
+pub use self::reader::{digest_of, Applied, RawRows, StateReader};
 pub use self::state_machine::{SnapshotBuilder, StateMachine};
 
 /// How many applied entries the event channel buffers for slow subscribers before they lag.
