@@ -3,6 +3,7 @@
 mod auth;
 mod cluster;
 mod health;
+mod nodes;
 mod tenants;
 mod users;
 mod vms;
@@ -29,6 +30,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/cluster", get(cluster::status))
         .route("/cluster/join", post(cluster::join))
         .route("/tenants", get(tenants::list).post(tenants::create))
+        .route("/nodes", get(nodes::list))
+        .route("/nodes/{id}", axum::routing::delete(nodes::remove))
+        .route("/nodes/{id}/drain", post(nodes::drain))
+        .route("/nodes/{id}/undrain", post(nodes::undrain))
         .route("/vms", get(vms::list).post(vms::create))
         .route("/vms/{id}", get(vms::get_one).delete(vms::delete))
         .route("/vms/{id}/start", post(vms::start))

@@ -90,3 +90,25 @@ async fn learner_replaces_a_voter_down_beyond_the_timeout() -> anyhow::Result<()
     assert_eq!(count(&v, "voter"), 5, "{v}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_leaves_the_membership() -> anyhow::Result<()> {
+    let c = TestCluster::start(4, fast_tuning(60_000, 10_000, 1_000)).await?;
+    eventually("4 members", Duration::from_secs(60), || async {
+        let v = c.status(0).await.ok()?;
+        (roles(&v).len() == 4 && count(&v, "voter") == 3).then_some(())
+    })
+    .await?;
+    let (s, v) = c.request(0, reqwest::Method::DELETE, "/api/v1/nodes/n4", None).await?;
+    assert_eq!(s, 204, "{v}");
+    eventually("n4 to leave", Duration::from_secs(30), || async {
+        let v = c.status(0).await.ok()?;
+        let r = roles(&v);
+        (r.len() == 3 && !r.iter().any(|(n, _)| n == "n4")).then_some(())
+    })
+    .await?;
+    // Its name cannot be reused by a node with the old identity.
+    let (s, _) = c.request(0, reqwest::Method::DELETE, "/api/v1/nodes/n4", None).await?;
+    assert_eq!(s, 404);
+    Ok(())
+}
