@@ -44,6 +44,17 @@ pub struct NodeConfig {
     pub init_pending: bool,
     #[serde(default)]
     pub tuning: Tuning,
+    /// The agent's libvirt connection.
+    #[serde(default = "default_libvirt_uri")]
+    pub libvirt_uri: String,
+    #[serde(default)]
+    pub guest_kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub guest_initrd: Option<PathBuf>,
+}
+
+pub fn default_libvirt_uri() -> String {
+    "qemu:///system".to_string()
 }
 
 /// Timers and thresholds; defaults suit a LAN. Tests shorten them.
@@ -156,6 +167,9 @@ mod tests {
             peer_addr: "127.0.0.1:7070".into(),
             init_pending: false,
             tuning: Tuning::default(),
+            libvirt_uri: default_libvirt_uri(),
+            guest_kernel: None,
+            guest_initrd: None,
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(NodeConfig::load(dir.path()).unwrap(), cfg);

@@ -55,6 +55,15 @@ struct ServeArgs {
     /// Raft and membership timers, as JSON (see Tuning); for tests and benchmarks.
     #[arg(long, env = "NOVACRON_TUNING", hide = true)]
     tuning: Option<String>,
+    /// libvirt connection of this node's agent (stored; default qemu:///system).
+    /// `test:///default` runs VMs on libvirt's in-process test driver.
+    #[arg(long, env = "NOVACRON_LIBVIRT_URI")]
+    libvirt_uri: Option<String>,
+    /// Kernel and initrd that VMs with image `tiny` boot directly (the test guest).
+    #[arg(long, env = "NOVACRON_GUEST_KERNEL")]
+    guest_kernel: Option<PathBuf>,
+    #[arg(long, env = "NOVACRON_GUEST_INITRD")]
+    guest_initrd: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +128,9 @@ fn main() -> ExitCode {
                     join: a.join,
                     token: a.token,
                     tuning,
+                    libvirt_uri: a.libvirt_uri,
+                    guest_kernel: a.guest_kernel,
+                    guest_initrd: a.guest_initrd,
                 };
                 node::server::serve(opts, node::server::shutdown_signal()).await
             }

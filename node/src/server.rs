@@ -44,6 +44,9 @@ pub struct ServeOptions {
     pub join: Option<String>,
     pub token: Option<String>,
     pub tuning: Option<Tuning>,
+    pub libvirt_uri: Option<String>,
+    pub guest_kernel: Option<PathBuf>,
+    pub guest_initrd: Option<PathBuf>,
 }
 
 /// The first node's initial secrets, kept on disk only until the cluster has committed them,
@@ -157,6 +160,8 @@ impl Node {
             if let Some(t) = opts.tuning.clone() {
                 config.tuning = t;
             }
+            apply_agent_options(&mut config, &opts);
+            config.save(&dir)?;
             let identity = NodeIdentity::load(&tls_dir)?;
             let listener = tokio::net::TcpListener::bind(&config.api_addr)
                 .await
@@ -236,6 +241,11 @@ impl Node {
             let _ = std::fs::remove_file(dir.join(INIT_PENDING_FILE));
         }
 
+        tasks.push(tokio::spawn(run_agent(
+            control.clone(),
+            config.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(crate::membership::run(
             control.clone(),
             stop_rx.clone(),
@@ -306,6 +316,50 @@ impl Node {
         self.store.flush().await?;
         Ok(())
     }
+}
+
+fn apply_agent_options(config: &mut NodeConfig, opts: &ServeOptions) {
+    if let Some(uri) = &opts.libvirt_uri {
+        config.libvirt_uri = uri.clone();
+    }
+    if opts.guest_kernel.is_some() {
+        config.guest_kernel = opts.guest_kernel.clone();
+    }
+    if opts.guest_initrd.is_some() {
+        config.guest_initrd = opts.guest_initrd.clone();
+    }
+}
+
+/// Connects to libvirt (retrying while it is down) and runs the agent until shutdown.
+async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    let hv = loop {
+        match hypervisor::LibvirtHypervisor::connect(&config.libvirt_uri).await {
+            Ok(hv) => break hv,
+            Err(e) => {
+                tracing::warn!(uri = %config.libvirt_uri, error = %e, "libvirt unavailable; VMs on this node wait");
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    };
+    tracing::info!(uri = %config.libvirt_uri, "agent connected to libvirt");
+    let agent_config = crate::agent::AgentConfig {
+        guest_kernel: config.guest_kernel.clone(),
+        guest_initrd: config.guest_initrd.clone(),
+        ..Default::default()
+    };
+    let agent = crate::agent::Agent::new(
+        ctl.id,
+        Arc::new(hv),
+        ctl.reader.clone(),
+        ctl.cluster.clone(),
+        agent_config,
+    );
+    agent.run(stop).await;
 }
 
 async fn bind_api(opts: &ServeOptions) -> anyhow::Result<tokio::net::TcpListener> {
@@ -383,7 +437,12 @@ async fn init_new(
         peer_addr: peer.to_string(),
         init_pending: true,
         tuning: opts.tuning.clone().unwrap_or_default(),
+        libvirt_uri: crate::config::default_libvirt_uri(),
+        guest_kernel: None,
+        guest_initrd: None,
     };
+    let mut config = config;
+    apply_agent_options(&mut config, opts);
     config.save(dir)?;
     Ok((config, identity, listener))
 }
@@ -506,7 +565,12 @@ async fn join_existing(
         peer_addr: req.member.peer_addr.clone(),
         init_pending: false,
         tuning: opts.tuning.clone().unwrap_or_default(),
+        libvirt_uri: crate::config::default_libvirt_uri(),
+        guest_kernel: None,
+        guest_initrd: None,
     };
+    let mut config = config;
+    apply_agent_options(&mut config, opts);
     config.save(dir)?;
     Ok((config, identity, listener))
 }

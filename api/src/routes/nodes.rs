@@ -70,7 +70,12 @@ pub(crate) async fn list(
     Ok(Json(views))
 }
 
-async fn set_schedulable(state: AppState, caller: Caller, id: String, on: bool) -> ApiResult<Json<NodeRecord>> {
+async fn set_schedulable(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    on: bool,
+) -> ApiResult<Json<NodeRecord>> {
     caller.require(Role::Admin)?;
     let node = find(&state, &id)?;
     let (_, resp) = propose(

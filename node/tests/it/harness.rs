@@ -46,11 +46,13 @@ pub struct TestCluster {
     pub root: tempfile::TempDir,
     pub nodes: Vec<TestNode>,
     pub tuning: String,
+    /// Extra environment for every node process (for example a real libvirt URI).
+    pub env: Vec<(String, String)>,
     pub http: reqwest::Client,
     pub token: Option<String>,
 }
 
-fn spawn(dir: &Path, args: &[String], tuning: &str) -> Result<Child> {
+fn spawn(dir: &Path, args: &[String], tuning: &str, env: &[(String, String)]) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -59,6 +61,9 @@ fn spawn(dir: &Path, args: &[String], tuning: &str) -> Result<Child> {
         .args(args)
         .env("NOVACRON_TUNING", tuning)
         .env("NOVACRON_LOG", "info,openraft=warn")
+        // Each process gets libvirt's private in-process test driver unless a test says otherwise.
+        .env("NOVACRON_LIBVIRT_URI", "test:///default")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .spawn()
@@ -87,6 +92,14 @@ where
 impl TestCluster {
     /// Starts node 1 with `--init`, then `n - 1` nodes with `--join`.
     pub async fn start(n: usize, tuning: String) -> Result<TestCluster> {
+        Self::start_with(n, tuning, Vec::new()).await
+    }
+
+    pub async fn start_with(
+        n: usize,
+        tuning: String,
+        env: Vec<(String, String)>,
+    ) -> Result<TestCluster> {
         let root = tempfile::tempdir()?;
         // reqwest is built without a TLS provider of its own; ours is ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -97,6 +110,7 @@ impl TestCluster {
             root,
             nodes: Vec::new(),
             tuning,
+            env,
             http,
             token: None,
         };
@@ -140,7 +154,7 @@ impl TestCluster {
             args.extend(["--join".into(), url, "--token".into(), self.join_token()?]);
         }
         std::fs::create_dir_all(self.root.path())?;
-        let child = spawn(&dir, &args, &self.tuning)?;
+        let child = spawn(&dir, &args, &self.tuning, &self.env)?;
         let api = self.wait_config(&dir).await?;
         self.nodes.push(TestNode {
             name,
@@ -352,7 +366,7 @@ impl TestCluster {
             "--data-dir".into(),
             dir.display().to_string(),
         ];
-        self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning)?);
+        self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning, &self.env)?);
         Ok(())
     }
 

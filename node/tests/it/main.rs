@@ -10,3 +10,4 @@ mod join;
 mod layering;
 mod membership;
 mod snapshot;
+mod vms;

@@ -99,7 +99,9 @@ async fn a_removed_node_leaves_the_membership() -> anyhow::Result<()> {
         (roles(&v).len() == 4 && count(&v, "voter") == 3).then_some(())
     })
     .await?;
-    let (s, v) = c.request(0, reqwest::Method::DELETE, "/api/v1/nodes/n4", None).await?;
+    let (s, v) = c
+        .request(0, reqwest::Method::DELETE, "/api/v1/nodes/n4", None)
+        .await?;
     assert_eq!(s, 204, "{v}");
     eventually("n4 to leave", Duration::from_secs(30), || async {
         let v = c.status(0).await.ok()?;
@@ -108,7 +110,9 @@ async fn a_removed_node_leaves_the_membership() -> anyhow::Result<()> {
     })
     .await?;
     // Its name cannot be reused by a node with the old identity.
-    let (s, _) = c.request(0, reqwest::Method::DELETE, "/api/v1/nodes/n4", None).await?;
+    let (s, _) = c
+        .request(0, reqwest::Method::DELETE, "/api/v1/nodes/n4", None)
+        .await?;
     assert_eq!(s, 404);
     Ok(())
 }
