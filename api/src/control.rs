@@ -88,6 +88,9 @@ pub struct JoinResponse {
     pub cert_pem: String,
 }
 
+/// The bytes of a VM's serial console as they arrive; ends when the console closes.
+pub type ConsoleStream = futures::stream::BoxStream<'static, Result<Vec<u8>, std::io::Error>>;
+
 #[async_trait]
 pub trait ControlPlane: Send + Sync + 'static {
     /// Proposes a request through Raft (forwarded to the leader when needed) and returns the
@@ -112,6 +115,9 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// Admits a new node (on the leader; others answer `NotLeader`).
     async fn join(&self, req: JoinRequest) -> Result<JoinResponse, ClusterError>;
+
+    /// The live serial console of a VM, from whichever node runs it.
+    async fn console(&self, vm_id: &str) -> Result<ConsoleStream, ClusterError>;
 
     /// Member of a cluster with a known leader, and state applied up to the commit point seen.
     fn ready(&self) -> bool;

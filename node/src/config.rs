@@ -51,6 +51,9 @@ pub struct NodeConfig {
     pub guest_kernel: Option<PathBuf>,
     #[serde(default)]
     pub guest_initrd: Option<PathBuf>,
+    /// `kvm` or `qemu` to override detection; `None` detects.
+    #[serde(default)]
+    pub domain_type: Option<String>,
 }
 
 pub fn default_libvirt_uri() -> String {
@@ -170,6 +173,7 @@ mod tests {
             libvirt_uri: default_libvirt_uri(),
             guest_kernel: None,
             guest_initrd: None,
+            domain_type: None,
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(NodeConfig::load(dir.path()).unwrap(), cfg);

@@ -25,6 +25,7 @@ pub struct NodeControl {
     pub tuning: Tuning,
     pub metrics: RaftMetrics,
     pub started: Instant,
+    pub hv: crate::console::SharedHypervisor,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -216,6 +217,48 @@ impl ControlPlane for NodeControl {
             ca_cert_pem: secrets.ca_cert_pem,
             cert_pem,
         })
+    }
+
+    async fn console(&self, vm_id: &str) -> Result<api::control::ConsoleStream, ClusterError> {
+        use futures::StreamExt;
+        let vm = self
+            .reader
+            .vm(vm_id)
+            .map_err(internal)?
+            .ok_or_else(|| internal(format!("vm {vm_id} not found")))?;
+        let node = vm
+            .node
+            .ok_or_else(|| internal(format!("vm {vm_id} is not placed")))?;
+        if node == self.id {
+            return crate::console::local_console(&self.hv, vm_id)
+                .await
+                .map_err(internal);
+        }
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let peer = membership
+            .membership()
+            .get_node(&node)
+            .map(|m| m.peer_addr.clone())
+            .ok_or_else(|| internal(format!("node {node} is not a member")))?;
+        let addr = raft::net::Transport::resolve(&peer)
+            .await
+            .map_err(internal)?;
+        let (mut send, recv) = self.transport.open_tunnel(addr).await.map_err(internal)?;
+        send.write_all(format!("console {vm_id}\n").as_bytes())
+            .await
+            .map_err(internal)?;
+        let stream = futures::stream::unfold((recv, send), |(mut recv, send)| async move {
+            let mut buf = vec![0u8; 4096];
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    buf.truncate(n);
+                    Some((Ok(buf), (recv, send)))
+                }
+                Ok(None) => None,
+                Err(e) => Some((Err(std::io::Error::other(e)), (recv, send))),
+            }
+        });
+        Ok(stream.boxed())
     }
 
     fn ready(&self) -> bool {

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod dev;
 pub mod membership;

@@ -64,6 +64,10 @@ struct ServeArgs {
     guest_kernel: Option<PathBuf>,
     #[arg(long, env = "NOVACRON_GUEST_INITRD")]
     guest_initrd: Option<PathBuf>,
+    /// Force the libvirt domain type (kvm or qemu) where detection cannot tell that /dev/kvm
+    /// does not really work (nested or emulated KVM).
+    #[arg(long, env = "NOVACRON_DOMAIN_TYPE", value_parser = ["kvm", "qemu"])]
+    domain_type: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
                     libvirt_uri: a.libvirt_uri,
                     guest_kernel: a.guest_kernel,
                     guest_initrd: a.guest_initrd,
+                    domain_type: a.domain_type,
                 };
                 node::server::serve(opts, node::server::shutdown_signal()).await
             }

@@ -47,6 +47,7 @@ pub struct ServeOptions {
     pub libvirt_uri: Option<String>,
     pub guest_kernel: Option<PathBuf>,
     pub guest_initrd: Option<PathBuf>,
+    pub domain_type: Option<String>,
 }
 
 /// The first node's initial secrets, kept on disk only until the cluster has committed them,
@@ -207,13 +208,18 @@ impl Node {
         );
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let hv: crate::console::SharedHypervisor = Arc::default();
 
         {
             let transport = transport.clone();
             let raft = raft.clone();
             let mut stop = stop_rx.clone();
+            let ext = Arc::new(crate::console::NodeExtensions {
+                me: config.node_id,
+                reader: reader.clone(),
+                hv: hv.clone(),
+            });
             tasks.push(tokio::spawn(async move {
-                let ext = Arc::new(raft::net::NoExtensions);
                 transport
                     .serve(raft, ext, async move {
                         let _ = stop.wait_for(|s| *s).await;
@@ -232,6 +238,7 @@ impl Node {
             tuning: config.tuning.clone(),
             metrics: RaftMetrics::new(),
             started: Instant::now(),
+            hv,
         });
 
         if config.init_pending {
@@ -328,13 +335,22 @@ fn apply_agent_options(config: &mut NodeConfig, opts: &ServeOptions) {
     if opts.guest_initrd.is_some() {
         config.guest_initrd = opts.guest_initrd.clone();
     }
+    if opts.domain_type.is_some() {
+        config.domain_type = opts.domain_type.clone();
+    }
 }
 
 /// Connects to libvirt (retrying while it is down) and runs the agent until shutdown.
 async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     let hv = loop {
-        match hypervisor::LibvirtHypervisor::connect(&config.libvirt_uri).await {
+        let mut lv = hypervisor::LibvirtConfig::new(config.libvirt_uri.clone());
+        lv.force_domain_type = match config.domain_type.as_deref() {
+            Some("kvm") => Some(hypervisor::DomainType::Kvm),
+            Some("qemu") => Some(hypervisor::DomainType::Qemu),
+            _ => None,
+        };
+        match hypervisor::LibvirtHypervisor::connect_with(lv).await {
             Ok(hv) => break hv,
             Err(e) => {
                 tracing::warn!(uri = %config.libvirt_uri, error = %e, "libvirt unavailable; VMs on this node wait");
@@ -347,6 +363,8 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
         backoff = (backoff * 2).min(Duration::from_secs(10));
     };
     tracing::info!(uri = %config.libvirt_uri, "agent connected to libvirt");
+    let hv: Arc<dyn hypervisor::Hypervisor> = Arc::new(hv);
+    let _ = ctl.hv.set(hv.clone());
     let agent_config = crate::agent::AgentConfig {
         guest_kernel: config.guest_kernel.clone(),
         guest_initrd: config.guest_initrd.clone(),
@@ -354,7 +372,7 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
     };
     let agent = crate::agent::Agent::new(
         ctl.id,
-        Arc::new(hv),
+        hv,
         ctl.reader.clone(),
         ctl.cluster.clone(),
         agent_config,
@@ -440,6 +458,7 @@ async fn init_new(
         libvirt_uri: crate::config::default_libvirt_uri(),
         guest_kernel: None,
         guest_initrd: None,
+        domain_type: None,
     };
     let mut config = config;
     apply_agent_options(&mut config, opts);
@@ -568,6 +587,7 @@ async fn join_existing(
         libvirt_uri: crate::config::default_libvirt_uri(),
         guest_kernel: None,
         guest_initrd: None,
+        domain_type: None,
     };
     let mut config = config;
     apply_agent_options(&mut config, opts);

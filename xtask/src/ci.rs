@@ -78,6 +78,7 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
         }),
     ));
     steps.push(("libvirtd", Box::new(crate::libvirtd::ensure)));
+    steps.push(("guest", Box::new(|| crate::guest::ensure().map(|_| ()))));
     if nextest {
         steps.push((
             "tests (nextest)",
@@ -85,7 +86,7 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
                 run_inherit(
                     crate::cargo()
                         .args(["nextest", "run", "--workspace", "--no-tests=pass"])
-                        .env("NOVACRON_LIBVIRT_URI", LIBVIRT_URI),
+                        .envs(test_env()),
                 )
             }),
         ));
@@ -96,7 +97,7 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
                 run_inherit(
                     crate::cargo()
                         .args(["test", "--workspace", "--doc"])
-                        .env("NOVACRON_LIBVIRT_URI", LIBVIRT_URI),
+                        .envs(test_env()),
                 )
             }),
         ));
@@ -107,7 +108,7 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
                 run_inherit(
                     crate::cargo()
                         .args(["test", "--workspace"])
-                        .env("NOVACRON_LIBVIRT_URI", LIBVIRT_URI),
+                        .envs(test_env()),
                 )
             }),
         ));
@@ -164,6 +165,27 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
     Ok(())
 }
 
+/// What the tests that need real libvirt and the test guest read from the environment.
+fn test_env() -> Vec<(String, String)> {
+    let dir = crate::guest::dir();
+    vec![
+        ("NOVACRON_LIBVIRT_URI".into(), LIBVIRT_URI.into()),
+        (
+            "NOVACRON_GUEST_KERNEL".into(),
+            dir.join("vmlinuz").display().to_string(),
+        ),
+        (
+            "NOVACRON_GUEST_INITRD".into(),
+            dir.join("initrd.gz").display().to_string(),
+        ),
+        ("NOVACRON_GUEST_MARKER".into(), crate::guest::MARKER.into()),
+        (
+            "NOVACRON_LIBVIRTD_RESTART_CMD".into(),
+            crate::libvirtd::RESTART_CMD.into(),
+        ),
+    ]
+}
+
 fn has_nextest() -> bool {
     succeeds_within(
         crate::cargo().args(["nextest", "--version"]),
@@ -189,6 +211,14 @@ fn install_prerequisites() -> Result<()> {
         .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
+    let mut missing = missing;
+    // qemu-img usually comes with the machine (newer than Debian's); install it only if absent.
+    if !succeeds_within(
+        Command::new("qemu-img").arg("--version"),
+        Duration::from_secs(10),
+    ) {
+        missing.push("qemu-utils");
+    }
     if missing.is_empty() {
         println!("all {} packages already installed", DEBIAN_PACKAGES.len());
         return Ok(());

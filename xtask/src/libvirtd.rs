@@ -33,6 +33,13 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 ";
 
+/// A shell command that restarts the hand-started libvirtd and returns once it answers again;
+/// the tests that check recovery from a libvirtd restart run it.
+pub(crate) const RESTART_CMD: &str = "pkill -x libvirtd; \
+while pgrep -x libvirtd >/dev/null; do sleep 0.1; done; \
+/usr/sbin/libvirtd --daemon --pid-file /run/libvirtd.pid; \
+until virsh -q -c qemu:///system version >/dev/null 2>&1; do sleep 0.2; done";
+
 /// Whether a libvirtd answers on `qemu:///system` right now.
 fn answers() -> bool {
     succeeds_within(

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one automation entry point of the workspace.
 //!
 //! - `ci`: prerequisites, format, lints, a libvirtd for the tests, tests; what `.ci/run` calls.
+//! - `guest`: build the tiny test guest from Debian packages.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
 //!
@@ -9,6 +10,7 @@
 
 mod bench;
 mod ci;
+mod guest;
 mod libvirtd;
 mod process;
 
@@ -30,6 +32,8 @@ enum Command {
     Ci(ci::CiArgs),
     /// Start a system libvirtd (qemu:///system) by hand unless one already answers.
     Libvirtd,
+    /// Build the tiny test guest (Debian cloud kernel + busybox initramfs) in target/guest.
+    Guest,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Ci(args) => ci::run(&args),
         Command::Libvirtd => libvirtd::ensure(),
+        Command::Guest => guest::ensure().map(|_| ()),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),

@@ -39,6 +39,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/vms/{id}/start", post(vms::start))
         .route("/vms/{id}/stop", post(vms::stop))
         .route("/vms/{id}/reboot", post(vms::reboot))
+        .route("/vms/{id}/console", get(vms::console))
         .route("/operations/{id}", get(vms::get_operation))
         .route("/users", get(users::list).post(users::create))
         .route(

@@ -416,3 +416,25 @@ pub(crate) async fn get_operation(
     }
     Ok(Json(op))
 }
+
+/// `GET /api/v1/vms/{id}/console`: the serial console as a streamed body (bytes as they come).
+pub(crate) async fn console(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.require(Role::Operator)?;
+    let vm = load(&state, &caller, &id)?;
+    if vm.state != VmState::Running {
+        return Err(ApiError::Conflict(format!("vm {id} is not running")));
+    }
+    let stream = state.cp.console(&id).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}

@@ -68,6 +68,10 @@ impl ControlPlane for FakeCluster {
     async fn join(&self, _req: JoinRequest) -> Result<JoinResponse, ClusterError> {
         Err(ClusterError::JoinRefused("no joins in router tests".into()))
     }
+    async fn console(&self, _vm_id: &str) -> Result<api::control::ConsoleStream, ClusterError> {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(b"TINYVM BOOTED\n".to_vec())];
+        Ok(Box::pin(futures::stream::iter(chunks)))
+    }
     fn ready(&self) -> bool {
         true
     }

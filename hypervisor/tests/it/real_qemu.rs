@@ -15,7 +15,14 @@ use hypervisor::{
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The two tests share one daemon and one of them restarts it: they take turns.
-static DAEMON: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Tests that use the one system libvirtd take turns, across test processes too (nextest runs
+/// each test in its own process), because one of them restarts the daemon.
+fn daemon_turn() -> std::fs::File {
+    let path = std::env::temp_dir().join("novacron-libvirtd.lock");
+    let f = std::fs::File::create(path).expect("lock file");
+    f.lock().expect("lock the libvirtd turn");
+    f
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_the_tiny_guest_and_reads_its_console() {
@@ -23,7 +30,7 @@ async fn boots_the_tiny_guest_and_reads_its_console() {
         println!("SKIP real_qemu: NOVACRON_LIBVIRT_URI is not set (no libvirt daemon to use)");
         return;
     };
-    let _turn = DAEMON.lock().await;
+    let _turn = daemon_turn();
     let kernel = std::env::var("NOVACRON_GUEST_KERNEL")
         .expect("NOVACRON_GUEST_KERNEL must be set when NOVACRON_LIBVIRT_URI is");
     let initrd = std::env::var("NOVACRON_GUEST_INITRD")
@@ -100,7 +107,7 @@ async fn recovers_after_a_libvirtd_restart() {
         );
         return;
     };
-    let _turn = DAEMON.lock().await;
+    let _turn = daemon_turn();
     let hv = LibvirtHypervisor::connect(&uri).await.unwrap();
     hv.list().await.unwrap();
 

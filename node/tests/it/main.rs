@@ -9,5 +9,6 @@ mod cluster;
 mod join;
 mod layering;
 mod membership;
+mod real_vm;
 mod snapshot;
 mod vms;

@@ -1,0 +1,100 @@
+//! Serial consoles across the cluster: the API of any node streams the console of a VM from the
+//! node that runs it, over a mutually authenticated QUIC tunnel.
+//!
+//! Tunnel protocol: the caller writes one line `console <vm id>\n`; the hosting node checks the
+//! VM is placed on it, then copies the console's bytes until either side closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use hypervisor::Hypervisor;
+use raft::model::NodeId;
+use raft::net::{ExtensionError, ExtensionHandler};
+use raft::store::StateReader;
+use tokio::sync::OnceCell;
+
+/// The hypervisor, once the agent has connected to it.
+pub type SharedHypervisor = Arc<OnceCell<Arc<dyn Hypervisor>>>;
+
+const MAX_REQUEST: usize = 256;
+
+/// Serves console tunnels (and, later, other node-to-node streams).
+pub struct NodeExtensions {
+    pub me: NodeId,
+    pub reader: StateReader,
+    pub hv: SharedHypervisor,
+}
+
+/// The local console of `vm_id` as a stream of chunks.
+pub async fn local_console(
+    hv: &SharedHypervisor,
+    vm_id: &str,
+) -> Result<api::control::ConsoleStream, String> {
+    let hv = hv.get().ok_or("this node's hypervisor is not connected")?;
+    let stream = hv
+        .console(&hypervisor::spec::domain_name(vm_id))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(stream
+        .map(|r| r.map(|b| b.to_vec()).map_err(std::io::Error::other))
+        .boxed())
+}
+
+impl ExtensionHandler for NodeExtensions {
+    fn handle<'a>(
+        &'a self,
+        kind: &'a str,
+        _body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ExtensionError>> {
+        Box::pin(async move { Err(ExtensionError::UnknownKind(kind.to_string())) })
+    }
+
+    fn tunnel(
+        &self,
+        peer: SocketAddr,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> BoxFuture<'static, ()> {
+        let me = self.me;
+        let reader = self.reader.clone();
+        let hv = self.hv.clone();
+        Box::pin(async move {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while line.len() < MAX_REQUEST {
+                match recv.read(&mut byte).await {
+                    Ok(Some(1)) if byte[0] == b'\n' => break,
+                    Ok(Some(1)) => line.push(byte[0]),
+                    _ => return,
+                }
+            }
+            let Some(vm_id) = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| l.strip_prefix("console "))
+                .map(str::to_string)
+            else {
+                tracing::warn!(%peer, "malformed tunnel request");
+                return;
+            };
+            let placed_here = matches!(reader.vm(&vm_id), Ok(Some(vm)) if vm.node == Some(me));
+            if !placed_here {
+                return;
+            }
+            let mut stream = match local_console(&hv, &vm_id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(vm = %vm_id, error = %e, "console unavailable");
+                    return;
+                }
+            };
+            while let Some(Ok(chunk)) = stream.next().await {
+                if send.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = send.finish();
+        })
+    }
+}
