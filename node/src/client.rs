@@ -48,6 +48,27 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cluster nodes: capacity, usage, drain.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Users and their roles.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Tenants and quotas.
     Tenant {
         #[command(subcommand)]
@@ -80,6 +101,93 @@ pub enum TenantCommand {
     Show {
         id: String,
     },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+        #[arg(long)]
+        disk: Option<u64>,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// `key=value`, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        anti_affinity: Option<String>,
+        /// Place on this node (name or id).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        ha: bool,
+        /// Create without starting.
+        #[arg(long)]
+        stopped: bool,
+    },
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    Start {
+        id: String,
+    },
+    Stop {
+        id: String,
+    },
+    Reboot {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    List,
+    Drain {
+        node: String,
+    },
+    Undrain {
+        node: String,
+    },
+    /// Remove a (drained, empty) node from the cluster for good.
+    Remove {
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        role: String,
+        /// The new user's password (else NOVACRON_USER_PASSWORD, else read from stdin).
+        #[arg(long, env = "NOVACRON_USER_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+    List,
     Delete {
         id: String,
     },
@@ -288,6 +396,9 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                 print_table(&["ID", "NAME", "ROLE", "STATE", "API", "MATCHED"], rows);
             })
         }
+        ClientCommand::Vm { command, conn } => vm(command, conn).await,
+        ClientCommand::Node { command, conn } => node(command, conn).await,
+        ClientCommand::User { command, conn } => user(command, conn).await,
         ClientCommand::Tenant { command, conn } => {
             let api = Api::new(&conn, true)?;
             match command {
@@ -347,6 +458,246 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                     Ok(())
                 }
             }
+        }
+    }
+}
+
+fn vm_rows(items: &[Value]) -> Vec<Vec<String>> {
+    items
+        .iter()
+        .map(|v| {
+            vec![
+                s(&v["id"]),
+                s(&v["name"]),
+                s(&v["state"]),
+                s(&v["desired_state"]),
+                s(&v["node"]),
+                s(&v["vcpus"]),
+                s(&v["memory_mib"]),
+                s(&v["epoch"]),
+            ]
+        })
+        .collect()
+}
+
+const VM_HEADERS: &[&str] = &[
+    "ID", "NAME", "STATE", "DESIRED", "NODE", "VCPUS", "MEMORY", "EPOCH",
+];
+
+async fn vm(command: VmCommand, conn: Conn) -> anyhow::Result<()> {
+    let api = Api::new(&conn, true)?;
+    let action = |id: &str, what: &str| format!("/api/v1/vms/{id}/{what}");
+    match command {
+        VmCommand::Create {
+            name,
+            vcpus,
+            memory,
+            disk,
+            image,
+            tenant,
+            labels,
+            anti_affinity,
+            node,
+            ha,
+            stopped,
+        } => {
+            let mut label_map = serde_json::Map::new();
+            for l in labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--label must be key=value, got {l:?}"))?;
+                label_map.insert(k.to_string(), Value::String(v.to_string()));
+            }
+            let body = json!({
+                "name": name, "vcpus": vcpus, "memory_mib": memory, "disk_gib": disk,
+                "image": image, "tenant": tenant, "labels": label_map, "ha": ha,
+                "start": !stopped,
+                "placement": {"node": node, "anti_affinity_group": anti_affinity},
+            });
+            let v = api
+                .call(reqwest::Method::POST, "/api/v1/vms", Some(body))
+                .await?;
+            emit(conn.output, &v, |v| {
+                println!(
+                    "{}  (operation {})",
+                    s(&v["vm"]["id"]),
+                    s(&v["operation"]["id"])
+                )
+            })
+        }
+        VmCommand::List { state, node, label } => {
+            let mut q = vec!["limit=500".to_string()];
+            for (k, v) in [("state", state), ("node", node), ("label", label)] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={v}"));
+                }
+            }
+            let v = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/vms?{}", q.join("&")),
+                    None,
+                )
+                .await?;
+            emit(conn.output, &v, |v| {
+                let items = v["items"].as_array().cloned().unwrap_or_default();
+                print_table(VM_HEADERS, vm_rows(&items));
+            })
+        }
+        VmCommand::Show { id } => {
+            let v = api
+                .call(reqwest::Method::GET, &format!("/api/v1/vms/{id}"), None)
+                .await?;
+            emit(conn.output, &v, |v| {
+                println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+            })
+        }
+        VmCommand::Start { id } => op(&api, &conn, &action(&id, "start")).await,
+        VmCommand::Stop { id } => op(&api, &conn, &action(&id, "stop")).await,
+        VmCommand::Reboot { id } => op(&api, &conn, &action(&id, "reboot")).await,
+        VmCommand::Delete { id } => {
+            let v = api
+                .call(reqwest::Method::DELETE, &format!("/api/v1/vms/{id}"), None)
+                .await?;
+            emit(conn.output, &v, |v| {
+                println!("operation {}", s(&v["operation"]["id"]))
+            })
+        }
+    }
+}
+
+async fn op(api: &Api, conn: &Conn, path: &str) -> anyhow::Result<()> {
+    let v = api.call(reqwest::Method::POST, path, None).await?;
+    emit(conn.output, &v, |v| {
+        println!("operation {}", s(&v["operation"]["id"]))
+    })
+}
+
+async fn node(command: NodeCommand, conn: Conn) -> anyhow::Result<()> {
+    let api = Api::new(&conn, true)?;
+    match command {
+        NodeCommand::List => {
+            let v = api
+                .call(reqwest::Method::GET, "/api/v1/nodes", None)
+                .await?;
+            emit(conn.output, &v, |v| {
+                let rows = v
+                    .as_array()
+                    .map(|ns| {
+                        ns.iter()
+                            .map(|n| {
+                                vec![
+                                    s(&n["id"]),
+                                    s(&n["member"]["name"]),
+                                    s(&n["state"]),
+                                    if n["schedulable"] == true {
+                                        "yes".into()
+                                    } else {
+                                        "drained".into()
+                                    },
+                                    s(&n["vms"]),
+                                    s(&n["vcpus_used"]),
+                                    s(&n["memory_mib_used"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "STATE",
+                        "SCHEDULABLE",
+                        "VMS",
+                        "VCPUS",
+                        "MEMORY",
+                    ],
+                    rows,
+                );
+            })
+        }
+        NodeCommand::Drain { node } => {
+            api.call(
+                reqwest::Method::POST,
+                &format!("/api/v1/nodes/{node}/drain"),
+                None,
+            )
+            .await?;
+            Ok(())
+        }
+        NodeCommand::Undrain { node } => {
+            api.call(
+                reqwest::Method::POST,
+                &format!("/api/v1/nodes/{node}/undrain"),
+                None,
+            )
+            .await?;
+            Ok(())
+        }
+        NodeCommand::Remove { node } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/nodes/{node}"),
+                None,
+            )
+            .await?;
+            Ok(())
+        }
+    }
+}
+
+async fn user(command: UserCommand, conn: Conn) -> anyhow::Result<()> {
+    let api = Api::new(&conn, true)?;
+    match command {
+        UserCommand::Create {
+            name,
+            tenant,
+            role,
+            password,
+        } => {
+            let password = match password {
+                Some(p) => p,
+                None => read_password()?,
+            };
+            let body =
+                json!({"username": name, "password": password, "tenant": tenant, "role": role});
+            let v = api
+                .call(reqwest::Method::POST, "/api/v1/users", Some(body))
+                .await?;
+            emit(conn.output, &v, |v| println!("{}", s(&v["id"])))
+        }
+        UserCommand::List => {
+            let v = api
+                .call(reqwest::Method::GET, "/api/v1/users?limit=500", None)
+                .await?;
+            emit(conn.output, &v, |v| {
+                let rows = v["items"]
+                    .as_array()
+                    .map(|us| {
+                        us.iter()
+                            .map(|u| {
+                                vec![
+                                    s(&u["id"]),
+                                    s(&u["username"]),
+                                    s(&u["tenant"]),
+                                    s(&u["role"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(&["ID", "USERNAME", "TENANT", "ROLE"], rows);
+            })
+        }
+        UserCommand::Delete { id } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/users/{id}"),
+                None,
+            )
+            .await?;
+            Ok(())
         }
     }
 }

@@ -10,12 +10,18 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 
+/// Every node of a dev cluster needs its own libvirt: nodes sharing one libvirtd would fence
+/// each other's VMs. Without per-node libvirt hosts, each node uses libvirt's in-process test
+/// driver, whose VMs are simulated.
+const DEV_LIBVIRT_URI: &str = "test:///default";
+
 fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let out =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
     Command::new(exe)
         .args(args)
+        .env("NOVACRON_LIBVIRT_URI", DEV_LIBVIRT_URI)
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .kill_on_drop(true)
@@ -99,7 +105,10 @@ pub async fn up(nodes: usize, base_port: u16, data_dir: Option<PathBuf>) -> anyh
     }
     let password = std::fs::read_to_string(root.join("node1").join("admin-password"))
         .unwrap_or_else(|_| "(see node1/admin-password)".into());
-    println!("NovaCron dev cluster of {nodes} nodes is up (VMs: none yet in this build).");
+    println!(
+        "NovaCron dev cluster of {nodes} nodes is up; VMs run on libvirt's test driver \
+         ({DEV_LIBVIRT_URI}, simulated guests, one private hypervisor per node)."
+    );
     println!("  dashboard and API: http://{}/", api(0));
     for i in 1..nodes {
         println!("  also:              http://{}/", api(i));
