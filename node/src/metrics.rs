@@ -104,6 +104,13 @@ impl RaftMetrics {
         }
     }
 
+    /// Adds a metric owned elsewhere (the store's append histogram) to this registry.
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::warn!(error = %e, "metric registration failed");
+        }
+    }
+
     pub fn observe(
         &self,
         m: &openraft::RaftMetrics<u64, raft::Member>,

@@ -240,6 +240,7 @@ impl Node {
             started: Instant::now(),
             hv,
         });
+        control.metrics.register(Box::new(store.append_histogram()));
 
         if config.init_pending {
             finish_init(&control, &dir, &config).await?;

@@ -65,6 +65,26 @@ async fn three_nodes_replicate_fail_over_and_restart() -> anyhow::Result<()> {
     }
     c.create_tenant_eventually(0, "after-restart").await?;
     written.push("after-restart".into());
+    // Raft metrics are exported on every node.
+    let text = c
+        .http
+        .get(format!("{}/metrics", c.nodes[0].url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for name in [
+        "novacron_raft_term",
+        "novacron_raft_leader_changes_total",
+        "novacron_raft_commit_index",
+        "novacron_raft_last_applied",
+        "novacron_raft_apply_lag",
+        "novacron_raft_append_seconds_bucket",
+        "novacron_raft_write_seconds_bucket",
+        "novacron_http_requests_total",
+    ] {
+        assert!(text.contains(name), "metric {name} missing");
+    }
     for i in 0..3 {
         c.wait_has_tenants(i, &written).await?;
         let linear: BTreeSet<String> = c

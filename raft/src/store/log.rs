@@ -185,6 +185,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let write = |e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, e);
+        let timer = self.inner.append_seconds.start_timer();
         if let Err(e) = self.write_entries(entries) {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(write(e));
@@ -193,6 +194,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // towards commit) as soon as the callback runs, so it must wait for the flush.
         match self.inner.flush().await {
             Ok(()) => {
+                timer.observe_duration();
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }

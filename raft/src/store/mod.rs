@@ -110,6 +110,8 @@ pub(crate) struct Inner {
     pub(crate) state_lock: Arc<Mutex<()>>,
     pub(crate) applied: watch::Sender<u64>,
     pub(crate) events: broadcast::Sender<Applied>,
+    /// Time from handing entries to the log to their flush on disk.
+    pub(crate) append_seconds: prometheus::Histogram,
 }
 
 impl Inner {
@@ -189,6 +191,17 @@ impl Store {
                 state_lock: Arc::new(Mutex::new(())),
                 applied,
                 events,
+                append_seconds: prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        "novacron_raft_append_seconds",
+                        "Latency of durable log appends (write and flush)",
+                    )
+                    .buckets(
+                        prometheus::exponential_buckets(0.0001, 2.0, 18)
+                            .expect("static bucket definition"),
+                    ),
+                )
+                .expect("static metric definition"),
             }),
         })
     }
@@ -206,6 +219,11 @@ impl Store {
     /// Local reads of the replicated state.
     pub fn reader(&self) -> StateReader {
         StateReader::new(self.inner.clone())
+    }
+
+    /// The histogram of durable append latencies, for the node's metrics registry.
+    pub fn append_histogram(&self) -> prometheus::Histogram {
+        self.inner.append_seconds.clone()
     }
 
     /// Writes everything buffered to disk (used at shutdown; appends flush on their own).
