@@ -613,6 +613,7 @@ async function viewVms(main, rest, query) {
   main.append(h('div', { class: 'row' }, h('h1', {}, 'Virtual machines'), h('div', { class: 'spacer' }),
     canOperate() ? h('a', { class: 'button', href: '#/vms/new' }, 'New VM') : null), form, err, tableBox);
   const tenantName = (id) => { const t = tenants.find((x) => x.id === id); return t ? t.name : id; };
+  let lastKey = null;
 
   const render = async () => {
     const q = new URLSearchParams();
@@ -622,6 +623,10 @@ async function viewVms(main, rest, query) {
     let page;
     try { page = await api('GET', '/vms?' + q.toString()); } catch (e) { clear(err).append(errorBox(e)); tableBox.setAttribute('aria-busy', 'false'); return; }
     clear(err);
+    // Polling re-renders only on change, so keyboard focus inside the table survives refreshes.
+    const key = JSON.stringify([page, S.ops.map((o) => o.state)]);
+    if (key === lastKey) return;
+    lastKey = key;
     let items = page.items || [];
     if (f.q) items = items.filter((v) => v.name.toLowerCase().includes(f.q.toLowerCase()));
     const onError = (e) => clear(err).append(errorBox(e));
@@ -660,6 +665,7 @@ async function viewVmDetail(main, id) {
   const err = h('div', {});
   const body = h('div', { 'aria-live': 'polite' });
   main.append(h('p', {}, h('a', { href: '#/vms' }, '← All VMs')), err, body);
+  let lastKey = null;
   const render = async () => {
     let vm;
     try { vm = await api('GET', '/vms/' + encodeURIComponent(id)); } catch (e) {
@@ -668,6 +674,9 @@ async function viewVmDetail(main, id) {
       return;
     }
     vm = vm.vm || vm;
+    const key = JSON.stringify([vm, S.ops.filter((o) => o.target === vm.id)]);
+    if (key === lastKey) return;
+    lastKey = key;
     clear(err); clear(body);
     const dl = (pairs) => h('dl', { class: 'kv' }, pairs.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
     body.append(

@@ -236,7 +236,7 @@ mod tests {
             .unwrap()
     }
 
-    fn header_of<'a>(resp: &'a Response, name: header::HeaderName) -> &'a str {
+    fn header_of(resp: &Response, name: header::HeaderName) -> &str {
         resp.headers()
             .get(name)
             .and_then(|v| v.to_str().ok())
