@@ -1,0 +1,158 @@
+//! The pages against a real 3-node cluster of the `novacron` binary named by `NOVACRON_E2E_BIN`
+//! (it must serve the dashboard at `/`). Logs in on a follower, creates a VM, sees it reach
+//! running without a reload, deletes it. Skipped, with the reason printed, when the variable is
+//! unset.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::browser::{free_port, tools, Browser};
+
+const ADMIN_PASSWORD: &str = "e2e-admin-password";
+
+struct Node {
+    child: Child,
+    api: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn(bin: &Path, dir: &Path, name: &str, extra: &[String]) -> Result<Node> {
+    let api = format!("127.0.0.1:{}", free_port()?);
+    let peer = format!("127.0.0.1:{}", free_udp_port()?);
+    let log = std::fs::File::create(dir.with_extension("log"))?;
+    let child = Command::new(bin)
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--name", name, "--api-addr", &api, "--peer-addr", &peer])
+        .args(extra)
+        .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Node { child, api })
+}
+
+/// The status code of a plain HTTP GET, or None when nothing answers yet.
+async fn status_of(addr: &str, path: &str) -> Option<u16> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = vec![0u8; 64];
+    let n = s.read(&mut buf).await.ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn wait_ready(node: &Node) -> Result<()> {
+    let started = Instant::now();
+    while status_of(&node.api, "/readyz").await != Some(200) {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("node at {} not ready after 60 s", node.api);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+async fn wait_file(path: &Path) -> Result<String> {
+    let started = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return Ok(s.trim().to_string());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("{} not written after 60 s", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_drives_a_real_three_node_cluster() -> Result<()> {
+    let Some(bin) = std::env::var_os("NOVACRON_E2E_BIN").map(PathBuf::from) else {
+        println!("skipped: set NOVACRON_E2E_BIN to a novacron binary that serves the dashboard");
+        return Ok(());
+    };
+    let (chrome, driver) = tools().map_err(anyhow::Error::msg)?;
+    let tmp = tempfile::tempdir()?;
+    let d1 = tmp.path().join("n1");
+    let n1 = spawn(&bin, &d1, "node-1", &["--init".into()])?;
+    wait_ready(&n1).await?;
+    if status_of(&n1.api, "/").await != Some(200) {
+        bail!(
+            "{} does not serve the dashboard at / (wire web::router())",
+            bin.display()
+        );
+    }
+    let token = wait_file(&d1.join("join-token")).await?;
+    let join = |dir: &str, name: &str| {
+        spawn(
+            &bin,
+            &tmp.path().join(dir),
+            name,
+            &[
+                "--join".into(),
+                format!("http://{}", n1.api),
+                "--token".into(),
+                token.clone(),
+            ],
+        )
+    };
+    let n2 = join("n2", "node-2")?;
+    wait_ready(&n2).await?;
+    let n3 = join("n3", "node-3")?;
+    wait_ready(&n3).await?;
+
+    let b = Browser::start(&chrome, &driver).await?;
+    // node-1 created the cluster and leads it; log in on a follower.
+    let base = format!("http://{}", n2.api);
+    b.login(&base, "admin", ADMIN_PASSWORD).await?;
+    b.wait_text("main table", "node-3").await?;
+    b.screenshot("cluster").await?;
+
+    b.client.goto(&format!("{base}/#/vms/new")).await?;
+    b.fill("#name", "e2e-vm").await?;
+    b.fill("#memory", "128").await?;
+    b.click("#create-vm").await?;
+    b.wait_text("main h1", "e2e-vm").await?;
+    b.wait_text("main .badge", "running").await?;
+    b.screenshot("vm").await?;
+
+    b.client.goto(&format!("{base}/#/vms")).await?;
+    b.wait_text("#vm-table", "e2e-vm").await?;
+    b.screenshot("vms").await?;
+    b.click("button[aria-label='Delete e2e-vm']").await?;
+    b.click("#confirm-ok").await?;
+    b.wait_gone("#vm-table", "e2e-vm").await?;
+
+    for page in ["tenants", "users", "nodes"] {
+        b.client.goto(&format!("{base}/#/{page}")).await?;
+        b.wait_text("main h1", "").await?;
+        b.screenshot(page).await?;
+    }
+    b.close().await?;
+    drop((n3, n2, n1));
+    Ok(())
+}
