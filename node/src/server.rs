@@ -278,10 +278,12 @@ impl Node {
         }
 
         let api_addr = listener.local_addr()?;
+        // The dashboard is static and talks to the API of the same origin.
         let app = api::router(api::AppState::new(
             control.clone(),
             api::ApiConfig::default(),
-        ));
+        ))
+        .merge(web::router());
         let mut stop = stop_rx.clone();
         let api_task = tokio::spawn(async move {
             let graceful = async move {

@@ -27,6 +27,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "busybox-static",
     "nftables",
     "etcd-server",
+    // Headless browser tests of the dashboard.
+    "chromium",
+    "chromium-driver",
 ];
 
 /// The libvirt URI handed to the tests through `NOVACRON_LIBVIRT_URI`.
