@@ -231,10 +231,11 @@ where
     }
 }
 
-/// Whether a request path is one an enrolment-only token may call.
+/// Whether a request path is one an enrolment-only token may call. Inside the nested API
+/// router the path has lost its `/api/v1` prefix, so only the end is compared.
 fn enrollment_path(path: &str, user_id: &str) -> bool {
-    let base = format!("/api/v1/users/{user_id}/totp");
-    path == base || path == format!("{base}/confirm")
+    let base = format!("/users/{user_id}/totp");
+    path.ends_with(&base) || path.ends_with(&format!("{base}/confirm"))
 }
 
 /// Resolves a bearer string to the caller it stands for, refusing revoked credentials.

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use raft::store::Applied;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::OnceCell;
 
 use crate::control::{ClusterError, ControlPlane};
@@ -22,6 +22,37 @@ struct History {
     floor: u64,
     /// Set after the feed lagged: the next event received defines the new floor.
     lost: bool,
+    /// The feed, drained by whoever holds the lock.
+    rx: Option<broadcast::Receiver<Applied>>,
+}
+
+impl History {
+    fn drain(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        loop {
+            match rx.try_recv() {
+                Ok(applied) => {
+                    if self.lost {
+                        self.lost = false;
+                        self.floor = applied.index.saturating_sub(1);
+                    }
+                    if self.events.len() == EventBuffer::CAPACITY {
+                        if let Some(old) = self.events.pop_front() {
+                            self.floor = old.index;
+                        }
+                    }
+                    self.events.push_back(applied);
+                }
+                Err(TryRecvError::Lagged(_)) => {
+                    self.events.clear();
+                    self.lost = true;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => return,
+            }
+        }
+        self.rx = Some(rx);
+    }
 }
 
 pub struct EventBuffer {
@@ -48,6 +79,7 @@ impl EventBuffer {
                 events: VecDeque::new(),
                 floor: u64::MAX,
                 lost: false,
+                rx: None,
             })),
             started: OnceCell::new(),
         }
@@ -58,35 +90,24 @@ impl EventBuffer {
         self.started
             .get_or_try_init(|| async {
                 // Subscribe before reading the applied index, so nothing falls in between.
-                let mut rx = self.cp.subscribe();
+                let rx = self.cp.subscribe();
+                let mut wake = self.cp.subscribe();
                 let applied = self.cp.status().await?.last_applied;
                 if let Ok(mut h) = self.history.lock() {
                     h.floor = applied;
+                    h.rx = Some(rx);
                 }
+                // The task only moves changes into the history as they come; readers also
+                // drain before reading, so a change published just before a resume is never
+                // missing from it.
                 let history = self.history.clone();
                 tokio::spawn(async move {
                     loop {
-                        let next = rx.recv().await;
-                        let Ok(mut h) = history.lock() else { return };
-                        match next {
-                            Ok(applied) => {
-                                if h.lost {
-                                    h.lost = false;
-                                    h.floor = applied.index.saturating_sub(1);
-                                }
-                                if h.events.len() == Self::CAPACITY {
-                                    if let Some(old) = h.events.pop_front() {
-                                        h.floor = old.index;
-                                    }
-                                }
-                                h.events.push_back(applied);
-                            }
-                            Err(RecvError::Lagged(_)) => {
-                                h.events.clear();
-                                h.lost = true;
-                            }
-                            Err(RecvError::Closed) => return,
+                        if let Err(RecvError::Closed) = wake.recv().await {
+                            return;
                         }
+                        let Ok(mut h) = history.lock() else { return };
+                        h.drain();
                     }
                 });
                 Ok(())
@@ -97,9 +118,10 @@ impl EventBuffer {
 
     /// The changes after `index`, or `Reset` when some of them are no longer kept.
     pub fn since(&self, index: u64) -> Resume {
-        let Ok(h) = self.history.lock() else {
+        let Ok(mut h) = self.history.lock() else {
             return Resume::Reset;
         };
+        h.drain();
         if h.lost || index < h.floor {
             return Resume::Reset;
         }
