@@ -1,6 +1,10 @@
 //! Identity: argon2 password hashes, HS256 JWTs signed with the cluster's replicated keys, and
 //! the `Caller` extractor every protected route takes.
 //!
+//! Bearer credentials are either JWTs or API keys (`nck_<id>_<secret>`); both are checked
+//! against the replicated state on every request, so a revocation committed through Raft takes
+//! effect on every node at once. Rate limits are charged here too, once per request.
+//!
 //! Keys live in the replicated state (`ClusterSecrets::jwt_keys`, newest first), so a token
 //! issued by one node verifies on every node, and a rotated-out key stops verifying everywhere.
 
@@ -10,7 +14,7 @@ use argon2::Argon2;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use raft::model::{ClusterSecrets, Role, User};
+use raft::model::{ApiKey, ClusterSecrets, Role, User, UserSecurity};
 use raft::{codec, keys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -46,6 +50,10 @@ pub struct Claims {
     pub iat: u64,
     pub exp: u64,
     pub jti: String,
+    /// A token that may only enrol TOTP: issued when an administrator requires a second factor
+    /// the user does not have yet.
+    #[serde(default)]
+    pub enroll_only: bool,
 }
 
 fn key_id(key: &[u8]) -> String {
@@ -57,6 +65,26 @@ pub fn issue_token(
     user: &User,
     now_secs: u64,
     ttl_secs: u64,
+) -> ApiResult<String> {
+    sign_token(secrets, user, now_secs, ttl_secs, false)
+}
+
+/// A short token that allows only TOTP enrolment and confirmation for `user`.
+pub fn issue_enrollment_token(
+    secrets: &ClusterSecrets,
+    user: &User,
+    now_secs: u64,
+    ttl_secs: u64,
+) -> ApiResult<String> {
+    sign_token(secrets, user, now_secs, ttl_secs, true)
+}
+
+fn sign_token(
+    secrets: &ClusterSecrets,
+    user: &User,
+    now_secs: u64,
+    ttl_secs: u64,
+    enroll_only: bool,
 ) -> ApiResult<String> {
     let key = secrets
         .jwt_keys
@@ -71,6 +99,7 @@ pub fn issue_token(
         iat: now_secs,
         exp: now_secs + ttl_secs,
         jti: uuid::Uuid::new_v4().to_string(),
+        enroll_only,
     };
     let key = EncodingKey::from_secret(key)
         .map_err(|e| ApiError::Internal(format!("signing key is unusable: {e}")))?;
@@ -94,13 +123,62 @@ pub fn verify_token(secrets: &ClusterSecrets, token: &str) -> ApiResult<Claims> 
         .map_err(|_| ApiError::BadToken)
 }
 
+/// How a caller proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A login token, with its id and expiry (seconds since the epoch).
+    Token { jti: String, exp: u64 },
+    /// An API key, by id.
+    ApiKey { id: String },
+}
+
 /// The authenticated caller of a request, as currently stored (role changes apply at once).
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub user_id: String,
     pub username: String,
     pub tenant: String,
+    /// The effective role: for an API key, the lesser of the key's and its owner's roles.
     pub role: Role,
+    pub credential: Credential,
+}
+
+/// Prefix of API keys, so that scanners and people recognise them.
+pub const API_KEY_PREFIX: &str = "nck_";
+
+/// A new API key: its id, the full bearer string (shown once) and the stored hash.
+pub fn generate_api_key() -> (String, String, String) {
+    use rand::RngCore;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let secret = hex::encode(secret);
+    let hash = hex::encode(Sha256::digest(secret.as_bytes()));
+    (id.clone(), format!("{API_KEY_PREFIX}{id}_{secret}"), hash)
+}
+
+/// Splits `nck_<id>_<secret>`; `None` when the string does not have that shape.
+pub fn parse_api_key(bearer: &str) -> Option<(&str, &str)> {
+    let rest = bearer.strip_prefix(API_KEY_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
+}
+
+/// Compares two byte strings in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks an API key against the stored record at `now_ms`.
+pub fn verify_api_key(key: &ApiKey, secret: &str, now_ms: u64) -> ApiResult<()> {
+    let hash = hex::encode(Sha256::digest(secret.as_bytes()));
+    if !constant_time_eq(hash.as_bytes(), key.secret_sha256.as_bytes()) || key.revoked {
+        return Err(ApiError::BadToken);
+    }
+    if key.expires_at.is_some_and(|exp| exp <= now_ms) {
+        return Err(ApiError::BadToken);
+    }
+    Ok(())
 }
 
 impl Caller {
@@ -132,12 +210,72 @@ pub(crate) fn load_secrets(state: &AppState) -> ApiResult<ClusterSecrets> {
 }
 
 pub(crate) fn load_user(state: &AppState, id: &str) -> ApiResult<Option<User>> {
-    match state.cp.get(&keys::user(id))? {
+    load(state, &keys::user(id))
+}
+
+pub(crate) fn load_security(state: &AppState, user_id: &str) -> ApiResult<UserSecurity> {
+    Ok(load(state, &keys::user_security(user_id))?.unwrap_or_default())
+}
+
+pub(crate) fn load<T>(state: &AppState, key: &[u8]) -> ApiResult<Option<T>>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    match state.cp.get(key)? {
         Some(bytes) => Ok(Some(
             codec::decode(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?,
         )),
         None => Ok(None),
     }
+}
+
+/// Whether a request path is one an enrolment-only token may call. Inside the nested API
+/// router the path has lost its `/api/v1` prefix, so only the end is compared.
+fn enrollment_path(path: &str, user_id: &str) -> bool {
+    let base = format!("/users/{user_id}/totp");
+    path.ends_with(&base) || path.ends_with(&format!("{base}/confirm"))
+}
+
+/// Resolves a bearer string to the caller it stands for, refusing revoked credentials.
+pub(crate) fn authenticate(state: &AppState, bearer: &str, path: &str) -> ApiResult<Caller> {
+    if let Some((id, secret)) = parse_api_key(bearer) {
+        let key: ApiKey = load(state, &keys::api_key(id))?.ok_or(ApiError::BadToken)?;
+        verify_api_key(&key, secret, crate::now_ms())?;
+        let owner = load_user(state, &key.owner)?.ok_or(ApiError::BadToken)?;
+        if owner.tenant != key.tenant {
+            return Err(ApiError::BadToken);
+        }
+        return Ok(Caller {
+            user_id: owner.id,
+            username: owner.username,
+            tenant: owner.tenant,
+            // Role order runs from most to least powerful, so the max is the lesser role: a
+            // demoted owner's keys lose power at once.
+            role: owner.role.max(key.role),
+            credential: Credential::ApiKey { id: key.id },
+        });
+    }
+    let secrets = load_secrets(state)?;
+    let claims = verify_token(&secrets, bearer)?;
+    if state.cp.get(&keys::revoked_jti(&claims.jti))?.is_some() {
+        return Err(ApiError::BadToken);
+    }
+    if claims.enroll_only && !enrollment_path(path, &claims.sub) {
+        return Err(ApiError::TotpRequired);
+    }
+    let user = load_user(state, &claims.sub)?.ok_or(ApiError::BadToken)?;
+    Ok(Caller {
+        user_id: user.id,
+        username: user.username,
+        tenant: user.tenant,
+        role: user.role,
+        credential: Credential::Token {
+            jti: claims.jti,
+            exp: claims.exp,
+        },
+    })
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -156,15 +294,11 @@ impl FromRequestParts<AppState> for Caller {
             .strip_prefix("Bearer ")
             .ok_or(ApiError::Unauthenticated)?
             .trim();
-        let secrets = load_secrets(state)?;
-        let claims = verify_token(&secrets, token)?;
-        let user = load_user(state, &claims.sub)?.ok_or(ApiError::BadToken)?;
-        Ok(Caller {
-            user_id: user.id,
-            username: user.username,
-            tenant: user.tenant,
-            role: user.role,
-        })
+        let caller = authenticate(state, token, parts.uri.path())?;
+        state
+            .limiters
+            .check_caller(&caller.user_id, &caller.tenant)?;
+        Ok(caller)
     }
 }
 
@@ -223,6 +357,31 @@ mod tests {
             verify_token(&dropped, &t),
             Err(ApiError::BadToken)
         ));
+    }
+
+    #[test]
+    fn api_keys_parse_verify_expire_and_revoke() {
+        let (id, bearer, hash) = generate_api_key();
+        let (pid, secret) = parse_api_key(&bearer).unwrap();
+        assert_eq!(pid, id);
+        let mut key = ApiKey {
+            id: id.clone(),
+            name: "ci".into(),
+            owner: "u1".into(),
+            tenant: "t1".into(),
+            role: Role::Viewer,
+            secret_sha256: hash,
+            created_at: 0,
+            expires_at: Some(1000),
+            revoked: false,
+        };
+        assert!(verify_api_key(&key, secret, 999).is_ok());
+        assert!(verify_api_key(&key, secret, 1000).is_err());
+        assert!(verify_api_key(&key, "wrong", 0).is_err());
+        key.revoked = true;
+        assert!(verify_api_key(&key, secret, 0).is_err());
+        assert!(parse_api_key("nck_").is_none());
+        assert!(parse_api_key("eyJhbGciOi.x.y").is_none());
     }
 
     #[test]

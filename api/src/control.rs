@@ -124,4 +124,7 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// The node's own Prometheus text (Raft metrics), appended to the API's.
     fn metrics_text(&self) -> String;
+
+    /// Every request applied on this node from now on, in log order (the event stream's feed).
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<raft::store::Applied>;
 }

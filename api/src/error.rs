@@ -18,6 +18,8 @@ pub enum ApiError {
     BadCredentials,
     #[error("the token is invalid or expired")]
     BadToken,
+    #[error("a TOTP code is required")]
+    TotpRequired,
     #[error("this action needs a role the caller does not have")]
     Forbidden,
     #[error("{0} not found")]
@@ -66,6 +68,11 @@ impl ApiError {
                 (StatusCode::UNAUTHORIZED, "bad_credentials", "Login failed")
             }
             ApiError::BadToken => (StatusCode::UNAUTHORIZED, "bad_token", "Invalid token"),
+            ApiError::TotpRequired => (
+                StatusCode::UNAUTHORIZED,
+                "totp_required",
+                "Second factor required",
+            ),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),

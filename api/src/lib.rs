@@ -7,8 +7,11 @@
 pub mod auth;
 pub mod control;
 pub mod error;
+pub mod events;
+pub mod limits;
 pub mod metrics;
 mod routes;
+pub mod totp;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +30,13 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Lifetime of login tokens.
     pub token_ttl: Duration,
+    /// Per-user, per-tenant and per-address request limits.
+    pub rate_limits: limits::RateLimits,
+    /// Origins allowed to call the API from a browser. Empty (the default) sends no CORS
+    /// headers at all, so browsers refuse cross-origin calls.
+    pub cors_allow_origins: Vec<String>,
+    /// JWT signing keys kept after a rotation (the newest signs, all verify).
+    pub jwt_keys_kept: u32,
 }
 
 impl Default for ApiConfig {
@@ -35,6 +45,9 @@ impl Default for ApiConfig {
             body_limit: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             token_ttl: Duration::from_secs(12 * 3600),
+            rate_limits: limits::RateLimits::default(),
+            cors_allow_origins: Vec::new(),
+            jwt_keys_kept: 3,
         }
     }
 }
@@ -45,11 +58,15 @@ pub struct AppState {
     pub cp: Arc<dyn ControlPlane>,
     pub config: Arc<ApiConfig>,
     pub metrics: metrics::ApiMetrics,
+    pub limiters: Arc<limits::Limiters>,
+    pub events: Arc<events::EventBuffer>,
 }
 
 impl AppState {
     pub fn new(cp: Arc<dyn ControlPlane>, config: ApiConfig) -> Self {
         Self {
+            limiters: Arc::new(limits::Limiters::new(&config.rate_limits)),
+            events: Arc::new(events::EventBuffer::new(cp.clone())),
             cp,
             config: Arc::new(config),
             metrics: metrics::ApiMetrics::new(),

@@ -261,6 +261,10 @@ impl ControlPlane for NodeControl {
         Ok(stream.boxed())
     }
 
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<raft::store::Applied> {
+        self.reader.subscribe()
+    }
+
     fn ready(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
         m.current_leader.is_some()

@@ -11,8 +11,8 @@ use crate::codec::{self, CodecError};
 use crate::command::{Command, RejectCode, Request, Response};
 use crate::keys;
 use crate::model::{
-    AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, Operation, OperationState,
-    Tenant, User, Vm, VmState,
+    ApiKey, AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, Operation,
+    OperationState, Tenant, User, UserSecurity, Vm, VmState,
 };
 
 /// A read-your-writes transaction over the state key space.
@@ -439,6 +439,7 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
                 return Ok(reject(RejectCode::NotFound, format!("user {id} not found")));
             };
             tx.remove(&keys::user(id))?;
+            tx.remove(&keys::user_security(id))?;
             tx.remove(&keys::user_name(&user.username))?;
             let count = get::<u64>(tx, &keys::tenant_user_count(&user.tenant))?.unwrap_or(1);
             put(
@@ -446,6 +447,115 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
                 &keys::tenant_user_count(&user.tenant),
                 &count.saturating_sub(1),
             )?;
+            Ok(Response::User(user))
+        }
+        Command::CreateApiKey { key } => {
+            if key.id.is_empty() || key.name.is_empty() || key.secret_sha256.is_empty() {
+                return Ok(reject(
+                    RejectCode::Invalid,
+                    "API key id, name and secret hash must not be empty",
+                ));
+            }
+            let Some(owner) = get::<User>(tx, &keys::user(&key.owner))? else {
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("user {} not found", key.owner),
+                ));
+            };
+            // The scope is re-checked here against the owner as committed, so a key can never
+            // carry more than its owner had when it was created.
+            if key.role < owner.role || key.tenant != owner.tenant {
+                return Ok(reject(
+                    RejectCode::Invalid,
+                    "an API key cannot exceed its owner's role or tenant",
+                ));
+            }
+            if tx.get(&keys::api_key(&key.id))?.is_some() {
+                return Ok(reject(RejectCode::AlreadyExists, "API key id is taken"));
+            }
+            let mut key = key.clone();
+            key.created_at = at;
+            key.revoked = false;
+            put(tx, &keys::api_key(&key.id), &key)?;
+            Ok(Response::ApiKey(key))
+        }
+        Command::RevokeApiKey { id } => {
+            let Some(mut key) = get::<ApiKey>(tx, &keys::api_key(id))? else {
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("API key {id} not found"),
+                ));
+            };
+            key.revoked = true;
+            put(tx, &keys::api_key(id), &key)?;
+            Ok(Response::ApiKey(key))
+        }
+        Command::RevokeToken { jti, expires_at } => {
+            if jti.is_empty() {
+                return Ok(reject(RejectCode::Invalid, "token id must not be empty"));
+            }
+            put(tx, &keys::revoked_jti(jti), expires_at)?;
+            Ok(Response::Ok)
+        }
+        Command::EnrollTotp { user_id, secret } => {
+            if tx.get(&keys::user(user_id))?.is_none() {
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("user {user_id} not found"),
+                ));
+            }
+            if secret.len() < 16 {
+                return Ok(reject(RejectCode::Invalid, "TOTP secret is too short"));
+            }
+            let mut sec =
+                get::<UserSecurity>(tx, &keys::user_security(user_id))?.unwrap_or_default();
+            if sec.totp_confirmed {
+                return Ok(reject(
+                    RejectCode::AlreadyExists,
+                    "TOTP is already enrolled and confirmed",
+                ));
+            }
+            sec.totp_secret = Some(secret.clone());
+            put(tx, &keys::user_security(user_id), &sec)?;
+            Ok(Response::Ok)
+        }
+        Command::ConfirmTotp { user_id, step } | Command::UseTotpStep { user_id, step } => {
+            let confirm = matches!(req.command, Command::ConfirmTotp { .. });
+            let Some(mut sec) = get::<UserSecurity>(tx, &keys::user_security(user_id))? else {
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("user {user_id} has no TOTP enrolment"),
+                ));
+            };
+            if sec.totp_secret.is_none() || (!confirm && !sec.totp_confirmed) {
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("user {user_id} has no TOTP enrolment"),
+                ));
+            }
+            // Replay protection: a code's step is accepted once, cluster-wide.
+            if *step <= sec.totp_last_step {
+                return Ok(reject(
+                    RejectCode::Invalid,
+                    "this TOTP code was already used",
+                ));
+            }
+            sec.totp_last_step = *step;
+            sec.totp_confirmed = true;
+            put(tx, &keys::user_security(user_id), &sec)?;
+            Ok(Response::Ok)
+        }
+        Command::SetRequireTotp { user_id, require } => {
+            let Some(user) = get::<User>(tx, &keys::user(user_id))? else {
+                return Ok(reject(
+                    RejectCode::NotFound,
+                    format!("user {user_id} not found"),
+                ));
+            };
+            let mut sec =
+                get::<UserSecurity>(tx, &keys::user_security(user_id))?.unwrap_or_default();
+            sec.require_totp = *require;
+            put(tx, &keys::user_security(user_id), &sec)?;
             Ok(Response::User(user))
         }
     }
@@ -667,6 +777,8 @@ fn target_tenant(cmd: &Command, response: &Response) -> String {
         (Command::UpdateTenantQuota { id, .. } | Command::DeleteTenant { id, .. }, _) => id.clone(),
         (Command::CreateUser { user }, _) => user.tenant.clone(),
         (Command::CreateVm { vm, .. }, _) => vm.tenant.clone(),
+        (Command::CreateApiKey { key }, _) => key.tenant.clone(),
+        (_, Response::ApiKey(k)) => k.tenant.clone(),
         (_, Response::User(u)) => u.tenant.clone(),
         (_, Response::Vm { vm, .. }) => vm.tenant.clone(),
         _ => crate::model::SYSTEM_TENANT.to_string(),
@@ -698,6 +810,15 @@ fn target_of(cmd: &Command, response: &Response) -> String {
             _,
         ) => format!("vm/{id}"),
         (Command::FinishOperation { id, .. }, _) => format!("operation/{id}"),
+        (Command::CreateApiKey { key }, _) => format!("api-key/{}", key.id),
+        (Command::RevokeApiKey { id }, _) => format!("api-key/{id}"),
+        (
+            Command::EnrollTotp { user_id, .. }
+            | Command::ConfirmTotp { user_id, .. }
+            | Command::UseTotpStep { user_id, .. }
+            | Command::SetRequireTotp { user_id, .. },
+            _,
+        ) => format!("user/{user_id}"),
         _ => "cluster".to_string(),
     }
 }
@@ -1022,5 +1143,145 @@ mod tests {
             error: None,
         };
         assert!(matches!(run(&st, fresh), Response::Vm { vm, .. } if vm.state == VmState::Running));
+    }
+
+    fn api_key(id: &str, owner: &str, tenant: &str, role: Role) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            name: "ci".into(),
+            owner: owner.into(),
+            tenant: tenant.into(),
+            role,
+            secret_sha256: "ab".into(),
+            created_at: 0,
+            expires_at: None,
+            revoked: false,
+        }
+    }
+
+    #[test]
+    fn api_keys_are_scoped_to_their_owner_and_revocable() {
+        let st = MemState::default();
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
+        run(
+            &st,
+            Command::CreateUser {
+                user: user("u1", "ann", "t1"),
+            },
+        );
+        // A viewer cannot mint an operator key, nor a key of another tenant.
+        for key in [
+            api_key("k0", "u1", "t1", Role::Operator),
+            api_key("k0", "u1", "t2", Role::Viewer),
+        ] {
+            assert!(matches!(
+                run(&st, Command::CreateApiKey { key }),
+                Response::Rejected {
+                    code: RejectCode::Invalid,
+                    ..
+                }
+            ));
+        }
+        let key = api_key("k1", "u1", "t1", Role::Viewer);
+        assert!(matches!(
+            run(&st, Command::CreateApiKey { key }),
+            Response::ApiKey(k) if k.created_at == 5 && !k.revoked
+        ));
+        assert!(matches!(
+            run(&st, Command::RevokeApiKey { id: "k1".into() }),
+            Response::ApiKey(k) if k.revoked
+        ));
+        let stored: ApiKey = get(&st, &keys::api_key("k1")).unwrap().unwrap();
+        assert!(stored.revoked);
+    }
+
+    #[test]
+    fn totp_steps_are_accepted_once_and_confirmation_is_needed_before_use() {
+        let st = MemState::default();
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
+        run(
+            &st,
+            Command::CreateUser {
+                user: user("u1", "ann", "t1"),
+            },
+        );
+        let enroll = || Command::EnrollTotp {
+            user_id: "u1".into(),
+            secret: vec![7; 20],
+        };
+        assert_eq!(run(&st, enroll()), Response::Ok);
+        let use_step = |step| Command::UseTotpStep {
+            user_id: "u1".into(),
+            step,
+        };
+        assert!(matches!(
+            run(&st, use_step(10)),
+            Response::Rejected {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
+        assert_eq!(
+            run(
+                &st,
+                Command::ConfirmTotp {
+                    user_id: "u1".into(),
+                    step: 10
+                }
+            ),
+            Response::Ok
+        );
+        assert!(matches!(
+            run(&st, use_step(10)),
+            Response::Rejected {
+                code: RejectCode::Invalid,
+                ..
+            }
+        ));
+        assert_eq!(run(&st, use_step(11)), Response::Ok);
+        // Once confirmed, enrolment cannot silently replace the secret.
+        assert!(matches!(
+            run(&st, enroll()),
+            Response::Rejected {
+                code: RejectCode::AlreadyExists,
+                ..
+            }
+        ));
+        run(
+            &st,
+            Command::SetRequireTotp {
+                user_id: "u1".into(),
+                require: true,
+            },
+        );
+        let sec: UserSecurity = get(&st, &keys::user_security("u1")).unwrap().unwrap();
+        assert!(sec.require_totp && sec.totp_confirmed && sec.totp_last_step == 11);
+        // Deleting the user removes its second factor too.
+        run(&st, Command::DeleteUser { id: "u1".into() });
+        assert!(st.get(&keys::user_security("u1")).unwrap().is_none());
+    }
+
+    #[test]
+    fn revoked_tokens_are_recorded_until_their_expiry() {
+        let st = MemState::default();
+        run(
+            &st,
+            Command::RevokeToken {
+                jti: "j1".into(),
+                expires_at: 99,
+            },
+        );
+        let exp: u64 = get(&st, &keys::revoked_jti("j1")).unwrap().unwrap();
+        assert_eq!(exp, 99);
     }
 }

@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    AuditEntry, ClusterSecrets, DesiredState, Member, Millis, NodeId, NodeRecord, NodeState,
-    Operation, OperationState, Quota, Role, Tenant, User, Vm, VmState,
+    ApiKey, AuditEntry, ClusterSecrets, DesiredState, Member, Millis, NodeId, NodeRecord,
+    NodeState, Operation, OperationState, Quota, Role, Tenant, User, Vm, VmState,
 };
 
 /// What a client (or a controller) asks the replicated state machine to do.
@@ -161,6 +161,39 @@ pub enum Command {
     Audit {
         entry: AuditEntry,
     },
+    /// Stores a new API key (its secret's hash only). Refused when the owner is gone.
+    CreateApiKey {
+        key: ApiKey,
+    },
+    /// Revokes an API key on every node at once.
+    RevokeApiKey {
+        id: String,
+    },
+    /// Refuses a JWT id from now on; `expires_at` (seconds) is the token's own expiry.
+    RevokeToken {
+        jti: String,
+        expires_at: u64,
+    },
+    /// Starts (or restarts, while unconfirmed) TOTP enrolment with a new secret.
+    EnrollTotp {
+        user_id: String,
+        secret: Vec<u8>,
+    },
+    /// Confirms enrolment with the time step of a code the API verified.
+    ConfirmTotp {
+        user_id: String,
+        step: u64,
+    },
+    /// Records the use of a TOTP step at login; refused if that step (or a later one) was used.
+    UseTotpStep {
+        user_id: String,
+        step: u64,
+    },
+    /// An administrator requires (or stops requiring) TOTP for a user.
+    SetRequireTotp {
+        user_id: String,
+        require: bool,
+    },
 }
 
 impl Command {
@@ -188,6 +221,13 @@ impl Command {
             Command::PurgeVm { .. } => "vm.purge",
             Command::FinishOperation { .. } => "operation.finish",
             Command::Audit { .. } => "audit",
+            Command::CreateApiKey { .. } => "api_key.create",
+            Command::RevokeApiKey { .. } => "api_key.revoke",
+            Command::RevokeToken { .. } => "auth.logout",
+            Command::EnrollTotp { .. } => "user.totp_enroll",
+            Command::ConfirmTotp { .. } => "user.totp_confirm",
+            Command::UseTotpStep { .. } => "user.totp_use",
+            Command::SetRequireTotp { .. } => "user.require_totp",
         }
     }
 }
@@ -260,4 +300,5 @@ pub enum Response {
         code: RejectCode,
         message: String,
     },
+    ApiKey(ApiKey),
 }

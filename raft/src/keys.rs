@@ -61,3 +61,16 @@ pub fn idempotency(actor: &str, key: &str) -> Vec<u8> {
         .chain(actor.bytes())
         .collect()
 }
+
+pub const API_KEY_PREFIX: &[u8] = b"k/";
+
+pub fn api_key(id: &str) -> Vec<u8> {
+    join("k/", id)
+}
+/// A revoked JWT id; the value is the token's expiry (seconds since the epoch).
+pub fn revoked_jti(jti: &str) -> Vec<u8> {
+    join("jr/", jti)
+}
+pub fn user_security(id: &str) -> Vec<u8> {
+    join("us/", id)
+}

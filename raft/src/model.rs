@@ -399,3 +399,59 @@ impl std::fmt::Debug for ClusterSecrets {
 
 /// The tenant that owns cluster-level objects and the built-in admin.
 pub const SYSTEM_TENANT: &str = "system";
+
+/// A scoped, expiring, revocable credential for automation: `nck_<id>_<secret>`.
+///
+/// Only the sha256 of the secret is stored; the secret is shown once, at creation. The key acts
+/// for its owner within the owner's tenant, with at most `role` (never more than the owner has
+/// at the time of use).
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    /// User id of the creator; the key acts as this user.
+    pub owner: String,
+    pub tenant: String,
+    pub role: Role,
+    /// sha256 (hex) of the secret part.
+    pub secret_sha256: String,
+    pub created_at: Millis,
+    pub expires_at: Option<Millis>,
+    /// Set by revocation; a revoked key stays listed so its history is visible.
+    pub revoked: bool,
+}
+
+/// Second-factor settings of one user, kept apart from [`User`] so that the stored encoding of
+/// users does not change.
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct UserSecurity {
+    /// TOTP shared secret (raw bytes), present from enrolment on.
+    pub totp_secret: Option<Vec<u8>>,
+    /// Set once the user proved with a code that their authenticator holds the secret.
+    pub totp_confirmed: bool,
+    /// Set by an administrator: the user must use TOTP (and enrol at next login).
+    pub require_totp: bool,
+    /// The last TOTP time step accepted; a code is accepted at most once (RFC 6238 §5.2).
+    pub totp_last_step: u64,
+}

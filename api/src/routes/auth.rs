@@ -1,22 +1,34 @@
-//! `POST /api/v1/auth/login`: password login, recorded in the audit log either way.
+//! `POST /api/v1/auth/login` (password, then TOTP when enrolled; recorded in the audit log
+//! either way) and `POST /api/v1/auth/logout` (revokes the token on every node through Raft).
 
-use axum::extract::State;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::Json;
 use raft::model::{AuditEntry, User};
 use raft::{keys, Command, Request};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{issue_token, load_secrets, load_user, verify_password};
+use crate::auth::{
+    issue_enrollment_token, issue_token, load_secrets, load_security, load_user, verify_password,
+    Caller, Credential,
+};
 use crate::error::{ApiError, ApiResult};
-use crate::routes::decode;
+use crate::routes::{decode, propose};
 use crate::AppState;
+
+/// How long an enrolment-only token lives: enough to scan a QR code and type one code.
+const ENROLLMENT_TTL_SECS: u64 = 600;
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct LoginBody {
     username: String,
     password: String,
+    /// The current code of the user's authenticator, once TOTP is enrolled.
     #[serde(default)]
-    #[allow(dead_code)] // read once TOTP enrolment lands
     totp: Option<String>,
 }
 
@@ -25,6 +37,29 @@ pub(crate) struct LoginReply {
     token: String,
     /// Seconds since the Unix epoch.
     expires_at: u64,
+    /// Set when an administrator requires TOTP and the user has not enrolled yet: the token
+    /// only allows `POST /users/{id}/totp` and `.../totp/confirm`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    totp_enrollment_required: bool,
+    user_id: String,
+}
+
+/// The peer address when the server was started with connect info; unknown peers share one
+/// bucket, which fails safe (limits everyone together) rather than open.
+pub(crate) struct ClientIp(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip())
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        ))
+    }
 }
 
 fn find_user(state: &AppState, username: &str) -> ApiResult<Option<User>> {
@@ -35,7 +70,7 @@ fn find_user(state: &AppState, username: &str) -> ApiResult<Option<User>> {
     load_user(state, &id)
 }
 
-async fn audit_login(state: &AppState, username: &str, tenant: &str, ok: bool) {
+async fn audit_login(state: &AppState, username: &str, tenant: &str, result: &str) {
     let entry = AuditEntry {
         seq: 0,
         at: crate::now_ms(),
@@ -43,7 +78,7 @@ async fn audit_login(state: &AppState, username: &str, tenant: &str, ok: bool) {
         tenant: tenant.to_string(),
         action: "auth.login".into(),
         target: format!("user/{username}"),
-        result: if ok { "ok".into() } else { "failed".into() },
+        result: result.into(),
         prev_hash: String::new(),
         hash: String::new(),
     };
@@ -54,10 +89,37 @@ async fn audit_login(state: &AppState, username: &str, tenant: &str, ok: bool) {
     }
 }
 
+/// Checks the second factor of a user who enrolled; `Ok(())` when it passes.
+async fn second_factor(state: &AppState, user: &User, code: Option<&str>) -> ApiResult<()> {
+    let sec = load_security(state, &user.id)?;
+    let Some(secret) = sec.totp_secret.filter(|_| sec.totp_confirmed) else {
+        return Ok(());
+    };
+    let code = code.ok_or(ApiError::TotpRequired)?;
+    let now = crate::now_ms() / 1000;
+    let step =
+        crate::totp::check(&secret, &user.username, code, now)?.ok_or(ApiError::BadCredentials)?;
+    let req = Request::new(
+        crate::now_ms(),
+        user.id.clone(),
+        Command::UseTotpStep {
+            user_id: user.id.clone(),
+            step,
+        },
+    );
+    // A refusal here means the code was already used: a replay counts as a wrong code.
+    match state.cp.write(req).await? {
+        (_, raft::Response::Rejected { .. }) => Err(ApiError::BadCredentials),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) async fn login(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     Json(body): Json<LoginBody>,
 ) -> ApiResult<Json<LoginReply>> {
+    state.limiters.check_login(ip)?;
     if body.username.is_empty() || body.username.len() > 128 || body.password.len() > 1024 {
         return Err(ApiError::Validation(
             "username or password has an invalid length".into(),
@@ -74,17 +136,61 @@ pub(crate) async fn login(
     .await
     .map_err(|e| ApiError::Internal(format!("password check failed: {e}")))?;
     let tenant = user.as_ref().map(|u| u.tenant.clone()).unwrap_or_default();
-    audit_login(&state, &body.username, &tenant, ok).await;
     let user = match (ok, user) {
         (true, Some(user)) => user,
-        _ => return Err(ApiError::BadCredentials),
+        _ => {
+            audit_login(&state, &body.username, &tenant, "failed").await;
+            return Err(ApiError::BadCredentials);
+        }
     };
+    if let Err(e) = second_factor(&state, &user, body.totp.as_deref()).await {
+        let result = match e {
+            ApiError::TotpRequired => "totp_required",
+            _ => "failed",
+        };
+        audit_login(&state, &body.username, &tenant, result).await;
+        return Err(e);
+    }
     let secrets = load_secrets(&state)?;
     let now = crate::now_ms() / 1000;
+    let sec = load_security(&state, &user.id)?;
+    if sec.require_totp && !sec.totp_confirmed {
+        audit_login(&state, &body.username, &tenant, "enrollment_required").await;
+        let token = issue_enrollment_token(&secrets, &user, now, ENROLLMENT_TTL_SECS)?;
+        return Ok(Json(LoginReply {
+            token,
+            expires_at: now + ENROLLMENT_TTL_SECS,
+            totp_enrollment_required: true,
+            user_id: user.id,
+        }));
+    }
+    audit_login(&state, &body.username, &tenant, "ok").await;
     let ttl = state.config.token_ttl.as_secs();
     let token = issue_token(&secrets, &user, now, ttl)?;
     Ok(Json(LoginReply {
         token,
         expires_at: now + ttl,
+        totp_enrollment_required: false,
+        user_id: user.id,
     }))
+}
+
+/// Revokes the presented token until its own expiry, on every node.
+pub(crate) async fn logout(State(state): State<AppState>, caller: Caller) -> ApiResult<StatusCode> {
+    let Credential::Token { jti, exp } = caller.credential.clone() else {
+        return Err(ApiError::Validation(
+            "logout ends a login token; revoke an API key with DELETE /api/v1/api-keys/{id}".into(),
+        ));
+    };
+    propose(
+        &state,
+        &caller,
+        None,
+        Command::RevokeToken {
+            jti,
+            expires_at: exp,
+        },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -30,3 +30,30 @@ pub(crate) async fn join(
     }
     Ok(Json(state.cp.join(req).await?))
 }
+
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Rotated {
+    /// How many signing keys verify now (the new one signs).
+    keys_kept: u32,
+}
+
+/// Adds a fresh JWT signing key in front (admins only). Tokens signed with the previous keys
+/// keep verifying until they fall out of the kept window.
+pub(crate) async fn rotate_jwt_key(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Rotated>> {
+    use rand::RngCore;
+    caller.require(raft::model::Role::Admin)?;
+    let mut key = vec![0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    let keep = state.config.jwt_keys_kept.max(2);
+    crate::routes::propose(
+        &state,
+        &caller,
+        None,
+        raft::Command::RotateJwtKey { key, keep },
+    )
+    .await?;
+    Ok(Json(Rotated { keys_kept: keep }))
+}

@@ -1,11 +1,14 @@
 //! Route table and the middleware stack, applied once for every route.
 
+pub(crate) mod api_keys;
+mod audit;
 mod auth;
 mod cluster;
+mod events;
 mod health;
 mod nodes;
 mod tenants;
-mod users;
+pub(crate) mod users;
 mod vms;
 
 use std::time::Instant;
@@ -14,7 +17,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use raft::{Request as RaftRequest, Response as RaftResponse};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -27,7 +30,17 @@ use crate::AppState;
 pub(crate) fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/auth/login", post(auth::login))
+        .route("/auth/logout", post(auth::logout))
+        .route("/api-keys", get(api_keys::list).post(api_keys::create))
+        .route("/api-keys/{id}", delete(api_keys::revoke))
+        .route("/audit", get(audit::list))
+        .route("/audit/verify", get(audit::verify))
+        .route("/events", get(events::stream))
+        .route("/users/{id}/totp", post(users::totp_enroll))
+        .route("/users/{id}/totp/confirm", post(users::totp_confirm))
+        .route("/users/{id}/totp/required", put(users::totp_require))
         .route("/cluster", get(cluster::status))
+        .route("/cluster/rotate-jwt-key", post(cluster::rotate_jwt_key))
         .route("/cluster/join", post(cluster::join))
         .route("/tenants", get(tenants::list).post(tenants::create))
         .route("/nodes", get(nodes::list))
@@ -54,6 +67,7 @@ pub(crate) fn router(state: AppState) -> Router {
                 .patch(tenants::update)
                 .delete(tenants::delete),
         );
+    let cors = cors_layer(&state.config.cors_allow_origins);
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(health::healthz))
@@ -68,7 +82,46 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             record_metrics,
         ))
+        .layer(tower::util::option_layer(cors))
         .with_state(state)
+}
+
+/// CORS only for configured origins; with none, no CORS headers are sent and browsers keep
+/// other sites' pages from calling the API.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| match HeaderValue::from_str(o) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::warn!(origin = %o, "ignoring a CORS origin that is not a header value");
+                None
+            }
+        })
+        .collect();
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_MATCH,
+                header::HeaderName::from_static("idempotency-key"),
+                header::HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([header::ETAG, header::RETRY_AFTER]),
+    )
 }
 
 async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {

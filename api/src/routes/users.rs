@@ -261,3 +261,102 @@ pub(crate) async fn delete(
     propose(&state, &caller, key, Command::DeleteUser { id }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TotpEnrollment {
+    /// The shared secret in base32, for manual entry.
+    secret: String,
+    /// `otpauth://totp/...`, for a QR code.
+    otpauth_url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TotpCode {
+    code: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequireTotp {
+    required: bool,
+}
+
+/// Only the user itself enrols: the secret belongs on its own device.
+fn only_self(caller: &Caller, id: &str) -> ApiResult<()> {
+    if caller.user_id == id {
+        Ok(())
+    } else if caller.is_admin() || caller.role <= Role::TenantAdmin {
+        Err(ApiError::Forbidden)
+    } else {
+        Err(ApiError::NotFound(format!("user {id}")))
+    }
+}
+
+pub(crate) async fn totp_enroll(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let user = visible(&state, &caller, &id)?;
+    only_self(&caller, &id)?;
+    let secret = crate::totp::new_secret();
+    let (base32, url) = crate::totp::provisioning(&secret, &user.username)?;
+    propose(
+        &state,
+        &caller,
+        None,
+        Command::EnrollTotp {
+            user_id: id,
+            secret,
+        },
+    )
+    .await?;
+    let body = TotpEnrollment {
+        secret: base32,
+        otpauth_url: url,
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub(crate) async fn totp_confirm(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<TotpCode>,
+) -> ApiResult<StatusCode> {
+    let user = visible(&state, &caller, &id)?;
+    only_self(&caller, &id)?;
+    let sec = crate::auth::load_security(&state, &id)?;
+    let secret = sec
+        .totp_secret
+        .ok_or_else(|| ApiError::Conflict("enrol first: POST /users/{id}/totp".into()))?;
+    let step = crate::totp::check(&secret, &user.username, &body.code, crate::now_ms() / 1000)?
+        .ok_or_else(|| ApiError::Validation("the code does not match".into()))?;
+    propose(
+        &state,
+        &caller,
+        None,
+        Command::ConfirmTotp { user_id: id, step },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn totp_require(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<RequireTotp>,
+) -> ApiResult<StatusCode> {
+    let target = visible(&state, &caller, &id)?;
+    may_manage(&caller, &target.tenant, Some(target.role))?;
+    let key = idempotency_key(&headers)?;
+    let cmd = Command::SetRequireTotp {
+        user_id: id,
+        require: body.required,
+    };
+    propose(&state, &caller, key, cmd).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -162,12 +162,24 @@ fn place(state: &AppState, placement: &Placement) -> ApiResult<Option<NodeId>> {
         }
     }
     let selector = placement.node_selector.clone().unwrap_or_default();
-    Ok(candidates
+    let eligible: Vec<(usize, NodeId)> = candidates
         .iter()
         .filter(|n| n.schedulable && n.state == NodeState::Up)
         .filter(|n| selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
-        .min_by_key(|n| (load.get(&n.id).copied().unwrap_or(0), n.id))
-        .map(|n| n.id))
+        .map(|n| (load.get(&n.id).copied().unwrap_or(0), n.id))
+        .collect();
+    let Some(least) = eligible.iter().map(|(l, _)| *l).min() else {
+        return Ok(None);
+    };
+    // Ties are broken at random so that concurrent creates, which all see the same load,
+    // spread instead of piling onto one node.
+    let tied: Vec<NodeId> = eligible
+        .iter()
+        .filter(|(l, _)| *l == least)
+        .map(|(_, id)| *id)
+        .collect();
+    use rand::seq::SliceRandom;
+    Ok(tied.choose(&mut rand::thread_rng()).copied())
 }
 
 fn accepted(resp: RaftResponse) -> ApiResult<Response> {

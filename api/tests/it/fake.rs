@@ -18,6 +18,20 @@ use tower::ServiceExt;
 pub struct FakeCluster {
     state: Mutex<MemState>,
     index: Mutex<u64>,
+    applied: tokio::sync::broadcast::Sender<raft::store::Applied>,
+}
+
+impl FakeCluster {
+    /// Overwrites a stored value behind `apply`'s back, as an attacker with disk access would.
+    pub fn put_raw(&self, key: &[u8], value: Vec<u8>) {
+        self.state.lock().unwrap().put(key, value).unwrap();
+    }
+    pub fn get_raw(&self, key: &[u8]) -> Vec<u8> {
+        self.state.lock().unwrap().get(key).unwrap().unwrap()
+    }
+    pub fn remove_raw(&self, key: &[u8]) {
+        self.state.lock().unwrap().remove(key).unwrap();
+    }
 }
 
 #[async_trait]
@@ -27,6 +41,12 @@ impl ControlPlane for FakeCluster {
         let mut idx = self.index.lock().unwrap();
         *idx += 1;
         let r = apply(&*st, &req, *idx).map_err(|e| ClusterError::Internal(e.to_string()))?;
+        // Published in log order while the state lock is held, as the store does.
+        let _ = self.applied.send(raft::store::Applied {
+            index: *idx,
+            request: req,
+            response: r.clone(),
+        });
         Ok((*idx, r))
     }
     async fn read_barrier(&self, _c: Consistency) -> Result<(), ClusterError> {
@@ -52,6 +72,9 @@ impl ControlPlane for FakeCluster {
             .collect())
     }
     async fn status(&self) -> Result<ClusterStatus, ClusterError> {
+        // Read once: a guard in a struct literal lives to the end of it, so locking three
+        // times in one expression would deadlock.
+        let index = *self.index.lock().unwrap();
         Ok(ClusterStatus {
             cluster_id: "fake".into(),
             node_id: 1,
@@ -59,9 +82,9 @@ impl ControlPlane for FakeCluster {
             leader: Some(1),
             leader_name: Some("n1".into()),
             term: 1,
-            commit_index: *self.index.lock().unwrap(),
-            last_applied: *self.index.lock().unwrap(),
-            last_log_index: *self.index.lock().unwrap(),
+            commit_index: index,
+            last_applied: index,
+            last_log_index: index,
             members: vec![],
         })
     }
@@ -78,6 +101,9 @@ impl ControlPlane for FakeCluster {
     fn metrics_text(&self) -> String {
         String::new()
     }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<raft::store::Applied> {
+        self.applied.subscribe()
+    }
 }
 
 pub struct TestApi {
@@ -89,9 +115,19 @@ pub const ADMIN_PASSWORD: &str = "admin-pw";
 
 impl TestApi {
     pub async fn new() -> TestApi {
+        // Router tests log in often from one (unknown) address: limits are tested on their own.
+        let mut config = ApiConfig::default();
+        config.rate_limits.login_per_ip.per_second = 0.0;
+        config.rate_limits.per_user.per_second = 0.0;
+        config.rate_limits.per_tenant.per_second = 0.0;
+        TestApi::with_config(config).await
+    }
+
+    pub async fn with_config(config: ApiConfig) -> TestApi {
         let cp = Arc::new(FakeCluster {
             state: Mutex::new(MemState::default()),
             index: Mutex::new(0),
+            applied: tokio::sync::broadcast::channel(1024).0,
         });
         let admin = User {
             id: "admin-id".into(),
@@ -118,7 +154,7 @@ impl TestApi {
         ))
         .await
         .unwrap();
-        let app = api::router(AppState::new(cp.clone(), ApiConfig::default()));
+        let app = api::router(AppState::new(cp.clone(), config));
         TestApi { cp, app }
     }
 

@@ -3,7 +3,11 @@
 // Test support code may unwrap: a panic there is a test failure with its cause.
 #![allow(clippy::unwrap_used)]
 
+mod audit;
+mod events;
 mod fake;
+mod identity;
+mod limits;
 mod tenants;
 mod users;
 mod vms;
