@@ -204,26 +204,37 @@ fn dpkg_installed(package: &str) -> bool {
 
 /// Installs the missing Debian packages in one apt transaction; only as root on Debian, because a
 /// developer's own machine is theirs to manage.
+/// What building `novacron` needs: libvirt's headers for the `virt` crate.
+pub(crate) const BUILD_PACKAGES: &[&str] = &["libvirt-dev", "pkg-config"];
+
 fn install_prerequisites() -> Result<()> {
+    install_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs the missing ones of `packages` with apt (as root on Debian; otherwise says so).
+pub(crate) fn install_packages(packages: &[&str]) -> Result<()> {
     if !Path::new("/etc/debian_version").exists() {
         println!("not Debian: skipping package installation");
         return Ok(());
     }
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
     let mut missing = missing;
-    // qemu-img usually comes with the machine (newer than Debian's); install it only if absent.
-    if !succeeds_within(
-        Command::new("qemu-img").arg("--version"),
-        Duration::from_secs(10),
-    ) {
+    // qemu-img usually comes with the machine (newer than Debian's); install it only if absent
+    // and the VM tooling is wanted.
+    if packages.contains(&"qemu-system-x86")
+        && !succeeds_within(
+            Command::new("qemu-img").arg("--version"),
+            Duration::from_secs(10),
+        )
+    {
         missing.push("qemu-utils");
     }
     if missing.is_empty() {
-        println!("all {} packages already installed", DEBIAN_PACKAGES.len());
+        println!("all {} packages already installed", packages.len());
         return Ok(());
     }
     if !is_root() {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one automation entry point of the workspace.
 //!
 //! - `ci`: prerequisites, format, lints, a libvirtd for the tests, tests; what `.ci/run` calls.
+//! - `dev`: install prerequisites, build, and run `novacron dev up`.
 //! - `guest`: build the tiny test guest from Debian packages.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
@@ -10,6 +11,7 @@
 
 mod bench;
 mod ci;
+mod dev;
 mod guest;
 mod libvirtd;
 mod process;
@@ -32,6 +34,9 @@ enum Command {
     Ci(ci::CiArgs),
     /// Start a system libvirtd (qemu:///system) by hand unless one already answers.
     Libvirtd,
+    /// Install what the build needs (as root on Debian), build the binary and start a local
+    /// cluster: the one command to try NovaCron on a fresh machine.
+    Dev(dev::DevArgs),
     /// Build the tiny test guest (Debian cloud kernel + busybox initramfs) in target/guest.
     Guest,
     /// Benchmarks.
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Ci(args) => ci::run(&args),
         Command::Libvirtd => libvirtd::ensure(),
+        Command::Dev(args) => dev::run(&args),
         Command::Guest => guest::ensure().map(|_| ()),
         Command::Bench {
             which: BenchCommand::Raft(args),
