@@ -50,6 +50,8 @@ pub struct DomainInfo {
     /// The epoch in our metadata; `None` for domains not defined by us (or by a version that did
     /// not write one).
     pub epoch: Option<u64>,
+    /// The owner in our metadata (`<cluster id>/<node id>`), if any.
+    pub owner: Option<String>,
 }
 
 /// Cumulative counters of one domain, sampled at one instant. Counters only grow while the

@@ -20,7 +20,7 @@ use crate::api::{
 };
 use crate::error::HypervisorError;
 use crate::spec::{DomainType, VmSpec};
-use crate::xml::{device_targets, domain_xml, parse_epoch, METADATA_NAMESPACE};
+use crate::xml::{device_targets, domain_xml, parse_epoch, parse_owner, METADATA_NAMESPACE};
 
 /// How often `shutdown` looks whether the guest has powered off.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -183,19 +183,19 @@ fn domain_state(dom: &Domain) -> Result<DomainState, HypervisorError> {
     Ok(map_state(state))
 }
 
-/// The epoch in our metadata element; `None` when the domain has none.
-fn domain_epoch(dom: &Domain) -> Result<Option<u64>, HypervisorError> {
+/// The epoch and owner in our metadata element; `None`s when the domain has none.
+fn domain_metadata(dom: &Domain) -> Result<(Option<u64>, Option<String>), HypervisorError> {
     match dom.metadata(
         virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
         Some(METADATA_NAMESPACE),
         0,
     ) {
-        Ok(xml) => Ok(parse_epoch(&xml)),
+        Ok(xml) => Ok((parse_epoch(&xml), parse_owner(&xml))),
         Err(e)
             if e.code()
                 == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomainMetadata) =>
         {
-            Ok(None)
+            Ok((None, None))
         }
         Err(e) => Err(e.into()),
     }
@@ -395,11 +395,13 @@ impl Hypervisor for LibvirtHypervisor {
             let mut out = Vec::new();
             for dom in conn.list_all_domains(0)? {
                 let info = (|| -> Result<DomainInfo, HypervisorError> {
+                    let (epoch, owner) = domain_metadata(&dom)?;
                     Ok(DomainInfo {
                         name: dom.name()?,
                         uuid: dom.uuid_string()?,
                         state: domain_state(&dom)?,
-                        epoch: domain_epoch(&dom)?,
+                        epoch,
+                        owner,
                     })
                 })();
                 match info {

@@ -128,6 +128,10 @@ pub struct VmSpec {
     /// The Raft-issued fencing token this definition was made under; stored in the domain
     /// metadata so the agent can read which epoch a running domain was started with.
     pub epoch: u64,
+    /// Who defined the domain (`<cluster id>/<node id>`); an agent only ever touches domains
+    /// it owns, so several nodes (or clusters) sharing one libvirtd never fence each other.
+    #[serde(default)]
+    pub owner: String,
 }
 
 impl VmSpec {

@@ -81,6 +81,13 @@ pub fn domain_xml(spec: &VmSpec) -> String {
         spec.epoch,
         p = METADATA_PREFIX
     ));
+    if !spec.owner.is_empty() {
+        w.line(&format!(
+            "<{p}:owner>{}</{p}:owner>",
+            escape(&spec.owner),
+            p = METADATA_PREFIX
+        ));
+    }
     w.close(&format!("</{}:instance>", METADATA_PREFIX));
     w.close("</metadata>");
     w.line(&format!("<memory unit='MiB'>{}</memory>", spec.memory_mib));
@@ -168,6 +175,18 @@ pub fn parse_epoch(metadata_xml: &str) -> Option<u64> {
             let rest = &metadata_xml[start + open.len()..];
             let end = rest.find('<')?;
             return rest[..end].trim().parse().ok();
+        }
+    }
+    None
+}
+
+/// Reads the owner out of our metadata element (see `VmSpec::owner`).
+pub fn parse_owner(metadata_xml: &str) -> Option<String> {
+    for open in ["<owner>", &format!("<{METADATA_PREFIX}:owner>")] {
+        if let Some(start) = metadata_xml.find(open) {
+            let rest = &metadata_xml[start + open.len()..];
+            let end = rest.find('<')?;
+            return Some(unescape(rest[..end].trim()));
         }
     }
     None

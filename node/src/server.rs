@@ -375,6 +375,7 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
     };
     let agent = crate::agent::Agent::new(
         ctl.id,
+        format!("{}/{}", config.cluster_id, ctl.id),
         hv,
         ctl.reader.clone(),
         ctl.cluster.clone(),

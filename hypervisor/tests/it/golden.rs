@@ -46,6 +46,7 @@ fn minimal() -> VmSpec {
         nics: vec![],
         serial_console: false,
         epoch: 0,
+        owner: String::new(),
     }
 }
 
@@ -96,6 +97,7 @@ fn golden_full_kvm() {
         ],
         serial_console: true,
         epoch: 18_446_744_073_709_551_615,
+        owner: String::new(),
     };
     spec.validate().unwrap();
     check("full_kvm", &spec);
@@ -127,6 +129,7 @@ fn hostile() -> VmSpec {
         }],
         serial_console: false,
         epoch: 1,
+        owner: String::new(),
     }
 }
 

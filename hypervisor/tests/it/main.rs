@@ -41,5 +41,6 @@ pub fn tiny_spec(vm_id: &str, epoch: u64) -> VmSpec {
         }],
         serial_console: true,
         epoch,
+        owner: "cluster-a/1".into(),
     }
 }

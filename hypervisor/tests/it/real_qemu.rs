@@ -60,6 +60,7 @@ async fn boots_the_tiny_guest_and_reads_its_console() {
         nics: vec![],
         serial_console: true,
         epoch: 1,
+        owner: String::new(),
     };
     let name = spec.domain_name();
     hv.define(&spec).await.unwrap();

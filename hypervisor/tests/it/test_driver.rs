@@ -70,6 +70,11 @@ async fn list_reports_our_domains_with_their_epoch() {
     let la = find(&a.domain_name()).expect("list-a listed");
     let lb = find(&b.domain_name()).expect("list-b listed");
     assert_eq!(la.epoch, Some(5));
+    assert_eq!(
+        la.owner.as_deref(),
+        Some("cluster-a/1"),
+        "the owner is read back"
+    );
     assert_eq!(la.state, DomainState::Shutoff);
     assert_eq!(la.uuid, a.uuid.to_string());
     assert_eq!(lb.epoch, Some(6));

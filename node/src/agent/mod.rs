@@ -58,6 +58,8 @@ pub enum AgentError {
 
 pub struct Agent {
     pub me: NodeId,
+    /// `<cluster id>/<node id>`, written into every domain this agent defines.
+    pub owner: String,
     pub hv: Arc<dyn Hypervisor>,
     pub reader: StateReader,
     pub cluster: Cluster,
@@ -70,6 +72,7 @@ pub struct Agent {
 impl Agent {
     pub fn new(
         me: NodeId,
+        owner: String,
         hv: Arc<dyn Hypervisor>,
         reader: StateReader,
         cluster: Cluster,
@@ -77,6 +80,7 @@ impl Agent {
     ) -> Self {
         Self {
             me,
+            owner,
             hv,
             reader,
             cluster,
@@ -123,6 +127,7 @@ impl Agent {
             nics: vec![],
             serial_console: true,
             epoch: vm.epoch,
+            owner: self.owner.clone(),
         })
     }
 
@@ -153,7 +158,7 @@ impl Agent {
             .map(|(_, v)| v)
             .collect();
         let domains = self.hv.list().await?;
-        let (actions, refused) = plan::plan(self.me, &vms, &domains, &self.acted);
+        let (actions, refused) = plan::plan(self.me, &self.owner, &vms, &domains, &self.acted);
         for id in refused {
             tracing::warn!(vm = %id, "refusing to act on a stale epoch");
         }

@@ -62,14 +62,18 @@ pub fn observed_state(d: Option<&DomainInfo>) -> VmState {
 /// replica epoch is below it are skipped (and reported in `refused`).
 pub fn plan(
     me: NodeId,
+    owner: &str,
     vms: &[Vm],
     domains: &[DomainInfo],
     acted: &BTreeMap<String, u64>,
 ) -> (Vec<Action>, Vec<String>) {
     let mut actions = Vec::new();
     let mut refused = Vec::new();
+    // Only domains this agent defined count: another node or cluster sharing this libvirtd
+    // keeps its own.
     let by_vm: BTreeMap<&str, &DomainInfo> = domains
         .iter()
+        .filter(|d| d.owner.as_deref() == Some(owner))
         .filter_map(|d| hypervisor::spec::vm_id_of(&d.name).map(|id| (id, d)))
         .collect();
     let mut wanted_here: BTreeSet<&str> = BTreeSet::new();
@@ -173,8 +177,11 @@ mod tests {
             uuid: String::new(),
             state,
             epoch: Some(epoch),
+            owner: Some(OWNER.into()),
         }
     }
+
+    const OWNER: &str = "c/1";
 
     use DesiredState::{Running as WantRun, Stopped as WantStop};
 
@@ -305,7 +312,7 @@ mod tests {
             ),
         ];
         for (name, vms, doms, expected) in cases {
-            let (actions, refused) = plan(1, &vms, &doms, &acted);
+            let (actions, refused) = plan(1, OWNER, &vms, &doms, &acted);
             assert_eq!(actions, expected, "case: {name}");
             assert!(refused.is_empty(), "case: {name}");
         }
@@ -318,9 +325,15 @@ mod tests {
             uuid: String::new(),
             state: DomainState::Running,
             epoch: None,
+            owner: None,
         };
-        let (actions, _) = plan(1, &[], &[foreign], &BTreeMap::new());
+        let (actions, _) = plan(1, OWNER, &[], &[foreign], &BTreeMap::new());
         assert!(actions.is_empty());
+        // Ours by name, but defined by another node sharing this libvirtd: left alone too.
+        let mut other = dom("z", DomainState::Running, 1);
+        other.owner = Some("c/2".into());
+        let (actions, _) = plan(1, OWNER, &[], &[other], &BTreeMap::new());
+        assert!(actions.is_empty(), "{actions:?}");
     }
 
     #[test]
@@ -328,7 +341,7 @@ mod tests {
         let mut acted = BTreeMap::new();
         acted.insert("a".to_string(), 5);
         let vms = vec![vm("a", Some(1), 4, WantRun, VmState::Scheduled)];
-        let (actions, refused) = plan(1, &vms, &[], &acted);
+        let (actions, refused) = plan(1, OWNER, &vms, &[], &acted);
         assert!(actions.is_empty(), "{actions:?}");
         assert_eq!(refused, vec!["a".to_string()]);
     }
