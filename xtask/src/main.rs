@@ -3,11 +3,13 @@
 //! - `ci`: prerequisites, format, lints, a libvirtd for the tests, tests; what `.ci/run` calls.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
+//! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
 //! the product does not compile.
 
 mod bench;
+mod chaos;
 mod ci;
 mod libvirtd;
 mod process;
@@ -30,6 +32,8 @@ enum Command {
     Ci(ci::CiArgs),
     /// Start a system libvirtd (qemu:///system) by hand unless one already answers.
     Libvirtd,
+    /// The fast chaos tier on real processes; prints the report, writes it under target/chaos/.
+    Chaos(chaos::ChaosArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Ci(args) => ci::run(&args),
         Command::Libvirtd => libvirtd::ensure(),
+        Command::Chaos(args) => chaos::run(&args),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),
