@@ -140,7 +140,11 @@ pub struct Cluster {
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, failing after `within`.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> Result<T, ClusterError>
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut f: F,
+) -> Result<T, ClusterError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -247,7 +251,12 @@ impl Cluster {
             args.push("--init".into());
         } else {
             let token = read_text(&self.nodes[0].dir.join("join-token"))?;
-            args.extend(["--join".into(), self.nodes[0].url(), "--token".into(), token]);
+            args.extend([
+                "--join".into(),
+                self.nodes[0].url(),
+                "--token".into(),
+                token,
+            ]);
         }
         let mut process = Managed::new(&name, bin, &args)
             .env("NOVACRON_TUNING", tuning)
@@ -256,12 +265,15 @@ impl Cluster {
         process.start()?;
         // Later starts are restarts of an existing member.
         process.set_args(["serve", "--data-dir", &dir_s]);
-        let (api, peer_port) =
-            eventually(&format!("{name} to write node.json"), Duration::from_secs(60), || {
+        let (api, peer_port) = eventually(
+            &format!("{name} to write node.json"),
+            Duration::from_secs(60),
+            || {
                 let dir = dir.clone();
                 async move { bound_addresses(&dir) }
-            })
-            .await?;
+            },
+        )
+        .await?;
         self.nodes.push(Node {
             name,
             dir,
@@ -276,13 +288,20 @@ impl Cluster {
     pub async fn wait_ready(&self, i: usize, within: Duration) -> Result<(), ClusterError> {
         let url = format!("{}/readyz", self.nodes[i].url());
         let client = self.client.clone();
-        eventually(&format!("{} to be ready", self.nodes[i].name), within, || {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                let r = client.call(reqwest::Method::GET, &url, None, None).await.ok()?;
-                (r.status == 200).then_some(())
-            }
-        })
+        eventually(
+            &format!("{} to be ready", self.nodes[i].name),
+            within,
+            || {
+                let (client, url) = (client.clone(), url.clone());
+                async move {
+                    let r = client
+                        .call(reqwest::Method::GET, &url, None, None)
+                        .await
+                        .ok()?;
+                    (r.status == 200).then_some(())
+                }
+            },
+        )
         .await
     }
 
@@ -296,7 +315,10 @@ impl Cluster {
             || {
                 let (client, url) = (client.clone(), url.clone());
                 async move {
-                    let r = client.call(reqwest::Method::GET, &url, None, None).await.ok()?;
+                    let r = client
+                        .call(reqwest::Method::GET, &url, None, None)
+                        .await
+                        .ok()?;
                     let members = r.body["members"].as_array()?.len();
                     (r.status == 200 && r.body["leader_name"].is_string() && members >= n)
                         .then_some(())

@@ -10,7 +10,10 @@ use chaos_tests::run::{self, RunConfig};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "novacron-chaos", about = "NovaCron fast chaos tier on real processes")]
+#[command(
+    name = "novacron-chaos",
+    about = "NovaCron fast chaos tier on real processes"
+)]
 struct Args {
     /// Seed of the fault schedule and the workload (random when absent; printed either way).
     #[arg(long)]
@@ -37,7 +40,10 @@ fn main() -> ExitCode {
     if let Some(dir) = args.out_dir {
         config.out_dir = dir;
     }
-    println!("chaos fast tier: seed {seed}, {} nodes, {}s of faults", config.nodes, args.duration_secs);
+    println!(
+        "chaos fast tier: seed {seed}, {} nodes, {}s of faults",
+        config.nodes, args.duration_secs
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -136,17 +136,30 @@ fn setup_error(what: &str, detail: impl std::fmt::Display) -> RunError {
 }
 
 /// Creates a tenant through `url`, retrying through elections; setup happens before any fault.
-async fn create_tenant(client: &Client, url: &str, name: &str, max_vms: u64) -> Result<Value, RunError> {
+async fn create_tenant(
+    client: &Client,
+    url: &str,
+    name: &str,
+    max_vms: u64,
+) -> Result<Value, RunError> {
     let body = json!({"name": name, "quota": {"max_vms": max_vms}});
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = client
-            .call(Method::POST, &format!("{url}/api/v1/tenants"), Some(&body), None)
+            .call(
+                Method::POST,
+                &format!("{url}/api/v1/tenants"),
+                Some(&body),
+                None,
+            )
             .await;
         match r {
             Ok(r) if r.status == 201 => return Ok(r.body),
             other if Instant::now() > deadline => {
-                return Err(setup_error(&format!("create tenant {name}"), format!("{other:?}")))
+                return Err(setup_error(
+                    &format!("create tenant {name}"),
+                    format!("{other:?}"),
+                ))
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -397,7 +410,14 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     drop(firewall);
 
     // Liveness: after healing, a write must succeed through every node within the bound.
-    let availability = wait_available(&recorder, &admin, &nodes, config.availability_bound, healed_ns).await;
+    let availability = wait_available(
+        &recorder,
+        &admin,
+        &nodes,
+        config.availability_bound,
+        healed_ns,
+    )
+    .await;
 
     // Final reads, once every node shows the same state (or the wait gives up).
     let mut finals: Vec<Option<NodeState>> = Vec::new();
@@ -453,11 +473,13 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     )?;
     checks.push(lin.to_result());
     checks.push(lost_writes::check(&ops, &final_reads, &initial).to_result());
-    checks.push(quota::check(&quota_evidence(&ops, &quota_tenants, workload.samples())).to_result());
+    checks
+        .push(quota::check(&quota_evidence(&ops, &quota_tenants, workload.samples())).to_result());
     let mut conv = convergence::check(&digests).to_result();
     if !missing.is_empty() {
         conv.verdict = Verdict::Fail;
-        conv.details.push(format!("no final read from {}", missing.join(", ")));
+        conv.details
+            .push(format!("no final read from {}", missing.join(", ")));
     }
     checks.push(conv);
     checks.push(availability);
@@ -512,7 +534,12 @@ async fn wait_available(
             let pending = recorder.invoke(999, Func::Create, &name, json!(value), node);
             let body = json!({"name": name, "quota": {"max_vms": value}});
             let result = client
-                .call(Method::POST, &format!("{url}/api/v1/tenants"), Some(&body), None)
+                .call(
+                    Method::POST,
+                    &format!("{url}/api/v1/tenants"),
+                    Some(&body),
+                    None,
+                )
                 .await;
             match result {
                 Ok(r) if r.status == 201 => {
@@ -566,7 +593,9 @@ fn quota_evidence(
             .insert(Resource::Vms, 5);
     }
     for op in ops.iter().filter(|op| op.key.starts_with("vm/")) {
-        let Some(tenant) = op.input.as_str() else { continue };
+        let Some(tenant) = op.input.as_str() else {
+            continue;
+        };
         evidence.claims.push(Claim {
             tenant: tenant.to_string(),
             resource: Resource::Vms,

@@ -258,11 +258,29 @@ impl Workload {
                 self.read_register(process, &node, &tenant_url, &key).await;
             } else if dice < 75 {
                 let input = json!({"expect": key.version, "value": value});
-                self.patch(process, &node, &tenant_url, &key, Func::Cas, input, value, Some(key.version))
-                    .await;
+                self.patch(
+                    process,
+                    &node,
+                    &tenant_url,
+                    &key,
+                    Func::Cas,
+                    input,
+                    value,
+                    Some(key.version),
+                )
+                .await;
             } else if dice < 95 {
-                self.patch(process, &node, &tenant_url, &key, Func::Write, json!(value), value, None)
-                    .await;
+                self.patch(
+                    process,
+                    &node,
+                    &tenant_url,
+                    &key,
+                    Func::Write,
+                    json!(value),
+                    value,
+                    None,
+                )
+                .await;
             } else {
                 let pending = self.recorder.invoke(
                     process,
@@ -296,7 +314,12 @@ impl Workload {
         let body = json!({"name": name, "quota": {"max_vms": value}});
         let result = self
             .client
-            .call(Method::POST, &format!("{url}/api/v1/tenants"), Some(&body), None)
+            .call(
+                Method::POST,
+                &format!("{url}/api/v1/tenants"),
+                Some(&body),
+                None,
+            )
             .await;
         let outcome = match &result {
             Ok(r) if r.status == 201 => match (r.body["id"].as_str(), r.body["version"].as_u64()) {
@@ -409,7 +432,12 @@ impl Workload {
             let body = json!({"name": name, "vcpus": 1, "memory_mib": 128, "tenant": tenant.id});
             let result = self
                 .client
-                .call(Method::POST, &format!("{url}/api/v1/vms"), Some(&body), None)
+                .call(
+                    Method::POST,
+                    &format!("{url}/api/v1/vms"),
+                    Some(&body),
+                    None,
+                )
                 .await;
             let outcome = match &result {
                 Ok(r) if (200..300).contains(&r.status) => Completion::Ok(Value::Null),
