@@ -482,6 +482,8 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
             .push(format!("no final read from {}", missing.join(", ")));
     }
     checks.push(conv);
+    let mut availability = availability;
+    availability.details = unavailability_windows(&ops, Duration::from_secs(1));
     checks.push(availability);
 
     let report = RunReport {
@@ -573,6 +575,35 @@ async fn wait_available(
         ),
         details: Vec::new(),
     }
+}
+
+/// Windows longer than `min` during which no operation was acknowledged, longest first (at most
+/// ten): how long clients went without service during the faults.
+fn unavailability_windows(ops: &[Operation], min: Duration) -> Vec<String> {
+    let mut acks: Vec<u64> = ops
+        .iter()
+        .filter(|op| op.outcome == history::Outcome::Ok)
+        .filter_map(|op| op.complete_ns)
+        .collect();
+    acks.sort_unstable();
+    let min = u64::try_from(min.as_nanos()).unwrap_or(u64::MAX);
+    let mut windows: Vec<(u64, u64)> = acks
+        .windows(2)
+        .filter(|w| w[1] - w[0] > min)
+        .map(|w| (w[0], w[1]))
+        .collect();
+    windows.sort_by_key(|(a, b)| std::cmp::Reverse(b - a));
+    windows
+        .iter()
+        .take(10)
+        .map(|(a, b)| {
+            format!(
+                "no acknowledged operation for {:.3}s from {:.3}s",
+                (b - a) as f64 / 1e9,
+                *a as f64 / 1e9
+            )
+        })
+        .collect()
 }
 
 /// The quota checker's evidence: VM creates as claims against the quota tenants (limit 5).
