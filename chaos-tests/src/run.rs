@@ -220,26 +220,63 @@ async fn node_state(client: &Client, url: &str) -> Option<NodeState> {
     Some(NodeState { reads, digest })
 }
 
+/// What network faults act on.
+#[derive(Clone, Copy)]
+struct Network<'a> {
+    /// The nodes' peer ports, in node order.
+    ports: &'a [u16],
+    /// `None` when the run draws no network fault.
+    firewall: Option<&'a Firewall>,
+    loss_percent: u8,
+}
+
 /// Runs the nemesis schedule on the processes and the firewall (blocking; call off the runtime).
+///
+/// A fault drawn for target 0 hits whichever node leads when it starts (its heal follows it):
+/// killing, pausing and isolating the leader are the faults that exercise failover, and the
+/// leader's identity is not known when the schedule is drawn.
 fn run_nemesis(
     schedule: &Schedule,
     procs: &mut [Managed],
-    ports: &[u16],
-    firewall: &Firewall,
-    loss_percent: u8,
+    net: &Network<'_>,
     clock: Clock,
     log: &FaultLog,
+    leader: &dyn Fn() -> Option<String>,
 ) {
-    for (at, action, index) in schedule.actions() {
+    let Network {
+        ports,
+        firewall,
+        loss_percent,
+    } = *net;
+    // Where the fault currently running started, so its heal reaches the same node.
+    let mut redirected: Option<usize> = None;
+    for (at, action, scheduled) in schedule.actions() {
         let now = clock.now_ns();
         if at > now {
             std::thread::sleep(Duration::from_nanos(at - now));
         }
+        let starts = matches!(
+            action,
+            Action::Kill | Action::Pause | Action::Isolate | Action::StartLoss
+        );
+        let index = match (scheduled, starts) {
+            (0, true) => {
+                let found = leader().and_then(|name| procs.iter().position(|p| p.name == name));
+                redirected = found;
+                found.unwrap_or(0)
+            }
+            (0, false) => redirected.take().unwrap_or(0),
+            _ => scheduled,
+        };
         let name = procs
             .get(index)
             .map(|p| p.name.clone())
             .unwrap_or_else(|| format!("#{index}"));
         if action.is_network() {
+            let Some(firewall) = firewall else {
+                log.record(action, &name, Some("no firewall installed".into()));
+                continue;
+            };
             let result = match action {
                 Action::Isolate => match ports.get(index) {
                     Some(port) => firewall.isolate(*port),
@@ -366,21 +403,38 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     let log = Arc::new(FaultLog::new(clock));
     let nemesis_log = log.clone();
     let loss = config.loss_percent;
+    let handle = tokio::runtime::Handle::current();
+    let leader_client = admin.clone();
+    let leader_urls = urls.clone();
     let (procs_back, firewall) = tokio::task::spawn_blocking(move || {
-        if let Some(fw) = &firewall {
-            run_nemesis(&schedule, &mut procs, &ports, fw, loss, clock, &nemesis_log);
-        } else {
-            // Without network faults no firewall exists; network actions are never drawn.
-            for (at, action, index) in schedule.actions() {
-                let now = clock.now_ns();
-                if at > now {
-                    std::thread::sleep(Duration::from_nanos(at - now));
+        // Asks the nodes in turn who leads; a paused or dead node does not answer.
+        let leader = || {
+            handle.block_on(async {
+                for url in &leader_urls {
+                    let reply = leader_client
+                        .call(Method::GET, &format!("{url}/api/v1/cluster"), None, None)
+                        .await;
+                    if let Ok(r) = reply {
+                        if let Some(name) = r.body["leader_name"].as_str() {
+                            return Some(name.to_string());
+                        }
+                    }
                 }
-                if let Some(p) = procs.get_mut(index) {
-                    let _ = nemesis::apply(action, p, &nemesis_log);
-                }
-            }
-        }
+                None
+            })
+        };
+        run_nemesis(
+            &schedule,
+            &mut procs,
+            &Network {
+                ports: &ports,
+                firewall: firewall.as_ref(),
+                loss_percent: loss,
+            },
+            clock,
+            &nemesis_log,
+            &leader,
+        );
         (procs, firewall)
     })
     .await

@@ -58,17 +58,10 @@ fn ensure_nft() -> Result<()> {
 
 pub(crate) fn run(args: &ChaosArgs) -> Result<()> {
     ensure_nft()?;
-    run_inherit(crate::cargo().args([
-        "build",
-        "-p",
-        "node",
-        "--bin",
-        "novacron",
-        "-p",
-        "chaos-tests",
-        "--bin",
-        "novacron-chaos",
-    ]))?;
+    // Two builds, not one: building both packages in one invocation unifies their dependency
+    // features differently from `cargo build -p node`, which recompiles much of the tree.
+    run_inherit(crate::cargo().args(["build", "-p", "node", "--bin", "novacron"]))?;
+    run_inherit(crate::cargo().args(["build", "-p", "chaos-tests", "--bin", "novacron-chaos"]))?;
     let bin_dir = crate::target_dir().join("debug");
     let mut cmd = Command::new(bin_dir.join("novacron-chaos"));
     cmd.arg("--bin")
