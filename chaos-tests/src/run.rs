@@ -537,7 +537,15 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     }
     checks.push(conv);
     let mut availability = availability;
-    availability.details = unavailability_windows(&ops, Duration::from_secs(1));
+    let windows = unavailability_windows(&ops, Duration::from_secs(1));
+    if !windows.is_empty() {
+        // Clients are closed-loop with a 2 s timeout: soon after a node stalls every client
+        // waits on it once, so a window near 2 s may be clients waiting, not the whole cluster.
+        availability.details.push(
+            "windows without any acknowledged operation (clients time out after 2 s):".into(),
+        );
+        availability.details.extend(windows);
+    }
     checks.push(availability);
 
     let report = RunReport {

@@ -58,8 +58,11 @@ async fn fast_tier_under_kill_pause_partition_and_loss() {
         report.faults
     );
     for f in ["read", "write", "cas", "create"] {
-        let ok = report.operations.by_function[f]
-            .get("ok")
+        let ok = report
+            .operations
+            .by_function
+            .get(f)
+            .and_then(|outcomes| outcomes.get("ok"))
             .copied()
             .unwrap_or(0);
         assert!(ok > 0, "no acknowledged {f}");
