@@ -3,7 +3,8 @@
 //! Owns: signals sent with the system `kill` command (SIGKILL, SIGSTOP, SIGCONT, SIGTERM), a
 //! restartable [`Managed`] process, a [`Schedule`] drawn from a seed, and a [`FaultLog`] on the
 //! same [`Clock`] as the client history, so faults and operations share one timeline.
-//! Does not own: network faults (namespaces and nftables come with the cluster harness).
+//! Network faults (partition, packet loss) are scheduled here too but applied by
+//! [`crate::netfault`]; [`run`] only handles the process faults.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ pub enum NemesisError {
     NotRunning(String),
     #[error("no target with index {0}")]
     NoTarget(usize),
+    #[error("{0:?} is a network fault; a process cannot apply it")]
+    NotAProcessFault(Action),
 }
 
 /// A signal the nemesis sends.
@@ -94,6 +97,9 @@ pub struct Managed {
     pub name: String,
     program: PathBuf,
     args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    /// Where stdout and stderr go (appended), so a node's log survives its restarts.
+    log: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -108,8 +114,28 @@ impl Managed {
             name: name.into(),
             program: program.into(),
             args: args.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            log: None,
             child: None,
         }
+    }
+
+    /// Adds an environment variable for every start.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Appends the process's output to `path` instead of inheriting ours.
+    pub fn log_to(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log = Some(path.into());
+        self
+    }
+
+    /// Replaces the command line used by later starts (a node started with `--init` restarts
+    /// without it).
+    pub fn set_args(&mut self, args: impl IntoIterator<Item = impl Into<OsString>>) {
+        self.args = args.into_iter().map(Into::into).collect();
     }
 
     /// Starts the process (a no-op if it is running).
@@ -117,14 +143,25 @@ impl Managed {
         if let Some(child) = &self.child {
             return Ok(child.id());
         }
-        let child = Command::new(&self.program)
+        let spawn_error = |source| NemesisError::Spawn {
+            program: self.program.clone(),
+            source,
+        };
+        let mut command = Command::new(&self.program);
+        command
             .args(&self.args)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|source| NemesisError::Spawn {
-                program: self.program.clone(),
-                source,
-            })?;
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        if let Some(path) = &self.log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(spawn_error)?;
+            command.stdout(Stdio::from(file.try_clone().map_err(spawn_error)?));
+            command.stderr(Stdio::from(file));
+        }
+        let child = command.spawn().map_err(spawn_error)?;
         let pid = child.id();
         self.child = Some(child);
         Ok(pid)
@@ -191,6 +228,10 @@ pub enum FaultKind {
     Kill,
     /// SIGSTOP, SIGCONT after the fault's duration.
     Pause,
+    /// The target's peer (QUIC) traffic is dropped both ways; healed after the duration.
+    Partition,
+    /// A share of all peer traffic is dropped at random; stopped after the duration.
+    Loss,
 }
 
 /// One scheduled fault.
@@ -269,6 +310,8 @@ impl Schedule {
             let (start, heal) = match f.kind {
                 FaultKind::Kill => (Action::Kill, Action::Restart),
                 FaultKind::Pause => (Action::Pause, Action::Resume),
+                FaultKind::Partition => (Action::Isolate, Action::Heal),
+                FaultKind::Loss => (Action::StartLoss, Action::StopLoss),
             };
             actions.push((f.at_ns, start, f.target));
             actions.push((f.at_ns.saturating_add(f.duration_ns), heal, f.target));
@@ -286,6 +329,24 @@ pub enum Action {
     Restart,
     Pause,
     Resume,
+    /// Cut the target off from the other nodes' peer traffic.
+    Isolate,
+    /// Remove every partition rule.
+    Heal,
+    /// Start dropping a share of all peer traffic.
+    StartLoss,
+    /// Stop dropping.
+    StopLoss,
+}
+
+impl Action {
+    /// Whether the action is a network fault (applied by [`crate::netfault`]).
+    pub fn is_network(self) -> bool {
+        matches!(
+            self,
+            Action::Isolate | Action::Heal | Action::StartLoss | Action::StopLoss
+        )
+    }
 }
 
 /// One entry of the fault log.
@@ -357,6 +418,9 @@ pub fn apply(action: Action, target: &mut Managed, log: &FaultLog) -> Result<(),
         Action::Restart => target.start().map(|_| ()),
         Action::Pause => target.pause(),
         Action::Resume => target.resume(),
+        Action::Isolate | Action::Heal | Action::StartLoss | Action::StopLoss => {
+            Err(NemesisError::NotAProcessFault(action))
+        }
     };
     log.record(
         action,

@@ -5,11 +5,13 @@
 //! - `guest`: build the tiny test guest from Debian packages.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
+//! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
 //! the product does not compile.
 
 mod bench;
+mod chaos;
 mod ci;
 mod dev;
 mod guest;
@@ -39,6 +41,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Build the tiny test guest (Debian cloud kernel + busybox initramfs) in target/guest.
     Guest,
+    /// The fast chaos tier on real processes; prints the report, writes it under target/chaos/.
+    Chaos(chaos::ChaosArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Libvirtd => libvirtd::ensure(),
         Command::Dev(args) => dev::run(&args),
         Command::Guest => guest::ensure().map(|_| ()),
+        Command::Chaos(args) => chaos::run(&args),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),

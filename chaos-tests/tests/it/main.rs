@@ -2,6 +2,7 @@
 //! the report, and the nemesis on real processes. One binary, one module per subject.
 
 mod convergence;
+mod fast_tier;
 mod generated;
 mod linearizable;
 mod lost_writes;

@@ -42,6 +42,8 @@ fn spawn(bin: &Path, dir: &Path, name: &str, extra: &[String]) -> Result<Node> {
         .args(["--name", name, "--api-addr", &api, "--peer-addr", &peer])
         .args(extra)
         .env("NOVACRON_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        // Simulated guests: the dashboard is under test, not QEMU.
+        .env("NOVACRON_LIBVIRT_URI", "test:///default")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

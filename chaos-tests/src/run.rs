@@ -1,0 +1,704 @@
+//! One fast-tier run against real processes: start the cluster, run the workload under a seeded
+//! fault schedule (kill, pause, partition, loss), heal, time the return of availability, read the
+//! final state from every node, run the checkers and write the report under `target/chaos/`.
+//!
+//! Convergence compares every node's full listing of tenants and VMs read with
+//! `consistency=stale` (the node does not expose a state-machine digest yet): tenants whole, VMs
+//! by id, name and tenant only, because agents may still be updating their status.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::checker::convergence::{self, NodeDigest};
+use crate::checker::lost_writes::{self, FinalReads};
+use crate::checker::quota::{self, Claim, Direction, Evidence, Resource};
+use crate::checker::{canonical, linearizable, CheckResult, Verdict};
+use crate::cluster::{Client, Cluster, ClusterError};
+use crate::history::{self, Clock, Func, HistoryError, Operation};
+use crate::nemesis::{self, Action, FaultKind, FaultLog, Managed, Schedule, ScheduleConfig};
+use crate::netfault::{self, Firewall, NetError};
+use crate::report::{OperationStats, ReportError, RunReport};
+use crate::workload::{Completion, QuotaTenant, Recorder, Workload};
+
+/// Errors that stop a run before it can report (a failed check is a report, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("nftables is not usable here (needs root and the nft command)")]
+    NoNftables,
+    #[error("cannot write the history {path}")]
+    HistoryFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("the history does not fit the register model")]
+    Shape(#[from] linearizable::ShapeError),
+    #[error("setting up the run: {what}: {detail}")]
+    Setup { what: String, detail: String },
+    #[error("the nemesis task panicked")]
+    Nemesis,
+}
+
+/// What a run does.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub bin: PathBuf,
+    pub nodes: usize,
+    pub seed: u64,
+    /// How long faults are injected (the workload runs as long, plus the last heal).
+    pub duration: Duration,
+    pub register_clients: usize,
+    pub quota_clients: usize,
+    pub faults: Vec<FaultKind>,
+    /// Percent of peer packets dropped by a loss fault.
+    pub loss_percent: u8,
+    /// Bound on the return of availability after healing.
+    pub availability_bound: Duration,
+    /// Where the report, history and node data go.
+    pub out_dir: PathBuf,
+    /// Keep node data directories and logs under `out_dir` (else a temporary directory).
+    pub keep_data: bool,
+}
+
+impl RunConfig {
+    /// The fast tier: 3 nodes, all four fault classes, 10 clients.
+    pub fn fast(bin: PathBuf, seed: u64, duration: Duration) -> Self {
+        Self {
+            bin,
+            nodes: 3,
+            seed,
+            duration,
+            register_clients: 7,
+            quota_clients: 3,
+            faults: vec![
+                FaultKind::Kill,
+                FaultKind::Pause,
+                FaultKind::Partition,
+                FaultKind::Loss,
+            ],
+            loss_percent: 30,
+            availability_bound: Duration::from_secs(30),
+            out_dir: crate::report::default_dir(),
+            keep_data: true,
+        }
+    }
+
+    /// The run's name: the file stem of its report.
+    pub fn name(&self) -> String {
+        format!("fast-{}n-seed{}", self.nodes, self.seed)
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub report: RunReport,
+    pub text_path: PathBuf,
+    pub json_path: PathBuf,
+    pub history_path: PathBuf,
+}
+
+/// Timers short enough for faults of a few seconds; voters are never replaced during a run.
+pub fn tuning() -> String {
+    json!({
+        "heartbeat_ms": 100,
+        "election_min_ms": 400,
+        "election_max_ms": 800,
+        "snapshot_every": 10000,
+        "keep_after_snapshot": 1000,
+        "voter_down_after_ms": 60000,
+        "suspect_after_ms": 1000
+    })
+    .to_string()
+}
+
+fn setup_error(what: &str, detail: impl std::fmt::Display) -> RunError {
+    RunError::Setup {
+        what: what.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Creates a tenant through `url`, retrying through elections; setup happens before any fault.
+async fn create_tenant(
+    client: &Client,
+    url: &str,
+    name: &str,
+    max_vms: u64,
+) -> Result<Value, RunError> {
+    let body = json!({"name": name, "quota": {"max_vms": max_vms}});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client
+            .call(
+                Method::POST,
+                &format!("{url}/api/v1/tenants"),
+                Some(&body),
+                None,
+            )
+            .await;
+        match r {
+            Ok(r) if r.status == 201 => return Ok(r.body),
+            other if Instant::now() > deadline => {
+                return Err(setup_error(
+                    &format!("create tenant {name}"),
+                    format!("{other:?}"),
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Every item of a paginated listing, read from one node with the given consistency.
+async fn list_all(client: &Client, url: &str, what: &str, consistency: &str) -> Option<Vec<Value>> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut u = format!("{url}/api/v1/{what}?limit=500&consistency={consistency}");
+        if let Some(c) = &cursor {
+            u.push_str(&format!("&cursor={c}"));
+        }
+        let r = client.call(Method::GET, &u, None, None).await.ok()?;
+        if r.status != 200 {
+            return None;
+        }
+        items.extend(r.body["items"].as_array()?.iter().cloned());
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return Some(items),
+        }
+    }
+}
+
+/// One node's final state: read-shaped values by history key, and the text compared for
+/// convergence.
+struct NodeState {
+    reads: BTreeMap<String, Value>,
+    digest: String,
+}
+
+async fn node_state(client: &Client, url: &str) -> Option<NodeState> {
+    let tenants = list_all(client, url, "tenants", "stale").await?;
+    let vms = list_all(client, url, "vms", "stale").await?;
+    let mut reads = BTreeMap::new();
+    let mut tenant_names = BTreeMap::new();
+    for t in &tenants {
+        let name = t["name"].as_str()?.to_string();
+        tenant_names.insert(t["id"].as_str()?.to_string(), name.clone());
+        reads.insert(
+            name,
+            json!({"value": t["quota"]["max_vms"], "version": t["version"]}),
+        );
+    }
+    let mut vm_digest = Vec::new();
+    for v in &vms {
+        let name = v["name"].as_str()?;
+        let tenant = v["tenant"].as_str()?;
+        let tenant_name = tenant_names.get(tenant).cloned().unwrap_or_default();
+        reads.insert(format!("vm/{name}"), json!({"value": tenant_name}));
+        vm_digest.push(json!([v["id"], name, tenant]));
+    }
+    vm_digest.sort_by_key(|v| v.to_string());
+    let digest = canonical(&json!({"tenants": tenants, "vms": vm_digest}));
+    Some(NodeState { reads, digest })
+}
+
+/// What network faults act on.
+#[derive(Clone, Copy)]
+struct Network<'a> {
+    /// The nodes' peer ports, in node order.
+    ports: &'a [u16],
+    /// `None` when the run draws no network fault.
+    firewall: Option<&'a Firewall>,
+    loss_percent: u8,
+}
+
+/// Runs the nemesis schedule on the processes and the firewall (blocking; call off the runtime).
+///
+/// A fault drawn for target 0 hits whichever node leads when it starts (its heal follows it):
+/// killing, pausing and isolating the leader are the faults that exercise failover, and the
+/// leader's identity is not known when the schedule is drawn.
+fn run_nemesis(
+    schedule: &Schedule,
+    procs: &mut [Managed],
+    net: &Network<'_>,
+    clock: Clock,
+    log: &FaultLog,
+    leader: &dyn Fn() -> Option<String>,
+) {
+    let Network {
+        ports,
+        firewall,
+        loss_percent,
+    } = *net;
+    // Where the fault currently running started, so its heal reaches the same node.
+    let mut redirected: Option<usize> = None;
+    for (at, action, scheduled) in schedule.actions() {
+        let now = clock.now_ns();
+        if at > now {
+            std::thread::sleep(Duration::from_nanos(at - now));
+        }
+        let starts = matches!(
+            action,
+            Action::Kill | Action::Pause | Action::Isolate | Action::StartLoss
+        );
+        let index = match (scheduled, starts) {
+            (0, true) => {
+                let found = leader().and_then(|name| procs.iter().position(|p| p.name == name));
+                redirected = found;
+                found.unwrap_or(0)
+            }
+            (0, false) => redirected.take().unwrap_or(0),
+            _ => scheduled,
+        };
+        let name = procs
+            .get(index)
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| format!("#{index}"));
+        if action.is_network() {
+            let Some(firewall) = firewall else {
+                log.record(action, &name, Some("no firewall installed".into()));
+                continue;
+            };
+            let result = match action {
+                Action::Isolate => match ports.get(index) {
+                    Some(port) => firewall.isolate(*port),
+                    None => Ok(()),
+                },
+                Action::StartLoss => firewall.loss(ports, loss_percent),
+                _ => firewall.heal(),
+            };
+            let target = match action {
+                Action::StartLoss | Action::StopLoss => format!("all ({loss_percent}%)"),
+                _ => name,
+            };
+            log.record(action, &target, result.err().map(|e| e.to_string()));
+        } else if let Some(p) = procs.get_mut(index) {
+            // A failed action is logged by `apply`; the schedule goes on.
+            let _ = nemesis::apply(action, p, log);
+        }
+    }
+}
+
+/// Runs one fast-tier scenario end to end.
+pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
+    let name = config.name();
+    std::fs::create_dir_all(&config.out_dir).map_err(|source| RunError::HistoryFile {
+        path: config.out_dir.clone(),
+        source,
+    })?;
+    let needs_net = config
+        .faults
+        .iter()
+        .any(|f| matches!(f, FaultKind::Partition | FaultKind::Loss));
+    if needs_net && !netfault::available() {
+        return Err(RunError::NoNftables);
+    }
+    let data_dir = config.out_dir.join(format!("{name}.data"));
+    if config.keep_data {
+        // Each run starts from empty data directories.
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    let mut cluster = Cluster::start(
+        &config.bin,
+        config.nodes,
+        &tuning(),
+        config.keep_data.then_some(data_dir.as_path()),
+    )
+    .await?;
+    let urls = cluster.urls();
+    let admin = cluster.client.clone();
+
+    // Setup before any fault: the quota tenants, then the state every key starts from.
+    let quota_count = (config.duration.as_secs() / 5).clamp(2, 12) as usize;
+    let mut quota_tenants = Vec::new();
+    for i in 0..quota_count {
+        let qname = format!("q{i}");
+        let t = create_tenant(&admin, &urls[0], &qname, 5).await?;
+        let id = t["id"]
+            .as_str()
+            .ok_or_else(|| setup_error("quota tenant", &t))?
+            .to_string();
+        quota_tenants.push(QuotaTenant { name: qname, id });
+    }
+    let initial_state = node_state(&admin, &urls[0])
+        .await
+        .ok_or_else(|| setup_error("initial listing", "node 1 did not answer"))?;
+    let initial: BTreeMap<String, Value> = initial_state
+        .reads
+        .iter()
+        .map(|(k, v)| (k.clone(), v["value"].clone()))
+        .collect();
+
+    let history_path = config.out_dir.join(format!("{name}.history.jsonl"));
+    let file = std::fs::File::create(&history_path).map_err(|source| RunError::HistoryFile {
+        path: history_path.clone(),
+        source,
+    })?;
+    let clock = Clock::start();
+    let recorder = Arc::new(Recorder::new(clock, file));
+    let worker_client = Client::new(Duration::from_secs(2))?.with_token_of(&admin);
+    let nodes: Vec<(String, String)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.url()))
+        .collect();
+    let workload = Arc::new(Workload::new(
+        recorder.clone(),
+        worker_client,
+        nodes.clone(),
+        quota_tenants.clone(),
+        config.duration,
+        config.seed,
+    ));
+
+    let schedule = Schedule::generate(
+        config.seed,
+        &ScheduleConfig {
+            targets: config.nodes,
+            kinds: config.faults.clone(),
+            run_for: config.duration,
+            gap: (Duration::from_millis(1000), Duration::from_millis(3000)),
+            duration: (Duration::from_millis(2000), Duration::from_millis(5000)),
+        },
+    );
+    let mut tasks = Vec::new();
+    for p in 0..config.register_clients {
+        tasks.push(tokio::spawn(workload.clone().register_client(p as u64)));
+    }
+    for p in 0..config.quota_clients {
+        tasks.push(tokio::spawn(workload.clone().quota_client(100 + p as u64)));
+    }
+    tasks.push(tokio::spawn(workload.clone().sampler()));
+
+    // The nemesis owns the processes and the firewall while it runs.
+    let firewall = if needs_net {
+        Some(Firewall::install()?)
+    } else {
+        None
+    };
+    let ports = cluster.peer_ports();
+    let mut procs: Vec<Managed> = cluster
+        .nodes
+        .iter_mut()
+        .map(|n| std::mem::replace(&mut n.process, Managed::new(&n.name, "true", [""; 0])))
+        .collect();
+    let log = Arc::new(FaultLog::new(clock));
+    let nemesis_log = log.clone();
+    let loss = config.loss_percent;
+    let handle = tokio::runtime::Handle::current();
+    let leader_client = admin.clone();
+    let leader_urls = urls.clone();
+    let (procs_back, firewall) = tokio::task::spawn_blocking(move || {
+        // Asks the nodes in turn who leads; a paused or dead node does not answer.
+        let leader = || {
+            handle.block_on(async {
+                for url in &leader_urls {
+                    let reply = leader_client
+                        .call(Method::GET, &format!("{url}/api/v1/cluster"), None, None)
+                        .await;
+                    if let Ok(r) = reply {
+                        if let Some(name) = r.body["leader_name"].as_str() {
+                            return Some(name.to_string());
+                        }
+                    }
+                }
+                None
+            })
+        };
+        run_nemesis(
+            &schedule,
+            &mut procs,
+            &Network {
+                ports: &ports,
+                firewall: firewall.as_ref(),
+                loss_percent: loss,
+            },
+            clock,
+            &nemesis_log,
+            &leader,
+        );
+        (procs, firewall)
+    })
+    .await
+    .map_err(|_| RunError::Nemesis)?;
+    for (node, p) in cluster.nodes.iter_mut().zip(procs_back) {
+        node.process = p;
+    }
+    // Whatever the schedule did, every node runs and the network is whole from here on.
+    if let Some(fw) = &firewall {
+        if let Err(e) = fw.heal() {
+            log.record(Action::Heal, "all", Some(e.to_string()));
+        }
+    }
+    for node in &mut cluster.nodes {
+        if node.process.pid().is_none() {
+            let _ = nemesis::apply(Action::Restart, &mut node.process, &log);
+        } else {
+            // SIGCONT is harmless to a running process and ends any pause left behind.
+            let _ = node.process.resume();
+        }
+    }
+    let healed_ns = clock.now_ns();
+    workload.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(firewall);
+
+    // Liveness: after healing, a write must succeed through every node within the bound.
+    let availability = wait_available(
+        &recorder,
+        &admin,
+        &nodes,
+        config.availability_bound,
+        healed_ns,
+    )
+    .await;
+
+    // Final reads, once every node shows the same state (or the wait gives up).
+    let mut finals: Vec<Option<NodeState>> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        finals.clear();
+        for url in &urls {
+            finals.push(node_state(&admin, url).await);
+        }
+        let first = finals.first().and_then(|f| f.as_ref()).map(|f| &f.digest);
+        let same = finals
+            .iter()
+            .all(|f| f.as_ref().map(|f| &f.digest) == first && first.is_some());
+        if same || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    crate::workload::flush(&recorder)?;
+    if let Some(e) = recorder.take_error() {
+        return Err(e.into());
+    }
+    let file = std::fs::File::open(&history_path).map_err(|source| RunError::HistoryFile {
+        path: history_path.clone(),
+        source,
+    })?;
+    let ops = history::read_operations(std::io::BufReader::new(file))?;
+
+    let mut final_reads: FinalReads = BTreeMap::new();
+    let mut digests = Vec::new();
+    let mut missing = Vec::new();
+    for ((node, _), state) in nodes.iter().zip(&finals) {
+        match state {
+            Some(s) => {
+                final_reads.insert(node.clone(), s.reads.clone());
+                digests.push(NodeDigest {
+                    node: node.clone(),
+                    applied_index: None,
+                    digest: short_hash(&s.digest),
+                });
+            }
+            None => missing.push(node.clone()),
+        }
+    }
+
+    let mut checks: Vec<CheckResult> = Vec::new();
+    let lin = linearizable::check(
+        &ops,
+        &linearizable::Options {
+            budget: Duration::from_secs(60),
+            ..Default::default()
+        },
+    )?;
+    checks.push(lin.to_result());
+    checks.push(lost_writes::check(&ops, &final_reads, &initial).to_result());
+    checks
+        .push(quota::check(&quota_evidence(&ops, &quota_tenants, workload.samples())).to_result());
+    let mut conv = convergence::check(&digests).to_result();
+    if !missing.is_empty() {
+        conv.verdict = Verdict::Fail;
+        conv.details
+            .push(format!("no final read from {}", missing.join(", ")));
+    }
+    checks.push(conv);
+    let mut availability = availability;
+    let windows = unavailability_windows(&ops, Duration::from_secs(1));
+    if !windows.is_empty() {
+        // Clients are closed-loop with a 2 s timeout: soon after a node stalls every client
+        // waits on it once, so a window near 2 s may be clients waiting, not the whole cluster.
+        availability.details.push(
+            "windows without any acknowledged operation (clients time out after 2 s):".into(),
+        );
+        availability.details.extend(windows);
+    }
+    checks.push(availability);
+
+    let report = RunReport {
+        name: name.clone(),
+        seed: Some(config.seed),
+        duration_ns: clock.now_ns(),
+        operations: OperationStats::of(&ops),
+        checks,
+        faults: log.events(),
+    };
+    let (text_path, json_path) = report.write_to(&config.out_dir)?;
+    Ok(RunOutcome {
+        report,
+        text_path,
+        json_path,
+        history_path,
+    })
+}
+
+/// A short stable name for a long digest text (FNV-1a; only equality matters).
+fn short_hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Waits until a tenant create succeeds through every node; the creates go into the history.
+async fn wait_available(
+    recorder: &Recorder,
+    admin: &Client,
+    nodes: &[(String, String)],
+    bound: Duration,
+    healed_ns: u64,
+) -> CheckResult {
+    let client = Client::new(Duration::from_secs(2))
+        .map(|c| c.with_token_of(admin))
+        .unwrap_or_else(|_| admin.clone());
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(healed_ns);
+    let mut per_node = Vec::new();
+    let mut verdict = Verdict::Pass;
+    for (node, url) in nodes {
+        let mut done = None;
+        while started.elapsed() < bound {
+            let name = format!("avail-{node}-{}", rng.gen_range(0..u32::MAX));
+            let value = 1000 + rng.gen_range(0..1_000_000u64);
+            let pending = recorder.invoke(999, Func::Create, &name, json!(value), node);
+            let body = json!({"name": name, "quota": {"max_vms": value}});
+            let result = client
+                .call(
+                    Method::POST,
+                    &format!("{url}/api/v1/tenants"),
+                    Some(&body),
+                    None,
+                )
+                .await;
+            match result {
+                Ok(r) if r.status == 201 => {
+                    let version = r.body["version"].clone();
+                    recorder.complete(pending, Completion::Ok(json!({"version": version})));
+                    done = Some(recorder.clock().now_ns().saturating_sub(healed_ns));
+                    break;
+                }
+                Ok(r) if (400..500).contains(&r.status) => {
+                    recorder.complete(pending, Completion::Fail(format!("HTTP {}", r.status)));
+                }
+                Ok(r) => recorder.complete(pending, Completion::Info(format!("HTTP {}", r.status))),
+                Err(e) => recorder.complete(pending, Completion::Info(e.to_string())),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match done {
+            Some(ns) => per_node.push(format!("{node} {:.3}s", ns as f64 / 1e9)),
+            None => {
+                verdict = Verdict::Fail;
+                per_node.push(format!("{node} not available within {bound:?}"));
+            }
+        }
+    }
+    CheckResult {
+        checker: "availability".into(),
+        verdict,
+        summary: format!(
+            "first acknowledged write through each node after healing: {}",
+            per_node.join(", ")
+        ),
+        details: Vec::new(),
+    }
+}
+
+/// Windows longer than `min` during which no operation was acknowledged, longest first (at most
+/// ten): how long clients went without service during the faults.
+fn unavailability_windows(ops: &[Operation], min: Duration) -> Vec<String> {
+    let mut acks: Vec<u64> = ops
+        .iter()
+        .filter(|op| op.outcome == history::Outcome::Ok)
+        .filter_map(|op| op.complete_ns)
+        .collect();
+    acks.sort_unstable();
+    let min = u64::try_from(min.as_nanos()).unwrap_or(u64::MAX);
+    let mut windows: Vec<(u64, u64)> = acks
+        .windows(2)
+        .filter(|w| w[1] - w[0] > min)
+        .map(|w| (w[0], w[1]))
+        .collect();
+    windows.sort_by_key(|(a, b)| std::cmp::Reverse(b - a));
+    windows
+        .iter()
+        .take(10)
+        .map(|(a, b)| {
+            format!(
+                "no acknowledged operation for {:.3}s from {:.3}s",
+                (b - a) as f64 / 1e9,
+                *a as f64 / 1e9
+            )
+        })
+        .collect()
+}
+
+/// The quota checker's evidence: VM creates as claims against the quota tenants (limit 5).
+fn quota_evidence(
+    ops: &[Operation],
+    tenants: &[QuotaTenant],
+    samples: Vec<quota::UsageSample>,
+) -> Evidence {
+    let mut evidence = Evidence {
+        samples,
+        ..Default::default()
+    };
+    for t in tenants {
+        evidence
+            .initial_limits
+            .entry(t.name.clone())
+            .or_default()
+            .insert(Resource::Vms, 5);
+    }
+    for op in ops.iter().filter(|op| op.key.starts_with("vm/")) {
+        let Some(tenant) = op.input.as_str() else {
+            continue;
+        };
+        evidence.claims.push(Claim {
+            tenant: tenant.to_string(),
+            resource: Resource::Vms,
+            direction: Direction::Acquire,
+            amount: 1,
+            invoke_ns: op.invoke_ns,
+            complete_ns: op.complete_ns,
+            outcome: op.outcome,
+            op_id: Some(op.op_id),
+        });
+    }
+    evidence
+}
