@@ -46,17 +46,19 @@ pub struct RateLimits {
 impl Default for RateLimits {
     fn default() -> Self {
         Self {
+            // Generous enough for automation driving a cluster hard through one account; the
+            // point is to stop a runaway client from starving everyone else.
             per_user: Rate {
-                per_second: 20.0,
-                burst: 100,
+                per_second: 2000.0,
+                burst: 4000,
             },
             per_tenant: Rate {
-                per_second: 100.0,
-                burst: 500,
+                per_second: 5000.0,
+                burst: 10000,
             },
             login_per_ip: Rate {
-                per_second: 1.0,
-                burst: 10,
+                per_second: 5.0,
+                burst: 20,
             },
         }
     }

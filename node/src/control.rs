@@ -70,7 +70,11 @@ impl ControlPlane for NodeControl {
             .observe(start.elapsed().as_secs_f64());
         result.map_err(|e| match e {
             raft::net::WriteError::NoLeader => ClusterError::NoLeader,
-            raft::net::WriteError::Timeout => ClusterError::Timeout,
+            // The outcome is unknown (the leader died mid-request): like a timeout, the client
+            // may retry, with an Idempotency-Key to be safe.
+            raft::net::WriteError::Timeout | raft::net::WriteError::Indeterminate(_) => {
+                ClusterError::Timeout
+            }
             other => internal(other),
         })
     }

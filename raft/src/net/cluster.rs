@@ -233,9 +233,27 @@ impl Cluster {
             })),
         };
         let timeout = remaining.min(self.transport.config().rpc_timeout);
-        let result = match Transport::resolve(&node.peer_addr).await {
-            Ok(addr) => self.transport.call(addr, &req, timeout).await,
-            Err(e) => Err(e),
+        let call = async {
+            match Transport::resolve(&node.peer_addr).await {
+                Ok(addr) => self.transport.call(addr, &req, timeout).await,
+                Err(e) => Err(e),
+            }
+        };
+        // A killed leader does not answer; stop waiting as soon as another leader is known
+        // (or this node starts an election) instead of running into the RPC timeout.
+        let mut metrics = self.raft.metrics();
+        let leader_moved = async move {
+            let moved = metrics
+                .wait_for(|m| m.current_leader != Some(leader))
+                .await
+                .is_ok();
+            if !moved {
+                std::future::pending::<()>().await;
+            }
+        };
+        let result = tokio::select! {
+            r = call => r,
+            () = leader_moved => Err(NetError::LeaderChanged),
         };
         match result {
             Ok(rpc_response::Kind::Forward(r)) => match codec::decode::<Response>(&r.response) {
@@ -300,9 +318,26 @@ impl Cluster {
                         kind: Some(rpc_request::Kind::ReadIndex(proto::PbReadIndexRequest {})),
                     };
                     let timeout = remaining.min(self.transport.config().rpc_timeout);
-                    let result = match Transport::resolve(&node.peer_addr).await {
-                        Ok(addr) => self.transport.call(addr, &req, timeout).await,
-                        Err(e) => Err(e),
+                    let call = async {
+                        match Transport::resolve(&node.peer_addr).await {
+                            Ok(addr) => self.transport.call(addr, &req, timeout).await,
+                            Err(e) => Err(e),
+                        }
+                    };
+                    // As for writes: a dead leader is given up on once another is known.
+                    let mut metrics = self.raft.metrics();
+                    let leader_moved = async move {
+                        if metrics
+                            .wait_for(|m| m.current_leader != Some(id))
+                            .await
+                            .is_err()
+                        {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    let result = tokio::select! {
+                        r = call => r,
+                        () = leader_moved => Err(NetError::LeaderChanged),
                     };
                     (Some(id), interpret_read(result))
                 }

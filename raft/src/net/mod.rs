@@ -69,6 +69,10 @@ pub enum NetError {
     UnknownStreamKind(u8),
     #[error("remote node refused: {0}")]
     Remote(RemoteFailure),
+    /// The peer stopped being the leader while the request was in flight; its outcome is
+    /// unknown, and waiting for the dead leader's timeout would only delay the client.
+    #[error("the leader changed while the request was in flight")]
+    LeaderChanged,
 }
 
 impl NetError {

@@ -142,26 +142,41 @@ impl Browser {
     }
 
     pub async fn fill(&self, css: &str, value: &str) -> Result<()> {
-        let el = self
-            .client
-            .wait()
-            .at_most(PAGE_TIMEOUT)
-            .for_element(Locator::Css(css))
-            .await?;
-        el.clear().await?;
-        el.send_keys(value).await?;
-        Ok(())
+        self.retry_stale(css, |el| async move {
+            el.clear().await?;
+            el.send_keys(value).await
+        })
+        .await
     }
 
     pub async fn click(&self, css: &str) -> Result<()> {
-        self.client
-            .wait()
-            .at_most(PAGE_TIMEOUT)
-            .for_element(Locator::Css(css))
-            .await?
-            .click()
-            .await?;
-        Ok(())
+        self.retry_stale(css, |el| async move { el.click().await })
+            .await
+    }
+
+    /// Finds `css` and acts on it, finding it again when the page re-rendered in between (live
+    /// pages redraw on every update, which turns a found element stale).
+    async fn retry_stale<F, Fut>(&self, css: &str, act: F) -> Result<()>
+    where
+        F: Fn(Element) -> Fut,
+        Fut: std::future::Future<Output = Result<(), fantoccini::error::CmdError>>,
+    {
+        let deadline = Instant::now() + PAGE_TIMEOUT;
+        loop {
+            let el = self
+                .client
+                .wait()
+                .at_most(PAGE_TIMEOUT)
+                .for_element(Locator::Css(css))
+                .await?;
+            match act(el).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.to_string().contains("stale element") && Instant::now() < deadline => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Logs in through the form and waits for the cluster view.
