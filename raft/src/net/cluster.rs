@@ -239,14 +239,17 @@ impl Cluster {
                 Err(e) => Err(e),
             }
         };
-        // A killed leader does not answer; stop waiting as soon as another leader is known
-        // (or this node starts an election) instead of running into the RPC timeout.
+        // A killed leader does not answer. When the request may be resent safely (it carries
+        // an idempotency key), stop waiting as soon as the leader changes instead of running
+        // into the RPC timeout; otherwise wait for the answer, so that a request that was in
+        // fact applied is not reported as failed.
         let mut metrics = self.raft.metrics();
         let leader_moved = async move {
-            let moved = metrics
-                .wait_for(|m| m.current_leader != Some(leader))
-                .await
-                .is_ok();
+            let moved = retry_ambiguous
+                && metrics
+                    .wait_for(|m| m.current_leader != Some(leader))
+                    .await
+                    .is_ok();
             if !moved {
                 std::future::pending::<()>().await;
             }

@@ -164,7 +164,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     self.inner.meta.remove(meta_keys::COMMITTED)?;
                 }
             }
-            self.inner.flush().await
+            // No flush of its own: the committed index only shortens recovery (openraft learns
+            // it again from a quorum), so it rides along with the next append's flush instead
+            // of costing a second fsync per commit.
+            Ok::<(), StoreError>(())
         };
         save.await
             .map_err(|e| storage_error(ErrorSubject::Store, ErrorVerb::Write, e))

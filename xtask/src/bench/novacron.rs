@@ -236,9 +236,12 @@ impl BenchCluster for Novacron {
         WriteTarget {
             urls: self.members.iter().map(|m| m.url.clone()).collect(),
             make: Arc::new(move |client, url, key| {
+                // An Idempotency-Key, as a careful client sends, lets the node resend a write
+                // whose leader died mid-flight instead of reporting its outcome as unknown.
                 client
                     .post(format!("{url}/api/v1/tenants"))
                     .bearer_auth(&token)
+                    .header("idempotency-key", key)
                     .json(&json!({ "name": key }))
             }),
         }
