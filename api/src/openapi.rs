@@ -216,7 +216,7 @@ pub mod schemas {
         title = "NovaCron",
         description = "The REST API served by every NovaCron node."
     ),
-    components(schemas(schemas::Problem))
+    components(schemas(schemas::Problem, crate::Consistency))
 )]
 struct Base;
 

@@ -172,8 +172,12 @@ pub(crate) async fn propose(
     idempotency_key: Option<String>,
     command: raft::Command,
 ) -> ApiResult<(u64, RaftResponse)> {
+    // `apply` remembers an outcome per actor and key. Scoping the key by the command too means
+    // a client reusing one key for two different calls gets each call's own outcome instead of
+    // the other's (which the handler could not render).
+    let scoped = idempotency_key.map(|k| format!("{}:{k}", command.name()));
     let mut req = RaftRequest::new(crate::now_ms(), caller.user_id.clone(), command);
-    req.idempotency_key = idempotency_key;
+    req.idempotency_key = scoped;
     let (index, resp) = state.cp.write(req).await?;
     match resp {
         RaftResponse::Rejected { code, message } => Err(ApiError::from_reject(code, message)),
