@@ -331,7 +331,9 @@ pub(crate) fn schemathesis() -> Result<()> {
 
     let spec = crate::workspace_root().join("api").join("openapi.json");
     let mut cmd = Command::new("schemathesis");
-    cmd.arg("run")
+    // Schemathesis keeps a `.schemathesis/` cache in its working directory: not in the tree.
+    cmd.current_dir(dir.path())
+        .arg("run")
         .arg(&spec)
         .args(["--url", &url])
         .args(["-H", &format!("Authorization: Bearer {key}")])
