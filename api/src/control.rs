@@ -9,7 +9,7 @@ use raft::{Member, NodeId, Request, Response};
 use serde::{Deserialize, Serialize};
 
 /// How fresh a read must be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Consistency {
     /// Reflects every write acknowledged before the read began (read index via the leader).
@@ -34,7 +34,7 @@ pub enum ClusterError {
     Internal(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MemberRole {
     Voter,
@@ -42,7 +42,7 @@ pub enum MemberRole {
     Witness,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MemberStatus {
     pub id: NodeId,
     pub name: String,
@@ -57,7 +57,7 @@ pub struct MemberStatus {
     pub last_applied: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterStatus {
     pub cluster_id: String,
     pub node_id: NodeId,
@@ -72,15 +72,16 @@ pub struct ClusterStatus {
 }
 
 /// What a node sends to be admitted: its join secret, a CSR and how to reach it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinRequest {
     /// The full join token; its secret is checked against the cluster's stored hash.
     pub token: String,
     pub csr_pem: String,
+    #[schema(value_type = crate::openapi::schemas::Member)]
     pub member: Member,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinResponse {
     pub node_id: NodeId,
     pub cluster_id: String,

@@ -140,11 +140,19 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
+        // Internal errors may carry stored objects (hashes included) in their message: that
+        // goes to the log only, never to the client.
+        let detail = match &self {
+            ApiError::Internal(_) | ApiError::Cluster(ClusterError::Internal(_)) => {
+                "internal error; see the node's log".to_string()
+            }
+            other => other.to_string(),
+        };
         let body = Problem {
             kind: format!("https://novacron.dev/problems/{code}"),
             title,
             status: status.as_u16(),
-            detail: self.to_string(),
+            detail,
             code,
         };
         let mut resp = (status, axum::Json(body)).into_response();

@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 mod routes;
 pub mod totp;
 

@@ -2,7 +2,8 @@
 //!
 //! Steps: Debian prerequisites (only as root), `cargo fmt --check`, clippy with `-D warnings`,
 //! a system libvirtd for the tests that need one, then the tests (nextest when installed) in the
-//! dev profile only, so CI compiles the workspace once.
+//! dev profile only, so CI compiles the workspace once, then schemathesis against one live node
+//! from the committed OpenAPI document.
 
 use std::path::Path;
 use std::process::Command;
@@ -116,6 +117,9 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
             }),
         ));
     }
+
+    // After the tests, so a broken build or a failing unit shows first.
+    steps.push(("schemathesis", Box::new(schemathesis)));
 
     for (name, step) in &steps {
         println!("==> ci step: {name}");
@@ -253,4 +257,151 @@ pub(crate) fn install_packages(packages: &[&str]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The schemathesis release CI installs; pinned so a new release cannot change what passes.
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+
+/// Operations schemathesis does not call: the event stream and the console never end, logout
+/// would revoke the credential the run uses, and removing the only node ends the cluster.
+const SCHEMATHESIS_EXCLUDED: &[&str] = &[
+    "/api/v1/events",
+    "/api/v1/vms/{id}/console",
+    "/api/v1/auth/logout",
+    "/api/v1/nodes/{id}",
+];
+
+/// Kills the node when the step ends, however it ends.
+struct NodeGuard(std::process::Child);
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Schemathesis against one live node from the committed `api/openapi.json`: no server error,
+/// and every response matches the documented schema. The node runs on libvirt's test driver.
+pub(crate) fn schemathesis() -> Result<()> {
+    use anyhow::Context;
+
+    run_inherit(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        &format!("schemathesis=={SCHEMATHESIS_VERSION}"),
+    ]))?;
+    run_inherit(crate::cargo().args(["build", "-p", "node", "--bin", "novacron"]))?;
+    let bin = crate::target_dir().join("debug").join("novacron");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("n1");
+    let password = format!("schemathesis-{}", std::process::id());
+    let log = std::fs::File::create(dir.path().join("node.log"))?;
+    let child = Command::new(&bin)
+        .args(["serve", "--init", "--name", "n1", "--data-dir"])
+        .arg(&data)
+        .args(["--api-addr", "127.0.0.1:0", "--peer-addr", "127.0.0.1:0"])
+        .env("NOVACRON_ADMIN_PASSWORD", &password)
+        .env("NOVACRON_LIBVIRT_URI", "test:///default")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let _node = NodeGuard(child);
+
+    let mut addr = String::new();
+    crate::process::wait_for("node.json", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(data.join("node.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        match v["api_addr"].as_str() {
+            Some(a) => {
+                addr = a.to_string();
+                true
+            }
+            None => false,
+        }
+    })?;
+    let url = format!("http://{addr}");
+    let key = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(api_key(&url, &password))?;
+
+    let spec = crate::workspace_root().join("api").join("openapi.json");
+    let mut cmd = Command::new("schemathesis");
+    // Schemathesis keeps a `.schemathesis/` cache in its working directory: not in the tree.
+    cmd.current_dir(dir.path())
+        .arg("run")
+        .arg(&spec)
+        .args(["--url", &url])
+        .args(["-H", &format!("Authorization: Bearer {key}")])
+        .args([
+            "--checks",
+            "not_a_server_error,response_schema_conformance",
+            "--max-examples",
+            "25",
+            "--request-timeout",
+            "10",
+            // Fixed seed: a failure CI reports reproduces locally.
+            "--generation-deterministic",
+        ]);
+    for path in SCHEMATHESIS_EXCLUDED {
+        cmd.args(["--exclude-path", path]);
+    }
+    let outcome = run_inherit(&mut cmd);
+    if outcome.is_err() {
+        let log = std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        for line in tail.iter().rev() {
+            eprintln!("node: {line}");
+        }
+    }
+    outcome
+}
+
+/// Waits until the node is ready, logs in as admin and creates an admin API key for the run:
+/// unlike a login token, a key outlives the JWT key rotations schemathesis itself triggers.
+async fn api_key(url: &str, password: &str) -> Result<String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        ticker.tick().await;
+        let ready = http.get(format!("{url}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the node at {url} did not become ready within 60 s");
+        }
+    }
+    let login: serde_json::Value = http
+        .post(format!("{url}/api/v1/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": password}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token = login["token"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no token in {login}"))?;
+    let created: serde_json::Value = http
+        .post(format!("{url}/api/v1/api-keys"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"name": "schemathesis"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    created["key"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("no key in {created}"))
 }

@@ -5,6 +5,7 @@
 //! - `guest`: build the tiny test guest from Debian packages.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
+//! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
 //! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
@@ -43,6 +44,8 @@ enum Command {
     Guest,
     /// The fast chaos tier on real processes; prints the report, writes it under target/chaos/.
     Chaos(chaos::ChaosArgs),
+    /// Schemathesis (from PyPI) against one live node from api/openapi.json; also a CI step.
+    Schemathesis,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(&args),
         Command::Guest => guest::ensure().map(|_| ()),
         Command::Chaos(args) => chaos::run(&args),
+        Command::Schemathesis => ci::schemathesis(),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),

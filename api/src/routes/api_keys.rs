@@ -18,12 +18,13 @@ use crate::routes::tenants::validate_name;
 use crate::routes::{decode, idempotency_key, propose, ReadParams};
 use crate::AppState;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ApiKeyView {
     id: String,
     name: String,
     owner: String,
     tenant: String,
+    #[schema(value_type = crate::openapi::schemas::Role)]
     role: Role,
     created_at: u64,
     expires_at: Option<u64>,
@@ -45,19 +46,20 @@ impl From<ApiKey> for ApiKeyView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateApiKey {
     name: String,
     /// Defaults to the creator's role; may not be more powerful.
     #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::schemas::Role>)]
     role: Option<Role>,
     /// Milliseconds since the Unix epoch; must be in the future.
     #[serde(default)]
     expires_at: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct CreatedApiKey {
     #[serde(flatten)]
     view: ApiKeyView,
@@ -75,7 +77,8 @@ pub(crate) struct ListParams {
     read: ReadParams,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = ApiKeyPage)]
 pub(crate) struct Page {
     items: Vec<ApiKeyView>,
     next_cursor: Option<String>,
@@ -88,6 +91,16 @@ fn may_see(caller: &Caller, key: &ApiKey) -> bool {
         || (key.tenant == caller.tenant && caller.role <= Role::TenantAdmin)
 }
 
+#[utoipa::path(
+    post,
+    path = "/api-keys",
+    tag = "api-keys",
+    summary = "Create an API key (the secret is shown once)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    request_body = CreateApiKey,
+    responses((status = 201, description = "created", body = CreatedApiKey)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -141,6 +154,15 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api-keys",
+    tag = "api-keys",
+    summary = "List the API keys the caller may see",
+    params(("limit" = Option<usize>, Query, description = "page size, 1 to 500 (default 100)"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "a page of keys", body = Page)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -179,6 +201,15 @@ pub(crate) async fn list(
     Ok(Json(Page { items, next_cursor }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api-keys/{id}",
+    tag = "api-keys",
+    summary = "Revoke an API key on every node",
+    params(("id" = String, Path, description = "API key id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    responses((status = 204, description = "revoked")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,

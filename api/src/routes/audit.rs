@@ -36,8 +36,9 @@ pub(crate) struct AuditParams {
     read: ReadParams,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct AuditPage {
+    #[schema(value_type = Vec<crate::openapi::schemas::AuditEntry>)]
     items: Vec<AuditEntry>,
     next_cursor: Option<u64>,
 }
@@ -55,6 +56,15 @@ fn matches(p: &AuditParams, tenant: Option<&str>, e: &AuditEntry) -> bool {
         })
 }
 
+#[utoipa::path(
+    get,
+    path = "/audit",
+    tag = "audit",
+    summary = "List audit entries (tenant-admins see their tenant)",
+    params(("limit" = Option<usize>, Query, description = "page size, 1 to 500 (default 100)"), ("cursor" = Option<u64>, Query, description = "next_cursor of the previous page"), ("actor" = Option<String>, Query, description = "user id"), ("action" = Option<String>, Query, description = "exact action, or a prefix ending in a dot"), ("since" = Option<u64>, Query, description = "milliseconds since the Unix epoch"), ("tenant" = Option<String>, Query, description = "admins only: one tenant"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "a page of entries", body = AuditPage)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -98,7 +108,7 @@ pub(crate) async fn list(
     Ok(Json(AuditPage { items, next_cursor }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Verification {
     ok: bool,
     /// Entries checked.
@@ -180,6 +190,14 @@ pub(crate) fn verify_chain(state: &AppState) -> ApiResult<Verification> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/audit/verify",
+    tag = "audit",
+    summary = "Verify the hash chain of the audit log (admins)",
+    responses((status = 200, description = "the verification result", body = Verification)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn verify(
     State(state): State<AppState>,
     caller: Caller,

@@ -23,7 +23,7 @@ use crate::AppState;
 /// How long an enrolment-only token lives: enough to scan a QR code and type one code.
 const ENROLLMENT_TTL_SECS: u64 = 600;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct LoginBody {
     username: String,
     password: String,
@@ -32,7 +32,7 @@ pub(crate) struct LoginBody {
     totp: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct LoginReply {
     token: String,
     /// Seconds since the Unix epoch.
@@ -114,6 +114,15 @@ async fn second_factor(state: &AppState, user: &User, code: Option<&str>) -> Api
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/auth/login",
+    tag = "auth",
+    summary = "Log in with a password (and TOTP code) for a bearer token",
+    request_body = LoginBody,
+    responses((status = 200, description = "logged in", body = LoginReply)),
+    security(())
+)]
 pub(crate) async fn login(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
@@ -176,6 +185,14 @@ pub(crate) async fn login(
 }
 
 /// Revokes the presented token until its own expiry, on every node.
+#[utoipa::path(
+    post,
+    path = "/auth/logout",
+    tag = "auth",
+    summary = "Revoke the token of this request on every node",
+    responses((status = 204, description = "logged out")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn logout(State(state): State<AppState>, caller: Caller) -> ApiResult<StatusCode> {
     let Credential::Token { jti, exp } = caller.credential.clone() else {
         return Err(ApiError::Validation(

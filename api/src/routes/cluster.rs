@@ -8,6 +8,14 @@ use crate::control::{ClusterStatus, JoinRequest, JoinResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
+#[utoipa::path(
+    get,
+    path = "/cluster",
+    tag = "cluster",
+    summary = "Membership and Raft progress",
+    responses((status = 200, description = "cluster status", body = crate::ClusterStatus)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn status(
     State(state): State<AppState>,
     _caller: Caller,
@@ -16,6 +24,15 @@ pub(crate) async fn status(
 }
 
 /// Unauthenticated by bearer token: the join token in the body is the credential.
+#[utoipa::path(
+    post,
+    path = "/cluster/join",
+    tag = "cluster",
+    summary = "Admit a node (the join token in the body is the credential)",
+    request_body = crate::JoinRequest,
+    responses((status = 200, description = "admitted", body = crate::JoinResponse)),
+    security(())
+)]
 pub(crate) async fn join(
     State(state): State<AppState>,
     Json(req): Json<JoinRequest>,
@@ -31,7 +48,7 @@ pub(crate) async fn join(
     Ok(Json(state.cp.join(req).await?))
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct Rotated {
     /// How many signing keys verify now (the new one signs).
     keys_kept: u32,
@@ -39,6 +56,14 @@ pub(crate) struct Rotated {
 
 /// Adds a fresh JWT signing key in front (admins only). Tokens signed with the previous keys
 /// keep verifying until they fall out of the kept window.
+#[utoipa::path(
+    post,
+    path = "/cluster/rotate-jwt-key",
+    tag = "cluster",
+    summary = "Rotate the JWT signing key (admins)",
+    responses((status = 200, description = "rotated", body = Rotated)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn rotate_jwt_key(
     State(state): State<AppState>,
     caller: Caller,

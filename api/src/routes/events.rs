@@ -74,6 +74,15 @@ fn reset(reason: &str) -> Event {
         .data(json!({"reason": reason}).to_string())
 }
 
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    summary = "Server-sent events of every visible change",
+    params(("Last-Event-ID" = Option<u64>, Header, description = "resume after this Raft index")),
+    responses((status = 200, description = "an endless text/event-stream of change and reset events", body = String, content_type = "text/event-stream")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn stream(
     State(state): State<AppState>,
     caller: Caller,

@@ -11,68 +11,87 @@ mod tenants;
 pub(crate) mod users;
 mod vms;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post, put};
+use axum::routing::get;
 use axum::Router;
 use raft::{Request as RaftRequest, Response as RaftResponse};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-pub(crate) fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/auth/login", post(auth::login))
-        .route("/auth/logout", post(auth::logout))
-        .route("/api-keys", get(api_keys::list).post(api_keys::create))
-        .route("/api-keys/{id}", delete(api_keys::revoke))
-        .route("/audit", get(audit::list))
-        .route("/audit/verify", get(audit::verify))
-        .route("/events", get(events::stream))
-        .route("/users/{id}/totp", post(users::totp_enroll))
-        .route("/users/{id}/totp/confirm", post(users::totp_confirm))
-        .route("/users/{id}/totp/required", put(users::totp_require))
-        .route("/cluster", get(cluster::status))
-        .route("/cluster/rotate-jwt-key", post(cluster::rotate_jwt_key))
-        .route("/cluster/join", post(cluster::join))
-        .route("/tenants", get(tenants::list).post(tenants::create))
-        .route("/nodes", get(nodes::list))
-        .route("/nodes/{id}", axum::routing::delete(nodes::remove))
-        .route("/nodes/{id}/drain", post(nodes::drain))
-        .route("/nodes/{id}/undrain", post(nodes::undrain))
-        .route("/vms", get(vms::list).post(vms::create))
-        .route("/vms/{id}", get(vms::get_one).delete(vms::delete))
-        .route("/vms/{id}/start", post(vms::start))
-        .route("/vms/{id}/stop", post(vms::stop))
-        .route("/vms/{id}/reboot", post(vms::reboot))
-        .route("/vms/{id}/console", get(vms::console))
-        .route("/operations/{id}", get(vms::get_operation))
-        .route("/users", get(users::list).post(users::create))
-        .route(
-            "/users/{id}",
-            get(users::get_one)
-                .patch(users::update)
-                .delete(users::delete),
-        )
-        .route(
-            "/tenants/{id}",
-            get(tenants::get_one)
-                .patch(tenants::update)
-                .delete(tenants::delete),
-        );
-    let cors = cors_layer(&state.config.cors_allow_origins);
-    Router::new()
+/// Every route with its description: the router and the OpenAPI document both come from here.
+fn routes() -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::logout))
+        .routes(routes!(api_keys::list, api_keys::create))
+        .routes(routes!(api_keys::revoke))
+        .routes(routes!(audit::list))
+        .routes(routes!(audit::verify))
+        .routes(routes!(events::stream))
+        .routes(routes!(users::totp_enroll))
+        .routes(routes!(users::totp_confirm))
+        .routes(routes!(users::totp_require))
+        .routes(routes!(cluster::status))
+        .routes(routes!(cluster::rotate_jwt_key))
+        .routes(routes!(cluster::join))
+        .routes(routes!(tenants::list, tenants::create))
+        .routes(routes!(nodes::list))
+        .routes(routes!(nodes::remove))
+        .routes(routes!(nodes::drain))
+        .routes(routes!(nodes::undrain))
+        .routes(routes!(vms::list, vms::create))
+        .routes(routes!(vms::get_one, vms::delete))
+        .routes(routes!(vms::start))
+        .routes(routes!(vms::stop))
+        .routes(routes!(vms::reboot))
+        .routes(routes!(vms::console))
+        .routes(routes!(vms::get_operation))
+        .routes(routes!(users::list, users::create))
+        .routes(routes!(users::get_one, users::update, users::delete))
+        .routes(routes!(tenants::get_one, tenants::update, tenants::delete));
+    OpenApiRouter::new()
         .nest("/api/v1", api)
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+}
+
+/// The OpenAPI document of [`routes`], completed with errors and security.
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+    crate::openapi::finish(routes().split_for_parts().1)
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    let (router, _) = routes().split_for_parts();
+    // Serialized once: the document does not change while the process runs.
+    let doc: Arc<str> = Arc::from(crate::openapi::document_json().unwrap_or_default());
+    let router = router.route(
+        "/openapi.json",
+        get(move || {
+            let doc = doc.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    doc.to_string(),
+                )
+            }
+        }),
+    );
+    let cors = cors_layer(&state.config.cors_allow_origins);
+    router
         .layer(RequestBodyLimitLayer::new(state.config.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -153,8 +172,12 @@ pub(crate) async fn propose(
     idempotency_key: Option<String>,
     command: raft::Command,
 ) -> ApiResult<(u64, RaftResponse)> {
+    // `apply` remembers an outcome per actor and key. Scoping the key by the command too means
+    // a client reusing one key for two different calls gets each call's own outcome instead of
+    // the other's (which the handler could not render).
+    let scoped = idempotency_key.map(|k| format!("{}:{k}", command.name()));
     let mut req = RaftRequest::new(crate::now_ms(), caller.user_id.clone(), command);
-    req.idempotency_key = idempotency_key;
+    req.idempotency_key = scoped;
     let (index, resp) = state.cp.write(req).await?;
     match resp {
         RaftResponse::Rejected { code, message } => Err(ApiError::from_reject(code, message)),

@@ -41,6 +41,15 @@ fn find(state: &AppState, id_or_name: &str) -> ApiResult<NodeRecord> {
         .ok_or_else(|| ApiError::NotFound(format!("node {id_or_name}")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/nodes",
+    tag = "nodes",
+    summary = "List nodes with what is placed on them",
+    params(("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "the nodes", body = Vec<crate::openapi::schemas::NodeView>)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -94,6 +103,15 @@ async fn set_schedulable(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/nodes/{id}/drain",
+    tag = "nodes",
+    summary = "Stop placing VMs on a node (admins)",
+    params(("id" = String, Path, description = "node id or name")),
+    responses((status = 200, description = "the node", body = crate::openapi::schemas::NodeRecord)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn drain(
     State(state): State<AppState>,
     caller: Caller,
@@ -102,6 +120,15 @@ pub(crate) async fn drain(
     set_schedulable(state, caller, id, false).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/nodes/{id}/undrain",
+    tag = "nodes",
+    summary = "Place VMs on a node again (admins)",
+    params(("id" = String, Path, description = "node id or name")),
+    responses((status = 200, description = "the node", body = crate::openapi::schemas::NodeRecord)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn undrain(
     State(state): State<AppState>,
     caller: Caller,
@@ -111,6 +138,15 @@ pub(crate) async fn undrain(
 }
 
 /// Removes a node from the cluster for good. Refused while VMs are placed on it: drain first.
+#[utoipa::path(
+    delete,
+    path = "/nodes/{id}",
+    tag = "nodes",
+    summary = "Remove a drained node from the cluster (admins)",
+    params(("id" = String, Path, description = "node id or name")),
+    responses((status = 204, description = "removed")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,

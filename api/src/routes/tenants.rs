@@ -18,17 +18,19 @@ use crate::AppState;
 
 const MAX_PAGE: usize = 500;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateTenant {
     name: String,
     #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::schemas::Quota>)]
     quota: Option<Quota>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateTenant {
+    #[schema(value_type = crate::openapi::schemas::Quota)]
     quota: Quota,
 }
 
@@ -79,6 +81,16 @@ fn tenant_of(resp: RaftResponse) -> ApiResult<Tenant> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/tenants",
+    tag = "tenants",
+    summary = "Create a tenant (admins)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    request_body = CreateTenant,
+    responses((status = 201, description = "created", body = crate::openapi::schemas::Tenant, headers(("ETag" = String, description = "the object version, for If-Match")))),
+    security(("bearer" = []))
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -110,6 +122,15 @@ fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Tenant> {
     decode(&bytes)
 }
 
+#[utoipa::path(
+    get,
+    path = "/tenants/{id}",
+    tag = "tenants",
+    summary = "Get a tenant",
+    params(("id" = String, Path, description = "tenant id"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "the tenant", body = crate::openapi::schemas::Tenant, headers(("ETag" = String, description = "the object version, for If-Match")))),
+    security(("bearer" = []))
+)]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -120,6 +141,15 @@ pub(crate) async fn get_one(
     Ok(with_etag(StatusCode::OK, load(&state, &caller, &id)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/tenants",
+    tag = "tenants",
+    summary = "List the tenants the caller may see",
+    params(("limit" = Option<usize>, Query, description = "page size, 1 to 500 (default 100)"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "a page of tenants", body = crate::openapi::schemas::TenantPage)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -157,6 +187,16 @@ pub(crate) async fn list(
     Ok(Json(Page { items, next_cursor }))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/tenants/{id}",
+    tag = "tenants",
+    summary = "Change a tenant's quota (admins)",
+    params(("id" = String, Path, description = "tenant id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome"), ("If-Match" = Option<String>, Header, description = "the ETag of the version this change is based on")),
+    request_body = UpdateTenant,
+    responses((status = 200, description = "the changed tenant", body = crate::openapi::schemas::Tenant, headers(("ETag" = String, description = "the object version, for If-Match")))),
+    security(("bearer" = []))
+)]
 pub(crate) async fn update(
     State(state): State<AppState>,
     caller: Caller,
@@ -176,6 +216,15 @@ pub(crate) async fn update(
     Ok(with_etag(StatusCode::OK, tenant_of(resp)?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/tenants/{id}",
+    tag = "tenants",
+    summary = "Delete an empty tenant (admins)",
+    params(("id" = String, Path, description = "tenant id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome"), ("If-Match" = Option<String>, Header, description = "the ETag of the version this change is based on")),
+    responses((status = 204, description = "deleted")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,

@@ -17,11 +17,12 @@ use crate::routes::tenants::validate_name;
 use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
 use crate::AppState;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct UserView {
     id: String,
     username: String,
     tenant: String,
+    #[schema(value_type = crate::openapi::schemas::Role)]
     role: Role,
     created_at: u64,
     updated_at: u64,
@@ -42,21 +43,23 @@ impl From<User> for UserView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateUser {
     username: String,
     password: String,
     tenant: String,
+    #[schema(value_type = crate::openapi::schemas::Role)]
     role: Role,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateUser {
     #[serde(default)]
     password: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::schemas::Role>)]
     role: Option<Role>,
 }
 
@@ -72,7 +75,8 @@ pub(crate) struct ListParams {
     read: ReadParams,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = UserPage)]
 pub(crate) struct Page {
     items: Vec<UserView>,
     next_cursor: Option<String>,
@@ -120,6 +124,16 @@ async fn hash(password: String) -> ApiResult<String> {
         .map_err(|e| ApiError::Internal(format!("password hashing failed: {e}")))?
 }
 
+#[utoipa::path(
+    post,
+    path = "/users",
+    tag = "users",
+    summary = "Create a user",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    request_body = CreateUser,
+    responses((status = 201, description = "created", body = UserView, headers(("ETag" = String, description = "the object version, for If-Match")))),
+    security(("bearer" = []))
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -162,6 +176,15 @@ fn visible(state: &AppState, caller: &Caller, id: &str) -> ApiResult<User> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/users/{id}",
+    tag = "users",
+    summary = "Get a user",
+    params(("id" = String, Path, description = "user id"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "the user", body = UserView, headers(("ETag" = String, description = "the object version, for If-Match")))),
+    security(("bearer" = []))
+)]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -172,6 +195,15 @@ pub(crate) async fn get_one(
     Ok(with_etag(StatusCode::OK, visible(&state, &caller, &id)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/users",
+    tag = "users",
+    summary = "List the users the caller may see",
+    params(("limit" = Option<usize>, Query, description = "page size, 1 to 500 (default 100)"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("tenant" = Option<String>, Query, description = "admins only: one tenant"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "a page of users", body = Page)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -216,6 +248,16 @@ pub(crate) async fn list(
     Ok(Json(Page { items, next_cursor }))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/users/{id}",
+    tag = "users",
+    summary = "Change a user's password or role",
+    params(("id" = String, Path, description = "user id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome"), ("If-Match" = Option<String>, Header, description = "the ETag of the version this change is based on")),
+    request_body = UpdateUser,
+    responses((status = 200, description = "the changed user", body = UserView, headers(("ETag" = String, description = "the object version, for If-Match")))),
+    security(("bearer" = []))
+)]
 pub(crate) async fn update(
     State(state): State<AppState>,
     caller: Caller,
@@ -246,6 +288,15 @@ pub(crate) async fn update(
     Ok(with_etag(StatusCode::OK, user_of(resp)?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/users/{id}",
+    tag = "users",
+    summary = "Delete a user",
+    params(("id" = String, Path, description = "user id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome"), ("If-Match" = Option<String>, Header, description = "the ETag of the version this change is based on")),
+    responses((status = 204, description = "deleted")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -262,7 +313,7 @@ pub(crate) async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TotpEnrollment {
     /// The shared secret in base32, for manual entry.
     secret: String,
@@ -270,13 +321,13 @@ pub(crate) struct TotpEnrollment {
     otpauth_url: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TotpCode {
     code: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RequireTotp {
     required: bool,
@@ -293,6 +344,15 @@ fn only_self(caller: &Caller, id: &str) -> ApiResult<()> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/users/{id}/totp",
+    tag = "users",
+    summary = "Start TOTP enrolment (the user itself)",
+    params(("id" = String, Path, description = "user id")),
+    responses((status = 201, description = "the new secret", body = TotpEnrollment)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn totp_enroll(
     State(state): State<AppState>,
     caller: Caller,
@@ -319,6 +379,16 @@ pub(crate) async fn totp_enroll(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/users/{id}/totp/confirm",
+    tag = "users",
+    summary = "Confirm TOTP enrolment with a current code",
+    params(("id" = String, Path, description = "user id")),
+    request_body = TotpCode,
+    responses((status = 204, description = "enrolled")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn totp_confirm(
     State(state): State<AppState>,
     caller: Caller,
@@ -343,6 +413,16 @@ pub(crate) async fn totp_confirm(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    put,
+    path = "/users/{id}/totp/required",
+    tag = "users",
+    summary = "Require (or stop requiring) TOTP for a user",
+    params(("id" = String, Path, description = "user id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    request_body = RequireTotp,
+    responses((status = 204, description = "set")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn totp_require(
     State(state): State<AppState>,
     caller: Caller,

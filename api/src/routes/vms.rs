@@ -23,7 +23,7 @@ use crate::AppState;
 
 const MAX_LABELS: usize = 64;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Placement {
     #[serde(default)]
@@ -34,7 +34,7 @@ pub(crate) struct Placement {
     node_selector: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateVm {
     name: String,
@@ -57,9 +57,11 @@ pub(crate) struct CreateVm {
     tenant: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Accepted {
+    #[schema(value_type = crate::openapi::schemas::Vm)]
     vm: Vm,
+    #[schema(value_type = crate::openapi::schemas::Operation)]
     operation: Operation,
 }
 
@@ -82,8 +84,10 @@ pub(crate) struct ListParams {
     read: ReadParams,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = VmPage)]
 pub(crate) struct Page {
+    #[schema(value_type = Vec<crate::openapi::schemas::Vm>)]
     items: Vec<Vm>,
     next_cursor: Option<String>,
 }
@@ -192,6 +196,16 @@ fn accepted(resp: RaftResponse) -> ApiResult<Response> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/vms",
+    tag = "vms",
+    summary = "Create a VM (202 with its operation)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    request_body = CreateVm,
+    responses((status = 202, description = "accepted", body = Accepted)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -248,6 +262,15 @@ fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/vms/{id}",
+    tag = "vms",
+    summary = "Get a VM",
+    params(("id" = String, Path, description = "VM id"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "the VM", body = crate::openapi::schemas::Vm, headers(("ETag" = String, description = "the object version, for If-Match")))),
+    security(("bearer" = []))
+)]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -267,6 +290,15 @@ fn state_name(s: VmState) -> String {
         .unwrap_or_default()
 }
 
+#[utoipa::path(
+    get,
+    path = "/vms",
+    tag = "vms",
+    summary = "List the VMs the caller may see",
+    params(("limit" = Option<usize>, Query, description = "page size, 1 to 500 (default 100)"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("state" = Option<String>, Query, description = "VM state"), ("node" = Option<String>, Query, description = "node id or name"), ("label" = Option<String>, Query, description = "key=value"), ("tenant" = Option<String>, Query, description = "admins only: one tenant"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "a page of VMs", body = Page)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -352,6 +384,15 @@ async fn set_desired(
     accepted(resp)
 }
 
+#[utoipa::path(
+    post,
+    path = "/vms/{id}/start",
+    tag = "vms",
+    summary = "Start a VM",
+    params(("id" = String, Path, description = "VM id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    responses((status = 202, description = "accepted", body = Accepted)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn start(
     State(state): State<AppState>,
     caller: Caller,
@@ -369,6 +410,15 @@ pub(crate) async fn start(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/vms/{id}/stop",
+    tag = "vms",
+    summary = "Stop a VM",
+    params(("id" = String, Path, description = "VM id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    responses((status = 202, description = "accepted", body = Accepted)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn stop(
     State(state): State<AppState>,
     caller: Caller,
@@ -378,6 +428,15 @@ pub(crate) async fn stop(
     set_desired(state, caller, id, headers, DesiredState::Stopped, "vm.stop").await
 }
 
+#[utoipa::path(
+    post,
+    path = "/vms/{id}/reboot",
+    tag = "vms",
+    summary = "Reboot a VM",
+    params(("id" = String, Path, description = "VM id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome")),
+    responses((status = 202, description = "accepted", body = Accepted)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn reboot(
     State(state): State<AppState>,
     caller: Caller,
@@ -395,6 +454,15 @@ pub(crate) async fn reboot(
     .await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/vms/{id}",
+    tag = "vms",
+    summary = "Delete a VM",
+    params(("id" = String, Path, description = "VM id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters; a retry with the same key by the same user returns the first outcome"), ("If-Match" = Option<String>, Header, description = "the ETag of the version this change is based on")),
+    responses((status = 202, description = "accepted", body = Accepted)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -413,6 +481,15 @@ pub(crate) async fn delete(
     accepted(resp)
 }
 
+#[utoipa::path(
+    get,
+    path = "/operations/{id}",
+    tag = "vms",
+    summary = "Get an operation",
+    params(("id" = String, Path, description = "operation id"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
+    responses((status = 200, description = "the operation", body = crate::openapi::schemas::Operation)),
+    security(("bearer" = []))
+)]
 pub(crate) async fn get_operation(
     State(state): State<AppState>,
     caller: Caller,
@@ -430,6 +507,15 @@ pub(crate) async fn get_operation(
 }
 
 /// `GET /api/v1/vms/{id}/console`: the serial console as a streamed body (bytes as they come).
+#[utoipa::path(
+    get,
+    path = "/vms/{id}/console",
+    tag = "vms",
+    summary = "Stream the serial console of a running VM",
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, description = "console bytes as they arrive", body = Vec<u8>, content_type = "application/octet-stream")),
+    security(("bearer" = []))
+)]
 pub(crate) async fn console(
     State(state): State<AppState>,
     caller: Caller,

@@ -8,6 +8,7 @@ mod events;
 mod fake;
 mod identity;
 mod limits;
+mod openapi;
 mod tenants;
 mod users;
 mod vms;

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod api_cluster;
 mod cli;
 mod cluster;
 mod join;
