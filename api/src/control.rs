@@ -98,6 +98,13 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// log index it was committed at with the outcome of `apply`.
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError>;
 
+    /// Waits (bounded) until every reachable member has applied `index`; used when access is
+    /// taken away, so no node still honours it once the caller is told. A single replica has
+    /// nothing to wait for.
+    async fn wait_all_applied(&self, index: u64) {
+        let _ = index;
+    }
+
     /// Waits until this node's replica may serve a read of the given consistency.
     async fn read_barrier(&self, consistency: Consistency) -> Result<(), ClusterError>;
 

@@ -20,6 +20,9 @@ pub type SharedHypervisor = Arc<OnceCell<Arc<dyn Hypervisor>>>;
 
 const MAX_REQUEST: usize = 256;
 
+/// Extension RPC: "answer once you have applied this index" (8 bytes, big-endian).
+pub const WAIT_APPLIED: &str = "wait-applied";
+
 /// Serves console tunnels (and, later, other node-to-node streams).
 pub struct NodeExtensions {
     pub me: NodeId,
@@ -46,9 +49,25 @@ impl ExtensionHandler for NodeExtensions {
     fn handle<'a>(
         &'a self,
         kind: &'a str,
-        _body: Vec<u8>,
+        body: Vec<u8>,
     ) -> BoxFuture<'a, Result<Vec<u8>, ExtensionError>> {
-        Box::pin(async move { Err(ExtensionError::UnknownKind(kind.to_string())) })
+        Box::pin(async move {
+            match kind {
+                WAIT_APPLIED => {
+                    let bytes: [u8; 8] = body
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| ExtensionError::Refused("index must be 8 bytes".into()))?;
+                    let index = u64::from_be_bytes(bytes);
+                    self.reader
+                        .wait_applied(index, std::time::Duration::from_secs(3))
+                        .await
+                        .map_err(|e| ExtensionError::Refused(e.to_string()))?;
+                    Ok(Vec::new())
+                }
+                other => Err(ExtensionError::UnknownKind(other.to_string())),
+            }
+        })
     }
 
     fn tunnel(

@@ -65,6 +65,17 @@ impl ControlPlane for NodeControl {
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
         let start = Instant::now();
         let result = self.cluster.write(req).await;
+        // Read-your-writes on the serving node: its own replica has the write before the
+        // caller hears of it (local reads such as credential checks depend on it).
+        if let Ok((index, _)) = &result {
+            if let Err(e) = self
+                .reader
+                .wait_applied(*index, Duration::from_secs(3))
+                .await
+            {
+                tracing::warn!(error = %e, "the local replica lags behind an acknowledged write");
+            }
+        }
         self.metrics
             .write_seconds
             .observe(start.elapsed().as_secs_f64());
@@ -77,6 +88,45 @@ impl ControlPlane for NodeControl {
             }
             other => internal(other),
         })
+    }
+
+    async fn wait_all_applied(&self, index: u64) {
+        let members: Vec<(NodeId, raft::Member)> = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            m.membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect()
+        };
+        let waits =
+            members
+                .into_iter()
+                .filter(|(id, _)| *id != self.id)
+                .map(|(id, member)| async move {
+                    let ask = async {
+                        let addr = raft::net::Transport::resolve(&member.peer_addr).await?;
+                        self.transport
+                            .call_extension(
+                                addr,
+                                crate::console::WAIT_APPLIED,
+                                index.to_be_bytes().to_vec(),
+                            )
+                            .await
+                    };
+                    // A member that cannot be reached within the bound is not waited for.
+                    match tokio::time::timeout(Duration::from_secs(3), ask).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(node = id, error = %e, "member did not confirm apply")
+                        }
+                        Err(_) => tracing::warn!(node = id, "member did not confirm apply in time"),
+                    }
+                });
+        let local = self.reader.wait_applied(index, Duration::from_secs(3));
+        let (_, local) = tokio::join!(futures::future::join_all(waits), local);
+        if let Err(e) = local {
+            tracing::warn!(error = %e, "local apply did not reach the written index in time");
+        }
     }
 
     async fn read_barrier(&self, consistency: Consistency) -> Result<(), ClusterError> {

@@ -176,9 +176,21 @@ pub(crate) async fn propose(
     // a client reusing one key for two different calls gets each call's own outcome instead of
     // the other's (which the handler could not render).
     let scoped = idempotency_key.map(|k| format!("{}:{k}", command.name()));
+    // Taking access away must hold on every node by the time the caller hears it did.
+    let revokes_access = matches!(
+        command,
+        raft::Command::RevokeApiKey { .. }
+            | raft::Command::RevokeToken { .. }
+            | raft::Command::DeleteUser { .. }
+            | raft::Command::UpdateUser { .. }
+            | raft::Command::RotateJwtKey { .. }
+    );
     let mut req = RaftRequest::new(crate::now_ms(), caller.user_id.clone(), command);
     req.idempotency_key = scoped;
     let (index, resp) = state.cp.write(req).await?;
+    if revokes_access {
+        state.cp.wait_all_applied(index).await;
+    }
     match resp {
         RaftResponse::Rejected { code, message } => Err(ApiError::from_reject(code, message)),
         other => Ok((index, other)),
