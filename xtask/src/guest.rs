@@ -46,8 +46,15 @@ pub(crate) fn ensure() -> Result<Guest> {
 
 fn build_kernel(dir: &Path, out: &Path) -> Result<()> {
     // The metapackage names the current kernel package; download only that one.
-    let depends = output_of(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))
-        .context("apt-cache is needed to find the guest kernel")?;
+    let mut depends =
+        output_of(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))
+            .unwrap_or_default();
+    if !depends.contains("Depends: linux-image-") {
+        // A machine that never ran `apt-get update` has no package lists yet.
+        run_inherit(Command::new("apt-get").args(["update", "-q"]))?;
+        depends = output_of(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))
+            .context("apt-cache is needed to find the guest kernel")?;
+    }
     let package = depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
