@@ -12,6 +12,15 @@ use crate::control::ClusterError;
 pub enum ApiError {
     #[error("{0}")]
     Validation(String),
+    /// The body is not JSON at all.
+    #[error("{0}")]
+    MalformedBody(String),
+    /// The body is not sent as `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The body is JSON of the wrong shape for this route (unknown or missing fields, types).
+    #[error("{0}")]
+    InvalidBody(String),
     #[error("authentication required")]
     Unauthenticated,
     #[error("invalid username or password")]
@@ -58,6 +67,21 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 "validation_failed",
                 "Invalid request",
+            ),
+            ApiError::MalformedBody(_) => (
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                "Malformed request body",
+            ),
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Unsupported media type",
+            ),
+            ApiError::InvalidBody(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                "Invalid request body",
             ),
             ApiError::Unauthenticated => (
                 StatusCode::UNAUTHORIZED,

@@ -235,8 +235,9 @@ const PROBLEMS: &[(&str, &str)] = &[
     ("504", "the cluster did not answer in time"),
 ];
 
-/// Statuses the HTTP framework itself answers before a handler runs (malformed JSON, a
-/// missing content type, an unparsable query or path); those bodies are plain text.
+/// Statuses also answered before a handler runs. Malformed JSON, a missing content type and
+/// an unparsable query are problems like any other (`routes::extract`); an undecodable path is
+/// still refused by the framework in plain text, so both kinds stay documented.
 const REJECTIONS: &[&str] = &["400", "415", "422"];
 
 fn problem_content() -> Content {

@@ -4,7 +4,7 @@
 //! the secret is returned once and only its sha256 is stored. Users list and revoke their own
 //! keys; a tenant-admin those of its tenant; an admin every key. Another tenant's key is 404.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{generate_api_key, load, Caller, Credential};
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::{ApiJson, ApiQuery};
 use crate::routes::tenants::validate_name;
 use crate::routes::{decode, idempotency_key, propose, ReadParams};
 use crate::AppState;
@@ -105,7 +106,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Json(body): Json<CreateApiKey>,
+    ApiJson(body): ApiJson<CreateApiKey>,
 ) -> ApiResult<Response> {
     // A key minting keys would let a leaked key outlive its own revocation.
     if matches!(caller.credential, Credential::ApiKey { .. }) {
@@ -166,7 +167,7 @@ pub(crate) async fn create(
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<ListParams>,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<Page>> {
     let limit = params.limit.unwrap_or(100);
     if limit == 0 || limit > 500 {

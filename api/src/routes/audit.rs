@@ -2,7 +2,7 @@
 //! `GET /api/v1/audit/verify` (admins): recomputes the hash chain and names the first entry
 //! that does not fit, so a modified, removed or inserted entry is detected.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use raft::apply::audit_hash;
 use raft::keys;
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::ApiQuery;
 use crate::routes::{decode, ReadParams};
 use crate::AppState;
 
@@ -68,7 +69,7 @@ fn matches(p: &AuditParams, tenant: Option<&str>, e: &AuditEntry) -> bool {
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<AuditParams>,
+    ApiQuery(params): ApiQuery<AuditParams>,
 ) -> ApiResult<Json<AuditPage>> {
     let limit = params.limit.unwrap_or(100);
     if limit == 0 || limit > 500 {

@@ -17,6 +17,7 @@ use crate::auth::{
     Caller, Credential,
 };
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::ApiJson;
 use crate::routes::{decode, propose};
 use crate::AppState;
 
@@ -126,7 +127,7 @@ async fn second_factor(state: &AppState, user: &User, code: Option<&str>) -> Api
 pub(crate) async fn login(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    Json(body): Json<LoginBody>,
+    ApiJson(body): ApiJson<LoginBody>,
 ) -> ApiResult<Json<LoginReply>> {
     state.limiters.check_login(ip)?;
     if body.username.is_empty() || body.username.len() > 128 || body.password.len() > 1024 {

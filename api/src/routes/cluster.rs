@@ -6,6 +6,7 @@ use axum::Json;
 use crate::auth::Caller;
 use crate::control::{ClusterStatus, JoinRequest, JoinResponse};
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::ApiJson;
 use crate::AppState;
 
 #[utoipa::path(
@@ -35,7 +36,7 @@ pub(crate) async fn status(
 )]
 pub(crate) async fn join(
     State(state): State<AppState>,
-    Json(req): Json<JoinRequest>,
+    ApiJson(req): ApiJson<JoinRequest>,
 ) -> ApiResult<Json<JoinResponse>> {
     if req.member.name.is_empty() || req.member.name.len() > 63 {
         return Err(ApiError::Validation(

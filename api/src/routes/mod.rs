@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod cluster;
 mod events;
+mod extract;
 mod health;
 mod nodes;
 mod tenants;

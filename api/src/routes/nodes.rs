@@ -3,7 +3,7 @@
 //! Removal is committed through Raft (`Command::RemoveNode`); the leader's membership
 //! controller then takes the node out of the Raft membership.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use raft::model::{NodeRecord, Role, Vm};
@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::ApiQuery;
 use crate::routes::{decode, propose, ReadParams};
 use crate::AppState;
 
@@ -19,7 +20,7 @@ use crate::AppState;
 pub(crate) struct NodeView {
     #[serde(flatten)]
     node: NodeRecord,
-    /// VMs placed on the node and what they reserve.
+    /// VMs placed on the node and what they reserve, counting only those the caller may see.
     vms: u64,
     vcpus_used: u64,
     memory_mib_used: u64,
@@ -53,15 +54,21 @@ fn find(state: &AppState, id_or_name: &str) -> ApiResult<NodeRecord> {
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(read): Query<ReadParams>,
+    ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Json<Vec<NodeView>>> {
     caller.require(Role::Viewer)?;
     state.cp.read_barrier(read.consistency).await?;
+    // Usage counts only the VMs the caller may see: other tenants' VMs must not show, even
+    // as numbers.
     let vms: Vec<Vm> = state
         .cp
         .scan(keys::VM_PREFIX, None, usize::MAX)?
         .iter()
         .map(|(_, v)| decode::<Vm>(v))
+        .filter(|vm| {
+            vm.as_ref()
+                .map_or(true, |vm| caller.sees_tenant(&vm.tenant))
+        })
         .collect::<ApiResult<_>>()?;
     let views = all_nodes(&state)?
         .into_iter()

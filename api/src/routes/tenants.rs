@@ -3,7 +3,7 @@
 //! Only admins create, change or delete tenants; other users see their own tenant alone, and
 //! another tenant's id answers 404 so its existence does not leak.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::{ApiJson, ApiQuery};
 use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
 use crate::AppState;
 
@@ -95,7 +96,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Json(body): Json<CreateTenant>,
+    ApiJson(body): ApiJson<CreateTenant>,
 ) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
     validate_name("tenant", &body.name)?;
@@ -135,7 +136,7 @@ pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(read): Query<ReadParams>,
+    ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Response> {
     state.cp.read_barrier(read.consistency).await?;
     Ok(with_etag(StatusCode::OK, load(&state, &caller, &id)?))
@@ -153,7 +154,7 @@ pub(crate) async fn get_one(
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<ListParams>,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<Page<Tenant>>> {
     let limit = params.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
@@ -202,8 +203,10 @@ pub(crate) async fn update(
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<UpdateTenant>,
+    ApiJson(body): ApiJson<UpdateTenant>,
 ) -> ApiResult<Response> {
+    // Visibility before role: another tenant's id answers 404 like a missing one, never 403.
+    load(&state, &caller, &id)?;
     caller.require(Role::Admin)?;
     let key = idempotency_key(&headers)?;
     let expected_version = if_match(&headers)?;
@@ -231,6 +234,8 @@ pub(crate) async fn delete(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
+    // Visibility before role: another tenant's id answers 404 like a missing one, never 403.
+    load(&state, &caller, &id)?;
     caller.require(Role::Admin)?;
     let key = idempotency_key(&headers)?;
     let expected_version = if_match(&headers)?;

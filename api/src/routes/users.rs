@@ -3,7 +3,7 @@
 //! Admins manage every user; a tenant-admin manages the users of its own tenant and may not
 //! create admins; others may read only themselves. Password hashes never leave the server.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{hash_password, load_user, Caller};
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::{ApiJson, ApiQuery};
 use crate::routes::tenants::validate_name;
 use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
 use crate::AppState;
@@ -96,10 +97,11 @@ fn may_manage(caller: &Caller, tenant: &str, role: Option<Role>) -> ApiResult<()
     if caller.is_admin() {
         return Ok(());
     }
-    caller.require(Role::TenantAdmin)?;
+    // Another tenant answers 404 whatever the caller's role, as a missing tenant does.
     if caller.tenant != tenant {
         return Err(ApiError::NotFound(format!("tenant {tenant}")));
     }
+    caller.require(Role::TenantAdmin)?;
     if role == Some(Role::Admin) {
         return Err(ApiError::Forbidden);
     }
@@ -138,7 +140,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Json(body): Json<CreateUser>,
+    ApiJson(body): ApiJson<CreateUser>,
 ) -> ApiResult<Response> {
     may_manage(&caller, &body.tenant, Some(body.role))?;
     validate_name("user", &body.username)?;
@@ -189,7 +191,7 @@ pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(read): Query<ReadParams>,
+    ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Response> {
     state.cp.read_barrier(read.consistency).await?;
     Ok(with_etag(StatusCode::OK, visible(&state, &caller, &id)?))
@@ -207,7 +209,7 @@ pub(crate) async fn get_one(
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<ListParams>,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<Page>> {
     let limit = params.limit.unwrap_or(100);
     if limit == 0 || limit > 500 {
@@ -263,11 +265,13 @@ pub(crate) async fn update(
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<UpdateUser>,
+    ApiJson(body): ApiJson<UpdateUser>,
 ) -> ApiResult<Response> {
     let target = visible(&state, &caller, &id)?;
     let self_password_only = caller.user_id == target.id && body.role.is_none();
-    if !self_password_only {
+    if self_password_only {
+        self_service(&caller)?;
+    } else {
         may_manage(&caller, &target.tenant, body.role)?;
     }
     let password_hash = match body.password {
@@ -333,10 +337,20 @@ pub(crate) struct RequireTotp {
     required: bool,
 }
 
+/// Changes a user makes to its own account (password, second factor) need a login: an API
+/// key, whatever its scope, would otherwise take over the account and with it the owner's
+/// full role.
+fn self_service(caller: &Caller) -> ApiResult<()> {
+    match caller.credential {
+        crate::auth::Credential::Token { .. } => Ok(()),
+        crate::auth::Credential::ApiKey { .. } => Err(ApiError::Forbidden),
+    }
+}
+
 /// Only the user itself enrols: the secret belongs on its own device.
 fn only_self(caller: &Caller, id: &str) -> ApiResult<()> {
     if caller.user_id == id {
-        Ok(())
+        self_service(caller)
     } else if caller.is_admin() || caller.role <= Role::TenantAdmin {
         Err(ApiError::Forbidden)
     } else {
@@ -393,7 +407,7 @@ pub(crate) async fn totp_confirm(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Json(body): Json<TotpCode>,
+    ApiJson(body): ApiJson<TotpCode>,
 ) -> ApiResult<StatusCode> {
     let user = visible(&state, &caller, &id)?;
     only_self(&caller, &id)?;
@@ -428,7 +442,7 @@ pub(crate) async fn totp_require(
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<RequireTotp>,
+    ApiJson(body): ApiJson<RequireTotp>,
 ) -> ApiResult<StatusCode> {
     let target = visible(&state, &caller, &id)?;
     may_manage(&caller, &target.tenant, Some(target.role))?;

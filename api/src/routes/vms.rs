@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::{ApiJson, ApiQuery};
 use crate::routes::tenants::validate_name;
 use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
 use crate::AppState;
@@ -210,15 +211,16 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Json(body): Json<CreateVm>,
+    ApiJson(body): ApiJson<CreateVm>,
 ) -> ApiResult<Response> {
-    caller.require(Role::Operator)?;
-    validate(&body)?;
+    // Naming another tenant answers 404 whatever the caller's role, as a missing tenant does.
     let tenant = match &body.tenant {
         Some(t) if caller.is_admin() => t.clone(),
         Some(t) if *t != caller.tenant => return Err(ApiError::NotFound(format!("tenant {t}"))),
         _ => caller.tenant.clone(),
     };
+    caller.require(Role::Operator)?;
+    validate(&body)?;
     let key = idempotency_key(&headers)?;
     let placement = body.placement.unwrap_or_default();
     let node = place(&state, &placement)?;
@@ -275,7 +277,7 @@ pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(read): Query<ReadParams>,
+    ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Response> {
     state.cp.read_barrier(read.consistency).await?;
     let vm = load(&state, &caller, &id)?;
@@ -302,7 +304,7 @@ fn state_name(s: VmState) -> String {
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(p): Query<ListParams>,
+    ApiQuery(p): ApiQuery<ListParams>,
 ) -> ApiResult<Json<Page>> {
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > 500 {
@@ -371,8 +373,9 @@ async fn set_desired(
     desired: DesiredState,
     kind: &str,
 ) -> ApiResult<Response> {
-    caller.require(Role::Operator)?;
+    // Visibility before role: another tenant's VM answers 404 like a missing one, never 403.
     let vm = load(&state, &caller, &id)?;
+    caller.require(Role::Operator)?;
     let key = idempotency_key(&headers)?;
     let cmd = Command::SetVmDesired {
         id: id.clone(),
@@ -469,8 +472,9 @@ pub(crate) async fn delete(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    caller.require(Role::Operator)?;
+    // Visibility before role: another tenant's VM answers 404 like a missing one, never 403.
     let vm = load(&state, &caller, &id)?;
+    caller.require(Role::Operator)?;
     let key = idempotency_key(&headers)?;
     let cmd = Command::DeleteVm {
         id: id.clone(),
@@ -494,7 +498,7 @@ pub(crate) async fn get_operation(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(read): Query<ReadParams>,
+    ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Json<Operation>> {
     state.cp.read_barrier(read.consistency).await?;
     let not_found = || ApiError::NotFound(format!("operation {id}"));
@@ -521,8 +525,9 @@ pub(crate) async fn console(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    caller.require(Role::Operator)?;
+    // Visibility before role: another tenant's VM answers 404 like a missing one, never 403.
     let vm = load(&state, &caller, &id)?;
+    caller.require(Role::Operator)?;
     if vm.state != VmState::Running {
         return Err(ApiError::Conflict(format!("vm {id} is not running")));
     }
