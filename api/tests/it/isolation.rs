@@ -396,3 +396,43 @@ async fn events_and_audit_show_nothing_of_another_tenant() {
     assert!(leak(&a, &r.text).is_some(), "{}", r.text);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Outcomes remembered for an Idempotency-Key are the caller's own: tenant B reusing the key
+/// tenant A used gets a VM of its own (or its own refusal), never A's.
+#[tokio::test]
+async fn an_idempotency_key_used_by_another_tenant_replays_nothing() {
+    let w = World::new().await;
+    let a = w.tenant("alpha").await;
+    let b = w.tenant("bravo").await;
+    let create = |token: String, name: &'static str| {
+        let t = &w.t;
+        async move {
+            let body = json!({"name": name, "vcpus": 1, "memory_mib": 128});
+            let headers = [("idempotency-key", "shared-key")];
+            let (s, _, v) = t
+                .call_full("POST", "/api/v1/vms", Some(&token), Some(body), &headers)
+                .await;
+            (s, v)
+        }
+    };
+    let (s, first) = create(a.operator.clone(), "alpha-keyed").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{first}");
+    // The control: the same caller does get its first outcome back.
+    let (s, again) = create(a.operator.clone(), "alpha-keyed").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(first["vm"]["id"], again["vm"]["id"]);
+    for (caller, token) in b.callers() {
+        let (s, theirs) = create(token.to_string(), "bravo-keyed").await;
+        let what = format!("tenant B's {caller} with A's Idempotency-Key");
+        assert!(
+            leak(&a, &theirs.to_string()).is_none(),
+            "{what} got A's data: {theirs}"
+        );
+        match s {
+            StatusCode::ACCEPTED => assert_eq!(theirs["vm"]["tenant"], json!(b.id), "{what}"),
+            // Viewers may not create; a second B caller meets B's own VM of that name.
+            StatusCode::FORBIDDEN | StatusCode::CONFLICT => {}
+            other => panic!("{what}: {other} {theirs}"),
+        }
+    }
+}
