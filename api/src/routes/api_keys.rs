@@ -12,9 +12,10 @@ use raft::model::{ApiKey, Role};
 use raft::{keys, Command, Response as RaftResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{generate_api_key, load, Caller, Credential};
+use crate::auth::{generate_api_key, Caller, Credential};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::extract::{ApiJson, ApiQuery};
+use crate::routes::objects;
 use crate::routes::tenants::validate_name;
 use crate::routes::{decode, idempotency_key, propose, ReadParams};
 use crate::AppState;
@@ -217,11 +218,13 @@ pub(crate) async fn revoke(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
-    let not_found = || ApiError::NotFound(format!("API key {id}"));
-    let key: ApiKey = load(&state, &keys::api_key(&id))?.ok_or_else(not_found)?;
-    if !may_see(&caller, &key) {
-        return Err(not_found());
-    }
+    objects::load_visible(
+        &state,
+        &keys::api_key(&id),
+        "API key",
+        &id,
+        |key: &ApiKey| may_see(&caller, key),
+    )?;
     let key_header = idempotency_key(&headers)?;
     propose(&state, &caller, key_header, Command::RevokeApiKey { id }).await?;
     Ok(StatusCode::NO_CONTENT)

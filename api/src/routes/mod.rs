@@ -8,6 +8,7 @@ mod events;
 mod extract;
 mod health;
 mod nodes;
+mod objects;
 mod tenants;
 pub(crate) mod users;
 mod vms;

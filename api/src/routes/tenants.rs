@@ -4,8 +4,8 @@
 //! another tenant's id answers 404 so its existence does not leak.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::Json;
 use raft::model::{Quota, Role, Tenant};
 use raft::{keys, Command, Response as RaftResponse};
@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::routes::extract::{ApiJson, ApiQuery};
-use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
+use crate::routes::objects::{self, Change};
+use crate::routes::{decode, idempotency_key, propose, ReadParams};
 use crate::AppState;
 
 const MAX_PAGE: usize = 500;
@@ -71,8 +72,7 @@ pub(crate) fn validate_name(what: &str, name: &str) -> ApiResult<()> {
 }
 
 fn with_etag(status: StatusCode, tenant: Tenant) -> Response {
-    let etag = format!("\"{}\"", tenant.version);
-    (status, [(header::ETAG, etag)], Json(tenant)).into_response()
+    objects::with_etag(status, tenant.version, tenant)
 }
 
 fn tenant_of(resp: RaftResponse) -> ApiResult<Tenant> {
@@ -115,12 +115,9 @@ pub(crate) async fn create(
 }
 
 fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Tenant> {
-    let not_found = || ApiError::NotFound(format!("tenant {id}"));
-    if !caller.sees_tenant(id) {
-        return Err(not_found());
-    }
-    let bytes = state.cp.get(&keys::tenant(id))?.ok_or_else(not_found)?;
-    decode(&bytes)
+    objects::load_visible(state, &keys::tenant(id), "tenant", id, |t: &Tenant| {
+        caller.sees_tenant(&t.id)
+    })
 }
 
 #[utoipa::path(
@@ -208,14 +205,13 @@ pub(crate) async fn update(
     // Visibility before role: another tenant's id answers 404 like a missing one, never 403.
     load(&state, &caller, &id)?;
     caller.require(Role::Admin)?;
-    let key = idempotency_key(&headers)?;
-    let expected_version = if_match(&headers)?;
+    let change = Change::from_headers(&headers)?;
     let cmd = Command::UpdateTenantQuota {
         id,
         quota: body.quota,
-        expected_version,
+        expected_version: change.expected_version,
     };
-    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    let (_, resp) = propose(&state, &caller, change.key, cmd).await?;
     Ok(with_etag(StatusCode::OK, tenant_of(resp)?))
 }
 
@@ -237,17 +233,11 @@ pub(crate) async fn delete(
     // Visibility before role: another tenant's id answers 404 like a missing one, never 403.
     load(&state, &caller, &id)?;
     caller.require(Role::Admin)?;
-    let key = idempotency_key(&headers)?;
-    let expected_version = if_match(&headers)?;
-    propose(
-        &state,
-        &caller,
-        key,
-        Command::DeleteTenant {
-            id,
-            expected_version,
-        },
-    )
-    .await?;
+    let change = Change::from_headers(&headers)?;
+    let cmd = Command::DeleteTenant {
+        id,
+        expected_version: change.expected_version,
+    };
+    propose(&state, &caller, change.key, cmd).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,18 +4,19 @@
 //! create admins; others may read only themselves. Password hashes never leave the server.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use raft::model::{Role, User};
 use raft::{keys, Command, Response as RaftResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{hash_password, load_user, Caller};
+use crate::auth::{hash_password, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::extract::{ApiJson, ApiQuery};
+use crate::routes::objects::{self, Change};
 use crate::routes::tenants::validate_name;
-use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
+use crate::routes::{decode, idempotency_key, propose, ReadParams};
 use crate::AppState;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -109,8 +110,7 @@ fn may_manage(caller: &Caller, tenant: &str, role: Option<Role>) -> ApiResult<()
 }
 
 fn with_etag(status: StatusCode, user: User) -> Response {
-    let etag = format!("\"{}\"", user.version);
-    (status, [(header::ETAG, etag)], Json(UserView::from(user))).into_response()
+    objects::with_etag(status, user.version, UserView::from(user))
 }
 
 fn user_of(resp: RaftResponse) -> ApiResult<User> {
@@ -166,16 +166,11 @@ pub(crate) async fn create(
 }
 
 fn visible(state: &AppState, caller: &Caller, id: &str) -> ApiResult<User> {
-    let not_found = || ApiError::NotFound(format!("user {id}"));
-    let user = load_user(state, id)?.ok_or_else(not_found)?;
-    let allowed = caller.is_admin()
-        || caller.user_id == user.id
-        || (caller.tenant == user.tenant && caller.role <= Role::TenantAdmin);
-    if allowed {
-        Ok(user)
-    } else {
-        Err(not_found())
-    }
+    objects::load_visible(state, &keys::user(id), "user", id, |user: &User| {
+        caller.is_admin()
+            || caller.user_id == user.id
+            || (caller.tenant == user.tenant && caller.role <= Role::TenantAdmin)
+    })
 }
 
 #[utoipa::path(
@@ -281,14 +276,14 @@ pub(crate) async fn update(
         }
         None => None,
     };
-    let key = idempotency_key(&headers)?;
+    let change = Change::from_headers(&headers)?;
     let cmd = Command::UpdateUser {
         id,
         password_hash,
         role: body.role,
-        expected_version: if_match(&headers)?,
+        expected_version: change.expected_version,
     };
-    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    let (_, resp) = propose(&state, &caller, change.key, cmd).await?;
     Ok(with_etag(StatusCode::OK, user_of(resp)?))
 }
 

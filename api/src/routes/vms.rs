@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::routes::extract::{ApiJson, ApiQuery};
+use crate::routes::objects::{self, Change};
 use crate::routes::tenants::validate_name;
-use crate::routes::{decode, idempotency_key, if_match, propose, ReadParams};
+use crate::routes::{decode, idempotency_key, propose, ReadParams};
 use crate::AppState;
 
 const MAX_LABELS: usize = 64;
@@ -254,14 +255,9 @@ pub(crate) async fn create(
 }
 
 fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
-    let not_found = || ApiError::NotFound(format!("vm {id}"));
-    let bytes = state.cp.get(&keys::vm(id))?.ok_or_else(not_found)?;
-    let vm: Vm = decode(&bytes)?;
-    if caller.sees_tenant(&vm.tenant) {
-        Ok(vm)
-    } else {
-        Err(not_found())
-    }
+    objects::load_visible(state, &keys::vm(id), "vm", id, |vm: &Vm| {
+        caller.sees_tenant(&vm.tenant)
+    })
 }
 
 #[utoipa::path(
@@ -281,8 +277,7 @@ pub(crate) async fn get_one(
 ) -> ApiResult<Response> {
     state.cp.read_barrier(read.consistency).await?;
     let vm = load(&state, &caller, &id)?;
-    let etag = format!("\"{}\"", vm.version);
-    Ok(([(header::ETAG, etag)], Json(vm)).into_response())
+    Ok(objects::with_etag(StatusCode::OK, vm.version, vm))
 }
 
 fn state_name(s: VmState) -> String {
@@ -376,14 +371,14 @@ async fn set_desired(
     // Visibility before role: another tenant's VM answers 404 like a missing one, never 403.
     let vm = load(&state, &caller, &id)?;
     caller.require(Role::Operator)?;
-    let key = idempotency_key(&headers)?;
+    let change = Change::from_headers(&headers)?;
     let cmd = Command::SetVmDesired {
         id: id.clone(),
         desired,
         operation: operation(kind, &vm.tenant, &id),
-        expected_version: if_match(&headers)?,
+        expected_version: change.expected_version,
     };
-    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    let (_, resp) = propose(&state, &caller, change.key, cmd).await?;
     accepted(resp)
 }
 
@@ -475,13 +470,13 @@ pub(crate) async fn delete(
     // Visibility before role: another tenant's VM answers 404 like a missing one, never 403.
     let vm = load(&state, &caller, &id)?;
     caller.require(Role::Operator)?;
-    let key = idempotency_key(&headers)?;
+    let change = Change::from_headers(&headers)?;
     let cmd = Command::DeleteVm {
         id: id.clone(),
         operation: operation("vm.delete", &vm.tenant, &id),
-        expected_version: if_match(&headers)?,
+        expected_version: change.expected_version,
     };
-    let (_, resp) = propose(&state, &caller, key, cmd).await?;
+    let (_, resp) = propose(&state, &caller, change.key, cmd).await?;
     accepted(resp)
 }
 
@@ -501,12 +496,13 @@ pub(crate) async fn get_operation(
     ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Json<Operation>> {
     state.cp.read_barrier(read.consistency).await?;
-    let not_found = || ApiError::NotFound(format!("operation {id}"));
-    let bytes = state.cp.get(&keys::operation(&id))?.ok_or_else(not_found)?;
-    let op: Operation = decode(&bytes)?;
-    if !caller.sees_tenant(&op.tenant) {
-        return Err(not_found());
-    }
+    let op = objects::load_visible(
+        &state,
+        &keys::operation(&id),
+        "operation",
+        &id,
+        |op: &Operation| caller.sees_tenant(&op.tenant),
+    )?;
     Ok(Json(op))
 }
 
