@@ -29,6 +29,13 @@ pub fn served_routes() -> BTreeSet<(String, String)> {
     routes
 }
 
+/// The statuses the document lists for a route; `None` for routes it does not describe.
+pub fn documented_statuses(method: &str, path: &str) -> Option<BTreeSet<u16>> {
+    let doc: Value = serde_json::from_str(&api::openapi::document_json().unwrap()).unwrap();
+    let responses = doc["paths"][path][method.to_lowercase()]["responses"].as_object()?;
+    Some(responses.keys().filter_map(|k| k.parse().ok()).collect())
+}
+
 /// Whether the document lists a query parameter `name` for this route.
 pub fn has_query_param(method: &str, path: &str, name: &str) -> bool {
     let doc: Value = serde_json::from_str(&api::openapi::document_json().unwrap()).unwrap();
