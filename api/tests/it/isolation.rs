@@ -66,7 +66,7 @@ async fn another_tenants_ids_answer_like_missing_ones_and_change_nothing() {
             continue;
         }
         let payload = |tw: &TenantWorld| match r.body {
-            Some(f) => Payload::Json(f(&w, tw)),
+            Some(f) => Payload::Json(f(tw)),
             None => Payload::None,
         };
         for (caller, token) in b.callers() {
