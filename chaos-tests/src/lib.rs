@@ -20,4 +20,5 @@ pub mod nemesis;
 pub mod netfault;
 pub mod report;
 pub mod run;
+pub mod sim;
 pub mod workload;

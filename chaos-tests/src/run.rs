@@ -668,8 +668,8 @@ fn unavailability_windows(ops: &[Operation], min: Duration) -> Vec<String> {
         .collect()
 }
 
-/// The quota checker's evidence: VM creates as claims against the quota tenants (limit 5).
-fn quota_evidence(
+/// The quota checker's evidence (also used by the simulation tier): VM creates as claims against the quota tenants (limit 5).
+pub fn quota_evidence(
     ops: &[Operation],
     tenants: &[QuotaTenant],
     samples: Vec<quota::UsageSample>,
