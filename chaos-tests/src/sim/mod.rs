@@ -74,6 +74,8 @@ pub struct SimConfig {
     /// How long, after healing, the cluster has to accept a write through every node and to
     /// converge (simulated time).
     pub recovery_bound: Duration,
+    /// Keep the whole event trace in the outcome (for studying one seed).
+    pub keep_trace: bool,
 }
 
 impl Default for SimConfig {
@@ -85,6 +87,7 @@ impl Default for SimConfig {
             quota_clients: 2,
             durability: Durability::Faithful,
             recovery_bound: Duration::from_secs(10),
+            keep_trace: false,
         }
     }
 }
@@ -104,9 +107,14 @@ pub struct SimOutcome {
     pub operations: OperationStats,
     pub faults: u64,
     pub entries_applied: u64,
-    pub terms_with_leader: usize,
+    /// Elections won.
+    pub leaders_elected: usize,
+    /// Terms in which two nodes won (allowed by openraft's default leader-id mode).
+    pub terms_with_two_leaders: usize,
     /// The last lines of the trace, for a failure report.
     pub tail: Vec<String>,
+    /// The whole trace, when [`SimConfig::keep_trace`] asked for it.
+    pub trace: Option<Vec<String>>,
 }
 
 impl SimOutcome {
@@ -123,7 +131,7 @@ impl SimOutcome {
     /// A few lines for people: what ran and what was found.
     pub fn summary(&self) -> String {
         let mut out = format!(
-            "sim seed {} ({} nodes): {} — {} events, trace {}, {} faults, {} applies, {} terms with a leader\n",
+            "sim seed {} ({} nodes): {} — {} events, trace {}, {} faults, {} applies, {} leaders elected ({} terms with two)\n",
             self.seed,
             self.nodes,
             self.verdict().as_str(),
@@ -131,7 +139,8 @@ impl SimOutcome {
             &self.trace_hash[..16],
             self.faults,
             self.entries_applied,
-            self.terms_with_leader,
+            self.leaders_elected,
+            self.terms_with_two_leaders,
         );
         let count = |k: &str| self.operations.by_outcome.get(k).copied().unwrap_or(0);
         out.push_str(&format!(
@@ -189,7 +198,11 @@ async fn run(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimError> {
         .nodes
         .unwrap_or(if rng_for(seed, 1).gen_bool(0.5) { 3 } else { 5 });
     let observer = Arc::new(Observer::new());
+    if config.keep_trace {
+        observer.keep_full_trace();
+    }
     observer.event(format_args!("seed {seed}, {n} nodes"));
+    observer.set_voters(n);
     let net = Arc::new(Net::new(observer.clone(), rng_for(seed, 2)));
     let cluster = Arc::new(SimCluster::new(
         n,
@@ -313,7 +326,7 @@ async fn run(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimError> {
     checks.push(availability);
 
     let (trace_hash, events) = observer.fingerprint();
-    let (entries_applied, terms_with_leader) = observer.counts();
+    let (entries_applied, leaders_elected, terms_with_two_leaders) = observer.counts();
     Ok(SimOutcome {
         seed,
         nodes: n,
@@ -324,8 +337,10 @@ async fn run(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimError> {
         operations: OperationStats::of(&ops),
         faults,
         entries_applied,
-        terms_with_leader,
+        leaders_elected,
+        terms_with_two_leaders,
         tail: observer.tail(),
+        trace: observer.full_trace(),
     })
 }
 
@@ -486,13 +501,13 @@ async fn step_checker(cluster: Arc<SimCluster>, stop: Arc<std::sync::atomic::Ato
         step += 1;
         for id in cluster.ids() {
             if let Some(raft) = cluster.raft(id) {
-                let (leader, term) = {
+                let (leader, vote) = {
                     let m = raft.metrics();
                     let m = m.borrow();
-                    (m.state.is_leader(), m.current_term)
+                    (m.state.is_leader(), m.vote)
                 };
                 if leader {
-                    cluster.observer.leader_seen(id, term, Some(id));
+                    cluster.observer.leader_seen(id, &vote);
                 }
             }
         }

@@ -1,9 +1,13 @@
 //! The simulation's witness: the event trace (hashed, for replay) and the Raft invariants,
 //! checked at every event that could break them.
 //!
-//! - **One leader per term**: every vote a node saves as committed names the leader of its term;
-//!   two different leaders for one term is a violation (checked at each `save_vote`, and from
-//!   every node's metrics at each step).
+//! - **Election safety**: openraft 0.9 runs in its default "advanced" leader-id mode, where a
+//!   leader is identified by `(term, node)` and two candidates may both win the same term (their
+//!   entries carry distinct, totally ordered leader ids). So the classic "one leader per term"
+//!   does not hold by design (seed 33 shows it) and is replaced by what the mode promises:
+//!   every node's saved vote only moves forward, every leader was granted its leader id by a
+//!   quorum of voters before it led (checked at each `save_vote`), and a node that reports
+//!   itself leader does so under a leader id that names it (checked at each step).
 //! - **Committed entries never change**: the first node to apply index `i` fixes the entry at
 //!   `i`; every later apply at `i`, on any node, must carry the same log id and payload, and no
 //!   node may truncate an entry that some node already applied.
@@ -52,9 +56,17 @@ struct State {
     events: u64,
     tail: std::collections::VecDeque<String>,
     violations: Vec<String>,
-    leaders: BTreeMap<u64, NodeId>,
+    /// Term -> nodes that led in it (several in one term are allowed in this mode).
+    leaders: BTreeMap<u64, std::collections::BTreeSet<NodeId>>,
+    /// The last vote each node saved.
+    votes: BTreeMap<NodeId, Vote<NodeId>>,
+    /// Leader id (term, node) -> nodes that saved a vote for it.
+    grants: BTreeMap<(u64, NodeId), std::collections::BTreeSet<NodeId>>,
+    voters: usize,
     committed: BTreeMap<u64, CommittedEntry>,
     applies: u64,
+    /// The whole trace, kept only when asked for (replaying one seed to study it).
+    full: Option<Vec<String>>,
 }
 
 /// Shared by every node, the network and the clients of one simulated run.
@@ -85,8 +97,12 @@ impl Observer {
                 tail: std::collections::VecDeque::new(),
                 violations: Vec::new(),
                 leaders: BTreeMap::new(),
+                votes: BTreeMap::new(),
+                grants: BTreeMap::new(),
+                voters: 0,
                 committed: BTreeMap::new(),
                 applies: 0,
+                full: None,
             }),
         }
     }
@@ -118,7 +134,20 @@ impl Observer {
         if st.tail.len() == TAIL {
             st.tail.pop_front();
         }
+        if let Some(full) = st.full.as_mut() {
+            full.push(line.clone());
+        }
         st.tail.push_back(line);
+    }
+
+    /// Keeps every trace line from now on (see [`Observer::full_trace`]).
+    pub fn keep_full_trace(&self) {
+        self.lock().full.get_or_insert_with(Vec::new);
+    }
+
+    /// The whole trace, when [`Observer::keep_full_trace`] was called.
+    pub fn full_trace(&self) -> Option<Vec<String>> {
+        self.lock().full.clone()
     }
 
     /// Records a broken invariant (and puts it in the trace).
@@ -131,24 +160,51 @@ impl Observer {
         }
     }
 
-    /// A node saved a vote; a committed vote names the leader of its term.
+    /// How many voters the cluster has (its quorum is a majority of them).
+    pub fn set_voters(&self, voters: usize) {
+        self.lock().voters = voters;
+    }
+
+    /// A node saved a vote: votes only move forward, and a node that commits a vote for itself
+    /// (it won the election) must have been granted that leader id by a quorum.
     pub fn vote_saved(&self, node: NodeId, vote: &Vote<NodeId>) {
         self.event(format_args!("n{node} vote {vote}"));
-        if vote.is_committed() {
-            self.leader_seen(node, vote.leader_id().term, vote.leader_id().voted_for());
+        let leader = (vote.leader_id.term, vote.leader_id.node_id);
+        let mut problems = Vec::new();
+        {
+            let mut st = self.lock();
+            if let Some(previous) = st.votes.get(&node) {
+                if !(vote >= previous) {
+                    problems.push(format!(
+                        "n{node} vote went backwards from {previous} to {vote}"
+                    ));
+                }
+            }
+            st.votes.insert(node, *vote);
+            st.grants.entry(leader).or_default().insert(node);
+            if vote.is_committed() && leader.1 == node {
+                st.leaders.entry(leader.0).or_default().insert(node);
+                let granted = st.grants.get(&leader).map(|g| g.len()).unwrap_or(0);
+                let quorum = st.voters / 2 + 1;
+                if granted < quorum {
+                    problems.push(format!(
+                        "n{node} leads term {} with {granted} grants, fewer than a quorum of {quorum}",
+                        leader.0
+                    ));
+                }
+            }
+        }
+        for p in problems {
+            self.violation(p);
         }
     }
 
-    /// Someone (`witness`) saw `leader` lead `term`.
-    pub fn leader_seen(&self, witness: NodeId, term: u64, leader: Option<NodeId>) {
-        let Some(leader) = leader else { return };
-        let previous = {
-            let mut st = self.lock();
-            *st.leaders.entry(term).or_insert(leader)
-        };
-        if previous != leader {
+    /// `witness` reports itself leader under `vote`: that leader id must name it.
+    pub fn leader_seen(&self, witness: NodeId, vote: &Vote<NodeId>) {
+        if vote.leader_id.node_id != witness {
             self.violation(format!(
-                "two leaders in term {term}: n{previous} and n{leader} (seen by n{witness})"
+                "n{witness} acts as leader under the leader id of n{} ({vote})",
+                vote.leader_id.node_id
             ));
         }
     }
@@ -238,10 +294,12 @@ impl Observer {
         self.lock().tail.iter().cloned().collect()
     }
 
-    /// Entries applied (all nodes) and terms with a known leader.
-    pub fn counts(&self) -> (u64, usize) {
+    /// Entries applied (all nodes), elected leaders, and terms that had more than one leader.
+    pub fn counts(&self) -> (u64, usize, usize) {
         let st = self.lock();
-        (st.applies, st.leaders.len())
+        let elected = st.leaders.values().map(|l| l.len()).sum();
+        let shared = st.leaders.values().filter(|l| l.len() > 1).count();
+        (st.applies, elected, shared)
     }
 }
 
@@ -291,6 +349,28 @@ mod tests {
 
     fn id(term: u64, index: u64) -> LogId<NodeId> {
         LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    #[test]
+    fn votes_must_move_forward_and_leaders_need_a_quorum() {
+        let obs = Observer::new();
+        obs.set_voters(3);
+        let v = |term, node| Vote::new(term, node);
+        let won = |term, node| Vote::new_committed(term, node);
+        obs.vote_saved(1, &v(2, 1));
+        obs.vote_saved(2, &v(2, 1));
+        obs.vote_saved(1, &won(2, 1));
+        assert!(obs.violations().is_empty(), "{:?}", obs.violations());
+        // n3 wins with only its own grant.
+        obs.vote_saved(3, &v(3, 3));
+        obs.vote_saved(3, &won(3, 3));
+        assert_eq!(obs.violations().len(), 1);
+        // n2 goes back to an older term.
+        obs.vote_saved(2, &v(1, 2));
+        assert_eq!(obs.violations().len(), 2);
+        // A leader reporting under another node's leader id.
+        obs.leader_seen(1, &won(2, 3));
+        assert_eq!(obs.violations().len(), 3);
     }
 
     #[test]
