@@ -16,6 +16,7 @@ pub mod checker;
 pub mod cluster;
 pub mod generate;
 pub mod history;
+pub mod long;
 pub mod nemesis;
 pub mod netfault;
 pub mod report;

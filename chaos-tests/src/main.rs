@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chaos_tests::checker::Verdict;
+use chaos_tests::long;
 use chaos_tests::run::{self, RunConfig};
 use chaos_tests::sim::{self, SimConfig};
 use clap::{Parser, Subcommand};
@@ -56,6 +57,19 @@ enum Tier {
         #[arg(long)]
         trace: Option<PathBuf>,
     },
+    /// The long tier: one real-process scenario per fault class on 5 nodes.
+    Long {
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Seconds of faults per scenario.
+        #[arg(long, default_value_t = 20)]
+        duration_secs: u64,
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Run only the scenarios whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +83,12 @@ fn main() -> ExitCode {
             fault_secs,
             trace,
         }) => run_sim(seed, seeds, first, nodes, fault_secs, trace),
+        Some(Tier::Long {
+            seed,
+            duration_secs,
+            nodes,
+            only,
+        }) => run_long(&args.bin, &args.out_dir, seed, duration_secs, nodes, only),
         None => run_fast(args),
     }
 }
@@ -123,6 +143,54 @@ fn run_sim(
         }
     );
     if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run_long(
+    bin: &Option<PathBuf>,
+    out_dir: &Option<PathBuf>,
+    seed: Option<u64>,
+    duration_secs: u64,
+    nodes: usize,
+    only: Option<String>,
+) -> ExitCode {
+    let Some(bin) = bin else {
+        eprintln!("error: --bin (or NOVACRON_BIN) is required for the long tier");
+        return ExitCode::FAILURE;
+    };
+    let out_dir = out_dir
+        .clone()
+        .unwrap_or_else(chaos_tests::report::default_dir);
+    let seed = seed.unwrap_or_else(rand::random);
+    let duration = Duration::from_secs(duration_secs);
+    println!(
+        "chaos long tier: seed {seed}, {nodes} nodes, {duration_secs}s of faults per scenario"
+    );
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let results = runtime.block_on(long::run_all(
+        bin,
+        &out_dir,
+        seed,
+        nodes,
+        duration,
+        only.as_deref(),
+    ));
+    let text = long::summary(&results, seed, nodes, duration);
+    println!("{text}");
+    match long::write_summary(&out_dir, &text) {
+        Ok(path) => println!("summary: {}", path.display()),
+        Err(e) => eprintln!("error: cannot write the summary: {e}"),
+    }
+    if results.iter().all(|r| r.verdict() == Verdict::Pass) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
