@@ -167,6 +167,18 @@ impl Managed {
         Ok(pid)
     }
 
+    /// Whether the process exited on its own (it is then reaped and can be started again).
+    pub fn has_exited(&mut self) -> bool {
+        let exited = match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+            None => false,
+        };
+        if exited {
+            self.child = None;
+        }
+        exited
+    }
+
     /// The pid of the running process.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -334,6 +334,15 @@ fn run_nemesis(
                 (_, None) => Ok(()),
             };
             log.record(action, &name, result.err().map(|e| e.to_string()));
+            // A node stops when its disk fills up; its supervisor (systemd in production)
+            // starts it again, which only helps once there is room.
+            if action == Action::FreeDisk {
+                if let Some(p) = procs.get_mut(index) {
+                    if p.has_exited() {
+                        let _ = nemesis::apply(Action::Restart, p, log);
+                    }
+                }
+            }
         } else if action == Action::RollingRestart {
             for (i, p) in procs.iter_mut().enumerate() {
                 let result = p
@@ -604,7 +613,7 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         }
     }
     for node in &mut cluster.nodes {
-        if node.process.pid().is_none() {
+        if node.process.pid().is_none() || node.process.has_exited() {
             let _ = nemesis::apply(Action::Restart, &mut node.process, &log);
         } else {
             // SIGCONT is harmless to a running process and ends any pause left behind.
