@@ -303,12 +303,15 @@ fn run_nemesis(
                     None => Ok(()),
                 },
                 Action::CutMinority => {
-                    let (a, b): (Vec<(usize, &u16)>, Vec<(usize, &u16)>) = ports
-                        .iter()
-                        .enumerate()
-                        .partition(|(i, _)| minority.contains(i));
-                    let a: Vec<u16> = a.into_iter().map(|(_, p)| *p).collect();
-                    let b: Vec<u16> = b.into_iter().map(|(_, p)| *p).collect();
+                    let side = |inside: bool| -> Vec<u16> {
+                        ports
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| minority.contains(i) == inside)
+                            .map(|(_, p)| *p)
+                            .collect()
+                    };
+                    let (a, b) = (side(true), side(false));
                     firewall.cut_between(&a, &b)
                 }
                 Action::CutRing => firewall.ring(ports),

@@ -110,7 +110,7 @@ impl Recorder {
 /// What became of a write.
 pub enum WriteOutcome {
     /// Committed and applied with this response.
-    Done(Response),
+    Done(Box<Response>),
     /// Certainly never proposed.
     NotProposed(String),
     /// May or may not have been committed.
@@ -172,7 +172,7 @@ pub async fn write(cluster: &SimCluster, via: NodeId, req: Request) -> WriteOutc
             }
         };
         match result {
-            Ok(resp) => return WriteOutcome::Done(resp.data),
+            Ok(resp) => return WriteOutcome::Done(Box::new(resp.data)),
             // Refused before proposing: safe to try again once the leader is known.
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -378,10 +378,10 @@ impl Workload {
         ok: impl FnOnce(&Response) -> Completion,
     ) {
         let completion = match outcome {
-            WriteOutcome::Done(Response::Rejected { code, .. }) => {
-                Completion::Fail(code.as_str().into())
-            }
-            WriteOutcome::Done(resp) => ok(&resp),
+            WriteOutcome::Done(resp) => match *resp {
+                Response::Rejected { code, .. } => Completion::Fail(code.as_str().into()),
+                resp => ok(&resp),
+            },
             WriteOutcome::NotProposed(e) => Completion::Fail(e),
             WriteOutcome::Unknown(e) => Completion::Info(e),
         };
@@ -655,14 +655,10 @@ impl Workload {
                 },
             );
             match write(&self.cluster, 1, req).await {
-                WriteOutcome::Done(Response::Tenant(_)) => {
-                    return Some(QuotaTenant {
-                        name: name.to_string(),
-                        id,
-                    })
-                }
-                // Committed by an earlier attempt whose answer was lost.
-                WriteOutcome::Done(Response::Rejected { .. }) => {
+                // A rejection means an earlier attempt whose answer was lost created it.
+                WriteOutcome::Done(resp)
+                    if matches!(*resp, Response::Tenant(_) | Response::Rejected { .. }) =>
+                {
                     return Some(QuotaTenant {
                         name: name.to_string(),
                         id,

@@ -511,7 +511,7 @@ async fn step_checker(cluster: Arc<SimCluster>, stop: Arc<std::sync::atomic::Ato
                 }
             }
         }
-        if step % 10 != 0 {
+        if !step.is_multiple_of(10) {
             continue;
         }
         // Log matching and digests at equal applied indices, every 100 ms.
@@ -529,7 +529,7 @@ async fn step_checker(cluster: Arc<SimCluster>, stop: Arc<std::sync::atomic::Ato
                 .map(|(i, e)| (*i, (e.log_id, observer::fingerprint(&e.payload))))
                 .collect();
             logs.push((id, log));
-            if step % 50 == 0 {
+            if step.is_multiple_of(50) {
                 if let Some(applied) = guard.volatile.last_applied {
                     by_applied
                         .entry(applied.index)

@@ -174,7 +174,11 @@ impl Observer {
         {
             let mut st = self.lock();
             if let Some(previous) = st.votes.get(&node) {
-                if !(vote >= previous) {
+                let forward = matches!(
+                    vote.partial_cmp(previous),
+                    Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+                );
+                if !forward {
                     problems.push(format!(
                         "n{node} vote went backwards from {previous} to {vote}"
                     ));
@@ -309,12 +313,14 @@ impl Default for Observer {
     }
 }
 
+/// A node's log as index -> (log id, payload fingerprint).
+pub type LogDigest = BTreeMap<u64, (LogId<NodeId>, u64)>;
+
 /// Log matching over the nodes' current logs: returns a description of each violation.
 ///
-/// Each log is given as index -> (term, payload fingerprint). For two logs, take the highest
-/// index at which both hold an entry of the same term; every index both hold up to there must
-/// be identical.
-pub fn log_matching(logs: &[(NodeId, BTreeMap<u64, (LogId<NodeId>, u64)>)]) -> Vec<String> {
+/// For two logs, take the highest index at which both hold an entry of the same leader id;
+/// every index both hold up to there must be identical.
+pub fn log_matching(logs: &[(NodeId, LogDigest)]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, (a, la)) in logs.iter().enumerate() {
         for (b, lb) in logs.iter().skip(i + 1) {

@@ -74,7 +74,7 @@ enum Write {
         membership: Option<Membership>,
     },
     InstallState {
-        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+        pairs: Pairs,
         meta: SnapshotMeta<NodeId, Member>,
     },
     Snapshot {
@@ -239,7 +239,10 @@ fn encode_pairs(state: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<u8> {
     out
 }
 
-fn decode_pairs(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SimStoreError> {
+/// Keys and values of the replicated key space, in key order.
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn decode_pairs(mut data: &[u8]) -> Result<Pairs, SimStoreError> {
     let take = |data: &mut &[u8]| -> Result<Vec<u8>, SimStoreError> {
         let (len, rest) = data
             .split_first_chunk::<8>()

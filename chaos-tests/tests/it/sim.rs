@@ -27,7 +27,7 @@ fn sweep(index: u64) {
     let mut failed = Vec::new();
     for seed in shard(index, 5) {
         let started = std::time::Instant::now();
-        let outcome = run_seed(seed, &SimConfig::default()).unwrap();
+        let outcome = run_seed(seed, &SimConfig::default()).expect("the simulation could not run");
         println!(
             "{}  [{:.1}s wall]",
             outcome.summary().trim_end(),
