@@ -623,6 +623,27 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
             let _ = node.process.resume();
         }
     }
+    // As a supervisor would (systemd's `Restart=on-failure`): a node that is still exiting on
+    // its own (its Raft stopped on a storage failure) is started again once it has exited,
+    // until every node answers `/readyz` or the bound passes.
+    let supervise_until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < supervise_until {
+        let mut all_ready = true;
+        for node in &mut cluster.nodes {
+            if node.process.has_exited() {
+                let _ = nemesis::apply(Action::Restart, &mut node.process, &log);
+            }
+            let ready = admin
+                .call(Method::GET, &format!("{}/readyz", node.url()), None, None)
+                .await
+                .is_ok_and(|r| r.status == 200);
+            all_ready &= ready;
+        }
+        if all_ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let healed_ns = clock.now_ns();
     workload.stop.store(true, Ordering::Relaxed);
     for t in tasks {

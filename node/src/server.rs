@@ -122,15 +122,14 @@ pub async fn serve_node(node: Node, shutdown: impl Future<Output = ()>) -> anyho
 /// Resolves, with the reason, once `raft` is no longer running.
 pub async fn raft_stopped(raft: &Raft) -> String {
     let mut metrics = raft.metrics();
-    let stopped = metrics
-        .wait_for(|m| m.running_state.is_err())
-        .await
-        .map(|m| m.running_state.clone());
-    match stopped {
-        Ok(Err(fatal)) => fatal.to_string(),
-        Ok(Ok(())) => "stopped".to_string(),
+    let reason = match metrics.wait_for(|m| m.running_state.is_err()).await {
+        Ok(m) => match &m.running_state {
+            Err(fatal) => fatal.to_string(),
+            Ok(()) => "stopped".to_string(),
+        },
         Err(_) => "the Raft metrics channel closed".to_string(),
-    }
+    };
+    reason
 }
 
 /// A running node.
