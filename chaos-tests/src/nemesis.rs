@@ -167,6 +167,18 @@ impl Managed {
         Ok(pid)
     }
 
+    /// Whether the process exited on its own (it is then reaped and can be started again).
+    pub fn has_exited(&mut self) -> bool {
+        let exited = match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+            None => false,
+        };
+        if exited {
+            self.child = None;
+        }
+        exited
+    }
+
     /// The pid of the running process.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -198,6 +210,28 @@ impl Managed {
     /// SIGCONT after a pause.
     pub fn resume(&self) -> Result<(), NemesisError> {
         send_signal(self.running_pid()?, Signal::Cont)
+    }
+
+    /// SIGTERM, then waits up to `grace` for a clean exit before SIGKILL.
+    pub fn terminate(&mut self, grace: Duration) -> Result<(), NemesisError> {
+        let pid = self.running_pid()?;
+        send_signal(pid, Signal::Term)?;
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            let exited = match self.child.as_mut() {
+                Some(child) => child
+                    .try_wait()
+                    .map_err(|source| NemesisError::Wait { pid, source })?
+                    .is_some(),
+                None => true,
+            };
+            if exited {
+                self.child = None;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill().map(|_| ())
     }
 
     /// Kills (if running) and starts again with the same command line; returns the new pid.
@@ -232,6 +266,18 @@ pub enum FaultKind {
     Partition,
     /// A share of all peer traffic is dropped at random; stopped after the duration.
     Loss,
+    /// The target can no longer send peer traffic, but still receives it.
+    OneWay,
+    /// The target and the next node are cut off from the others (a minority of two when the
+    /// cluster has five nodes, the majority staying on the other side).
+    Minority,
+    /// Every node hears only its two neighbours in node order.
+    Ring,
+    /// The target's data directory (a small tmpfs) is filled up; freed after the duration.
+    DiskFull,
+    /// Every node in turn is stopped with SIGTERM and started again once the previous one is
+    /// ready.
+    RollingRestart,
 }
 
 /// One scheduled fault.
@@ -312,6 +358,12 @@ impl Schedule {
                 FaultKind::Pause => (Action::Pause, Action::Resume),
                 FaultKind::Partition => (Action::Isolate, Action::Heal),
                 FaultKind::Loss => (Action::StartLoss, Action::StopLoss),
+                FaultKind::OneWay => (Action::CutOneWay, Action::Heal),
+                FaultKind::Minority => (Action::CutMinority, Action::Heal),
+                FaultKind::Ring => (Action::CutRing, Action::Heal),
+                FaultKind::DiskFull => (Action::FillDisk, Action::FreeDisk),
+                // Done within its start action; SIGCONT is harmless to running processes.
+                FaultKind::RollingRestart => (Action::RollingRestart, Action::Resume),
             };
             actions.push((f.at_ns, start, f.target));
             actions.push((f.at_ns.saturating_add(f.duration_ns), heal, f.target));
@@ -337,6 +389,18 @@ pub enum Action {
     StartLoss,
     /// Stop dropping.
     StopLoss,
+    /// Drop everything the target sends to other nodes.
+    CutOneWay,
+    /// Cut the target and the next node off from the rest.
+    CutMinority,
+    /// Leave each node connected to its two neighbours only.
+    CutRing,
+    /// Fill the target's data directory.
+    FillDisk,
+    /// Remove what filled it.
+    FreeDisk,
+    /// Restart every node in turn, gracefully.
+    RollingRestart,
 }
 
 impl Action {
@@ -344,7 +408,13 @@ impl Action {
     pub fn is_network(self) -> bool {
         matches!(
             self,
-            Action::Isolate | Action::Heal | Action::StartLoss | Action::StopLoss
+            Action::Isolate
+                | Action::Heal
+                | Action::StartLoss
+                | Action::StopLoss
+                | Action::CutOneWay
+                | Action::CutMinority
+                | Action::CutRing
         )
     }
 }
@@ -418,9 +488,16 @@ pub fn apply(action: Action, target: &mut Managed, log: &FaultLog) -> Result<(),
         Action::Restart => target.start().map(|_| ()),
         Action::Pause => target.pause(),
         Action::Resume => target.resume(),
-        Action::Isolate | Action::Heal | Action::StartLoss | Action::StopLoss => {
-            Err(NemesisError::NotAProcessFault(action))
-        }
+        Action::Isolate
+        | Action::Heal
+        | Action::StartLoss
+        | Action::StopLoss
+        | Action::CutOneWay
+        | Action::CutMinority
+        | Action::CutRing
+        | Action::FillDisk
+        | Action::FreeDisk
+        | Action::RollingRestart => Err(NemesisError::NotAProcessFault(action)),
     };
     log.record(
         action,

@@ -44,6 +44,18 @@ fn nft(args: &[&str]) -> Result<(), NetError> {
     }
 }
 
+/// An nftables anonymous set of ports: `{ 1, 2 }`.
+fn port_set(ports: &[u16]) -> String {
+    format!(
+        "{{ {} }}",
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// Whether `nft` runs and may change rules here (root with nftables installed).
 pub fn available() -> bool {
     Command::new("nft")
@@ -95,16 +107,49 @@ impl Firewall {
         self.rule(&["udp", "dport", &port, "drop"])
     }
 
+    /// Drops every packet `port` sends to another node; what it receives still arrives.
+    pub fn one_way(&self, port: u16) -> Result<(), NetError> {
+        self.rule(&["udp", "sport", &port.to_string(), "drop"])
+    }
+
+    /// Drops all traffic between the nodes on ports `a` and those on ports `b`, both ways.
+    pub fn cut_between(&self, a: &[u16], b: &[u16]) -> Result<(), NetError> {
+        let (a, b) = (port_set(a), port_set(b));
+        self.rule(&["udp", "sport", &a, "udp", "dport", &b, "drop"])?;
+        self.rule(&["udp", "sport", &b, "udp", "dport", &a, "drop"])
+    }
+
+    /// Leaves each node (in the order of `ports`) connected to its two neighbours only.
+    pub fn ring(&self, ports: &[u16]) -> Result<(), NetError> {
+        let n = ports.len();
+        for (i, from) in ports.iter().enumerate() {
+            let far: Vec<u16> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| {
+                    let d = (i + n - j) % n;
+                    d != 0 && d != 1 && d != n - 1
+                })
+                .map(|(_, p)| *p)
+                .collect();
+            if !far.is_empty() {
+                self.rule(&[
+                    "udp",
+                    "sport",
+                    &from.to_string(),
+                    "udp",
+                    "dport",
+                    &port_set(&far),
+                    "drop",
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Drops `percent` % of the packets sent to any of `ports`, at random.
     pub fn loss(&self, ports: &[u16], percent: u8) -> Result<(), NetError> {
-        let set = format!(
-            "{{ {} }}",
-            ports
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let set = port_set(ports);
         let percent = percent.min(100).to_string();
         self.rule(&[
             "udp", "dport", &set, "numgen", "random", "mod", "100", "<", &percent, "drop",

@@ -74,6 +74,10 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     /// Keep node data directories and logs under `out_dir` (else a temporary directory).
     pub keep_data: bool,
+    /// The tier or scenario, the first word of the run's name.
+    pub label: String,
+    /// Every fault hits this node (0 follows the leader) instead of a drawn one.
+    pub fixed_target: Option<usize>,
 }
 
 impl RunConfig {
@@ -96,12 +100,14 @@ impl RunConfig {
             availability_bound: Duration::from_secs(30),
             out_dir: crate::report::default_dir(),
             keep_data: true,
+            label: "fast".into(),
+            fixed_target: None,
         }
     }
 
     /// The run's name: the file stem of its report.
     pub fn name(&self) -> String {
-        format!("fast-{}n-seed{}", self.nodes, self.seed)
+        format!("{}-{}n-seed{}", self.label, self.nodes, self.seed)
     }
 }
 
@@ -228,6 +234,8 @@ struct Network<'a> {
     /// `None` when the run draws no network fault.
     firewall: Option<&'a Firewall>,
     loss_percent: u8,
+    /// The nodes' data directories, in node order (a full disk fills one).
+    dirs: &'a [PathBuf],
 }
 
 /// Runs the nemesis schedule on the processes and the firewall (blocking; call off the runtime).
@@ -242,11 +250,13 @@ fn run_nemesis(
     clock: Clock,
     log: &FaultLog,
     leader: &dyn Fn() -> Option<String>,
+    ready: &dyn Fn(usize) -> bool,
 ) {
     let Network {
         ports,
         firewall,
         loss_percent,
+        dirs,
     } = *net;
     // Where the fault currently running started, so its heal reaches the same node.
     let mut redirected: Option<usize> = None;
@@ -257,7 +267,12 @@ fn run_nemesis(
         }
         let starts = matches!(
             action,
-            Action::Kill | Action::Pause | Action::Isolate | Action::StartLoss
+            Action::Kill
+                | Action::Pause
+                | Action::Isolate
+                | Action::StartLoss
+                | Action::CutOneWay
+                | Action::CutMinority
         );
         let index = match (scheduled, starts) {
             (0, true) => {
@@ -277,23 +292,129 @@ fn run_nemesis(
                 log.record(action, &name, Some("no firewall installed".into()));
                 continue;
             };
+            let minority: Vec<usize> = vec![index, (index + 1) % ports.len().max(1)];
             let result = match action {
                 Action::Isolate => match ports.get(index) {
                     Some(port) => firewall.isolate(*port),
                     None => Ok(()),
                 },
+                Action::CutOneWay => match ports.get(index) {
+                    Some(port) => firewall.one_way(*port),
+                    None => Ok(()),
+                },
+                Action::CutMinority => {
+                    let side = |inside: bool| -> Vec<u16> {
+                        ports
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| minority.contains(i) == inside)
+                            .map(|(_, p)| *p)
+                            .collect()
+                    };
+                    let (a, b) = (side(true), side(false));
+                    firewall.cut_between(&a, &b)
+                }
+                Action::CutRing => firewall.ring(ports),
                 Action::StartLoss => firewall.loss(ports, loss_percent),
                 _ => firewall.heal(),
             };
             let target = match action {
                 Action::StartLoss | Action::StopLoss => format!("all ({loss_percent}%)"),
+                Action::CutRing => "ring".to_string(),
+                Action::CutMinority => minority
+                    .iter()
+                    .filter_map(|i| procs.get(*i).map(|p| p.name.clone()))
+                    .collect::<Vec<_>>()
+                    .join("+"),
                 _ => name,
             };
             log.record(action, &target, result.err().map(|e| e.to_string()));
+        } else if matches!(action, Action::FillDisk | Action::FreeDisk) {
+            let dir = dirs.get(index).map(|d| d.join(FILLER));
+            let result = match (action, dir) {
+                (Action::FillDisk, Some(path)) => fill_disk(&path),
+                (_, Some(path)) => std::fs::remove_file(&path).map(|_| ()),
+                (_, None) => Ok(()),
+            };
+            log.record(action, &name, result.err().map(|e| e.to_string()));
+            // A node stops when its disk fills up; its supervisor (systemd in production)
+            // starts it again, which only helps once there is room.
+            if action == Action::FreeDisk {
+                if let Some(p) = procs.get_mut(index) {
+                    if p.has_exited() {
+                        let _ = nemesis::apply(Action::Restart, p, log);
+                    }
+                }
+            }
+        } else if action == Action::RollingRestart {
+            for (i, p) in procs.iter_mut().enumerate() {
+                let result = p
+                    .terminate(Duration::from_secs(10))
+                    .and_then(|()| p.start().map(|_| ()));
+                log.record(action, &p.name, result.err().map(|e| e.to_string()));
+                // The next node goes down only once this one serves again.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !ready(i) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         } else if let Some(p) = procs.get_mut(index) {
             // A failed action is logged by `apply`; the schedule goes on.
             let _ = nemesis::apply(action, p, log);
         }
+    }
+}
+
+/// The file a full-disk fault writes into the target's data directory.
+const FILLER: &str = "chaos-filler";
+
+/// Writes zeros to `path` until the file system is full.
+fn fill_disk(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    let chunk = vec![0u8; 1 << 20];
+    loop {
+        match file.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC: the point of the fault
+            Err(e) => return Err(e),
+        }
+    }
+    // Whatever fits in the last partial chunk, byte by byte in small pieces.
+    let small = [0u8; 4096];
+    while file.write_all(&small).is_ok() {}
+    let _ = file.sync_all();
+    Ok(())
+}
+
+/// Size of the tmpfs a full-disk scenario mounts as the target's data directory.
+const SMALL_DISK: &str = "size=256m";
+
+/// Mounts a small tmpfs at `dir` (root only), so filling it is cheap and harmless.
+fn mount_small_disk(dir: &std::path::Path) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| setup_error("data dir", e))?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", SMALL_DISK, "tmpfs"])
+        .arg(dir)
+        .status()
+        .map_err(|e| setup_error("mount tmpfs", e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(setup_error("mount tmpfs", status))
+    }
+}
+
+/// A mounted small disk, unmounted when the run ends (after its cluster is gone).
+struct SmallDisk(PathBuf);
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: a node process may still hold files there while it is being torn down.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -304,10 +425,16 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         path: config.out_dir.clone(),
         source,
     })?;
-    let needs_net = config
-        .faults
-        .iter()
-        .any(|f| matches!(f, FaultKind::Partition | FaultKind::Loss));
+    let needs_net = config.faults.iter().any(|f| {
+        matches!(
+            f,
+            FaultKind::Partition
+                | FaultKind::Loss
+                | FaultKind::OneWay
+                | FaultKind::Minority
+                | FaultKind::Ring
+        )
+    });
     if needs_net && !netfault::available() {
         return Err(RunError::NoNftables);
     }
@@ -316,6 +443,23 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         // Each run starts from empty data directories.
         let _ = std::fs::remove_dir_all(&data_dir);
     }
+    // A full disk needs a small file system of its own: a tmpfs as the target's data directory.
+    // Declared before the cluster, so it is dropped (unmounted) after the cluster's processes.
+    let _small_disk = match (
+        config.faults.contains(&FaultKind::DiskFull),
+        config.keep_data,
+    ) {
+        (true, true) => {
+            let target = config
+                .fixed_target
+                .unwrap_or(config.nodes.saturating_sub(1));
+            let dir = data_dir.join(format!("n{}", target + 1));
+            mount_small_disk(&dir)?;
+            Some(SmallDisk(dir))
+        }
+        (true, false) => return Err(setup_error("full disk", "needs keep_data")),
+        _ => None,
+    };
     let mut cluster = Cluster::start(
         &config.bin,
         config.nodes,
@@ -379,6 +523,12 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
             duration: (Duration::from_millis(2000), Duration::from_millis(5000)),
         },
     );
+    let mut schedule = schedule;
+    if let Some(target) = config.fixed_target {
+        for f in &mut schedule.faults {
+            f.target = target;
+        }
+    }
     let mut tasks = Vec::new();
     for p in 0..config.register_clients {
         tasks.push(tokio::spawn(workload.clone().register_client(p as u64)));
@@ -406,6 +556,9 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     let handle = tokio::runtime::Handle::current();
     let leader_client = admin.clone();
     let leader_urls = urls.clone();
+    let ready_client = admin.clone();
+    let ready_urls = urls.clone();
+    let dirs: Vec<PathBuf> = cluster.nodes.iter().map(|n| n.dir.clone()).collect();
     let (procs_back, firewall) = tokio::task::spawn_blocking(move || {
         // Asks the nodes in turn who leads; a paused or dead node does not answer.
         let leader = || {
@@ -423,6 +576,18 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
                 None
             })
         };
+        // Whether node `i` answers `/readyz` (a rolling restart waits for it).
+        let ready = |i: usize| {
+            let Some(url) = ready_urls.get(i) else {
+                return true;
+            };
+            handle.block_on(async {
+                ready_client
+                    .call(Method::GET, &format!("{url}/readyz"), None, None)
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+            })
+        };
         run_nemesis(
             &schedule,
             &mut procs,
@@ -430,10 +595,12 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
                 ports: &ports,
                 firewall: firewall.as_ref(),
                 loss_percent: loss,
+                dirs: &dirs,
             },
             clock,
             &nemesis_log,
             &leader,
+            &ready,
         );
         (procs, firewall)
     })
@@ -449,12 +616,33 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         }
     }
     for node in &mut cluster.nodes {
-        if node.process.pid().is_none() {
+        if node.process.pid().is_none() || node.process.has_exited() {
             let _ = nemesis::apply(Action::Restart, &mut node.process, &log);
         } else {
             // SIGCONT is harmless to a running process and ends any pause left behind.
             let _ = node.process.resume();
         }
+    }
+    // As a supervisor would (systemd's `Restart=on-failure`): a node that is still exiting on
+    // its own (its Raft stopped on a storage failure) is started again once it has exited,
+    // until every node answers `/readyz` or the bound passes.
+    let supervise_until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < supervise_until {
+        let mut all_ready = true;
+        for node in &mut cluster.nodes {
+            if node.process.has_exited() {
+                let _ = nemesis::apply(Action::Restart, &mut node.process, &log);
+            }
+            let ready = admin
+                .call(Method::GET, &format!("{}/readyz", node.url()), None, None)
+                .await
+                .is_ok_and(|r| r.status == 200);
+            all_ready &= ready;
+        }
+        if all_ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let healed_ns = clock.now_ns();
     workload.stop.store(true, Ordering::Relaxed);
@@ -668,8 +856,8 @@ fn unavailability_windows(ops: &[Operation], min: Duration) -> Vec<String> {
         .collect()
 }
 
-/// The quota checker's evidence: VM creates as claims against the quota tenants (limit 5).
-fn quota_evidence(
+/// The quota checker's evidence (also used by the simulation tier): VM creates as claims against the quota tenants (limit 5).
+pub fn quota_evidence(
     ops: &[Operation],
     tenants: &[QuotaTenant],
     samples: Vec<quota::UsageSample>,

@@ -32,6 +32,41 @@ fn internal(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Internal(e.to_string())
 }
 
+/// How long a join waits for a membership change already in progress (the membership
+/// controller promoting an earlier joiner) before giving up.
+const JOIN_MEMBERSHIP_WAIT: Duration = Duration::from_secs(20);
+
+/// Adds `id` as a learner, waiting up to `within` while another membership change is in
+/// progress.
+///
+/// openraft refuses a membership change while the previous one is uncommitted. A node joining
+/// just after another one meets the membership controller promoting the first: refusing it
+/// then (as an internal error) left the new node registered but never a member, and its
+/// process gave up. The chaos long tier found it by starting 5 nodes back to back.
+pub async fn add_learner_when_free(
+    raft: &Raft,
+    id: NodeId,
+    member: raft::Member,
+    within: Duration,
+) -> Result<
+    (),
+    openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, raft::Member>>,
+> {
+    use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match raft.add_learner(id, member.clone(), false).await {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl NodeControl {
     /// The health of `id` as this node can judge it: exact on the leader (from its replication
     /// contacts), and the leader's last committed verdict elsewhere.
@@ -260,10 +295,14 @@ impl ControlPlane for NodeControl {
         };
         // Non-blocking: the learner catches up once its transport is up; the membership
         // controller promotes it when it is healthy.
-        self.raft
-            .add_learner(node_id, req.member.clone(), false)
-            .await
-            .map_err(internal)?;
+        add_learner_when_free(
+            &self.raft,
+            node_id,
+            req.member.clone(),
+            JOIN_MEMBERSHIP_WAIT,
+        )
+        .await
+        .map_err(internal)?;
         tracing::info!(node = %req.member.name, node_id, "node admitted as learner");
         Ok(JoinResponse {
             node_id,

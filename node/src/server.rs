@@ -91,9 +91,45 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> an
         peer = %node.config.peer_addr,
         "node serving"
     );
-    shutdown.await;
-    tracing::info!("shutting down");
-    node.stop().await
+    serve_node(node, shutdown).await
+}
+
+/// Serves a started node until `shutdown` resolves (then stops it cleanly and returns `Ok`) or
+/// until its Raft stops on its own (then stops it and returns the error).
+///
+/// openraft stops for good on a storage failure (a full disk, a failed fsync). A process that
+/// went on serving after that would hold a replica that never catches up again and answer
+/// stale reads from it, even once the disk has room again. Exiting with an error lets the
+/// supervisor restart the node (systemd `Restart=on-failure`), which recovers from what the
+/// disk holds and rejoins.
+pub async fn serve_node(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let raft = node.control.raft.clone();
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down");
+            node.stop().await
+        }
+        reason = raft_stopped(&raft) => {
+            tracing::error!(%reason, "Raft stopped; exiting so that the node restarts from disk");
+            if let Err(e) = node.stop().await {
+                tracing::warn!(error = %e, "stopping after the Raft failure");
+            }
+            Err(anyhow!("Raft stopped: {reason}"))
+        }
+    }
+}
+
+/// Resolves, with the reason, once `raft` is no longer running.
+pub async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    let reason = match metrics.wait_for(|m| m.running_state.is_err()).await {
+        Ok(m) => match &m.running_state {
+            Err(fatal) => fatal.to_string(),
+            Ok(()) => "stopped".to_string(),
+        },
+        Err(_) => "the Raft metrics channel closed".to_string(),
+    };
+    reason
 }
 
 /// A running node.

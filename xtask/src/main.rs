@@ -6,7 +6,8 @@
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
-//! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
+//! - `chaos`: the chaos tiers: fast (kill, pause, partition, loss on a real 3-node cluster), `sim`
+//!   (seeds of the deterministic simulation) and `long` (one scenario per fault class, 5 nodes).
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
 //! the product does not compile.
@@ -42,7 +43,7 @@ enum Command {
     Dev(dev::DevArgs),
     /// Build the tiny test guest (Debian cloud kernel + busybox initramfs) in target/guest.
     Guest,
-    /// The fast chaos tier on real processes; prints the report, writes it under target/chaos/.
+    /// The chaos tiers (fast by default, `sim`, `long`); prints reports, writes them under target/chaos/.
     Chaos(chaos::ChaosArgs),
     /// Schemathesis (from PyPI) against one live node from api/openapi.json; also a CI step.
     Schemathesis,

@@ -9,6 +9,7 @@ mod lost_writes;
 mod nemesis;
 mod quota;
 mod report;
+mod sim;
 mod single_runner;
 
 use chaos_tests::history::{Func, Operation, Outcome};
