@@ -828,7 +828,7 @@ async function viewTenants(main) {
     const page = await api('GET', '/tenants?limit=500');
     clear(list);
     list.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards' },
-      h('thead', {}, h('tr', {}, ['Name', 'VMs', 'vCPUs', 'Memory', 'Disk (GiB)', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('thead', {}, h('tr', {}, ['Name', 'VMs', 'vCPUs', 'Memory', 'Disk (GiB)', 'Actions'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, (page.items || []).map((t) => h('tr', {},
         h('td', { 'data-label': 'Name' }, h('strong', {}, t.name), ' ', h('span', { class: 'muted mono' }, t.id)),
         h('td', { 'data-label': 'VMs' }, quotaCell(t, 'max_vms', 'vms')),
@@ -884,7 +884,7 @@ async function viewUsers(main) {
     const page = await api('GET', '/users?limit=500');
     clear(list);
     list.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards' },
-      h('thead', {}, h('tr', {}, ['User', 'Tenant', 'Role', 'Created', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('thead', {}, h('tr', {}, ['User', 'Tenant', 'Role', 'Created', 'Actions'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, (page.items || []).map((u) => {
         const sel = h('select', { 'aria-label': 'Role of ' + u.username, onchange: async () => {
           try { await api('PATCH', '/users/' + encodeURIComponent(u.id), { role: sel.value }); say('Role of ' + u.username + ' is now ' + sel.value); clear(err); } catch (e) { clear(err).append(errorBox(e)); sel.value = u.role; }

@@ -7,10 +7,13 @@
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
 //! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
+//! - `axe`: fetch the pinned axe-core the dashboard's accessibility tests inject.
+//! - `bench web`: every dashboard page's server time on a 3-node cluster with 1,000 VMs.
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
 //! the product does not compile.
 
+mod axe;
 mod bench;
 mod chaos;
 mod ci;
@@ -44,6 +47,8 @@ enum Command {
     Guest,
     /// The fast chaos tier on real processes; prints the report, writes it under target/chaos/.
     Chaos(chaos::ChaosArgs),
+    /// Fetch the pinned axe-core (npm) that the dashboard's accessibility tests inject.
+    Axe,
     /// Schemathesis (from PyPI) against one live node from api/openapi.json; also a CI step.
     Schemathesis,
     /// Benchmarks.
@@ -57,6 +62,8 @@ enum Command {
 enum BenchCommand {
     /// Durable writes and leader failover of a 3-node NovaCron cluster, with etcd as the anchor.
     Raft(bench::RaftArgs),
+    /// Server time of every dashboard page on a 3-node cluster with 1,000 VMs, from a follower.
+    Web(bench::web::WebArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,10 +74,14 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(&args),
         Command::Guest => guest::ensure().map(|_| ()),
         Command::Chaos(args) => chaos::run(&args),
+        Command::Axe => axe::ensure().map(|_| ()),
         Command::Schemathesis => ci::schemathesis(),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),
+        Command::Bench {
+            which: BenchCommand::Web(args),
+        } => bench::web::run(&args),
     };
     // One line with the cause chain; returning the error from main would print a backtrace too
     // whenever RUST_BACKTRACE is set, burying the message.
