@@ -532,7 +532,7 @@ async function viewNodes(main) {
     const items = Array.isArray(nodes) ? nodes : (nodes.items || []);
     const kv = (o) => o && typeof o === 'object' ? Object.entries(o).map(([k, v]) => h('span', { class: 'tag' }, k + ': ' + (typeof v === 'object' ? JSON.stringify(v) : v))) : '—';
     body.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards' },
-      h('thead', {}, h('tr', {}, ['Name', 'Health', 'Schedulable', 'Capacity', 'Usage', 'Labels', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('thead', {}, h('tr', {}, ['Name', 'Health', 'Schedulable', 'Capacity', 'Usage', 'Labels', 'Actions'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, items.map((n) => {
         const name = n.name || (n.member && n.member.name) || String(n.id);
         const sched = n.schedulable !== false;
@@ -617,9 +617,9 @@ async function viewVms(main, rest, query) {
 
   const render = async () => {
     const q = new URLSearchParams();
-    // The API filters by state, node, tenant and label; the name search runs over a larger page here.
-    q.set('limit', f.q ? '500' : String(PAGE_SIZE));
-    for (const k of ['state', 'node', 'tenant', 'label', 'cursor']) if (f[k]) q.set(k, f[k]);
+    // The API filters by name, state, node, tenant and label, so every search pages the same way.
+    q.set('limit', String(PAGE_SIZE));
+    for (const k of ['q', 'state', 'node', 'tenant', 'label', 'cursor']) if (f[k]) q.set(k, f[k]);
     let page;
     try { page = await api('GET', '/vms?' + q.toString()); } catch (e) { clear(err).append(errorBox(e)); tableBox.setAttribute('aria-busy', 'false'); return; }
     clear(err);
@@ -628,6 +628,7 @@ async function viewVms(main, rest, query) {
     if (key === lastKey) return;
     lastKey = key;
     let items = page.items || [];
+    // Filter here as well, in case the node predates the name filter and ignored it.
     if (f.q) items = items.filter((v) => v.name.toLowerCase().includes(f.q.toLowerCase()));
     const onError = (e) => clear(err).append(errorBox(e));
     clear(tableBox);
@@ -652,7 +653,7 @@ async function viewVms(main, rest, query) {
         const prev = prevStack.slice(); const back = prev.pop();
         setHashQuery('#/vms', Object.assign({}, base, { cursor: back === '-' ? '' : back, prev: prev.join(',') }));
       } }, '← Previous'),
-      h('button', { type: 'button', class: 'secondary', disabled: !page.next_cursor || !!f.q, onclick: () => {
+      h('button', { type: 'button', class: 'secondary', disabled: !page.next_cursor, onclick: () => {
         setHashQuery('#/vms', Object.assign({}, base, { cursor: page.next_cursor, prev: prevStack.concat([f.cursor || '-']).join(',') }));
       } }, 'Next →'),
       h('span', { class: 'muted' }, items.length + ' shown')));

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::a11y;
 use crate::browser::{free_port, tools, Browser};
 
 const ADMIN_PASSWORD: &str = "e2e-admin-password";
@@ -128,11 +129,30 @@ async fn dashboard_drives_a_real_three_node_cluster() -> Result<()> {
     wait_ready(&n3).await?;
 
     let b = Browser::start(&chrome, &driver).await?;
+    // The accessibility check runs on every main page when axe-core is here (CI fetches it).
+    let axe = a11y::axe_script()?;
+    if axe.is_none() {
+        println!("no axe-core here: pages are not checked for accessibility (cargo xtask axe)");
+    }
+    let mut a11y_failures = Vec::new();
+    let mut check = async |page: &str| -> Result<()> {
+        if let Some(axe) = &axe {
+            if let Err(e) = a11y::check(&b, axe, page).await {
+                a11y_failures.push(format!("{e:#}"));
+            }
+        }
+        Ok(())
+    };
     // node-1 created the cluster and leads it; log in on a follower.
     let base = format!("http://{}", n2.api);
+    b.client.goto(&format!("{base}/#/login")).await?;
+    b.wait_text("main h1", "Log in").await?;
+    b.screenshot("login").await?;
+    check("login").await?;
     b.login(&base, "admin", ADMIN_PASSWORD).await?;
     b.wait_text("main table", "node-3").await?;
     b.screenshot("cluster").await?;
+    check("cluster").await?;
 
     b.client.goto(&format!("{base}/#/vms/new")).await?;
     b.fill("#name", "e2e-vm").await?;
@@ -141,20 +161,33 @@ async fn dashboard_drives_a_real_three_node_cluster() -> Result<()> {
     b.wait_text("main h1", "e2e-vm").await?;
     b.wait_text("main .badge", "running").await?;
     b.screenshot("vm").await?;
+    check("VM detail").await?;
 
     b.client.goto(&format!("{base}/#/vms")).await?;
     b.wait_text("#vm-table", "e2e-vm").await?;
     b.screenshot("vms").await?;
+    check("VMs list").await?;
     b.click("button[aria-label='Delete e2e-vm']").await?;
     b.click("#confirm-ok").await?;
     b.wait_gone("#vm-table", "e2e-vm").await?;
 
-    for page in ["tenants", "users", "nodes"] {
+    // Each page once its content is in: a table row naming something the cluster holds.
+    for (page, css, text) in [
+        ("tenants", "main table", "Actions"),
+        ("users", "main table", "admin"),
+        ("nodes", "main table", "node-3"),
+        ("audit", "main table", "vm."),
+    ] {
         b.client.goto(&format!("{base}/#/{page}")).await?;
-        b.wait_text("main h1", "").await?;
+        b.wait_text(css, text).await?;
         b.screenshot(page).await?;
+        check(page).await?;
     }
+    drop(check);
     b.close().await?;
     drop((n3, n2, n1));
+    if !a11y_failures.is_empty() {
+        bail!("{}", a11y_failures.join("\n\n"));
+    }
     Ok(())
 }

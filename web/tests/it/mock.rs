@@ -113,6 +113,13 @@ async fn list_vms(
         .vms
         .iter()
         .filter(|v| q.get("state").is_none_or(|st| v["state"] == st.as_str()))
+        .filter(|v| {
+            q.get("q").is_none_or(|part| {
+                v["name"]
+                    .as_str()
+                    .is_some_and(|n| n.to_lowercase().contains(&part.to_lowercase()))
+            })
+        })
         .filter(|v| q.get("tenant").is_none_or(|t| v["tenant"] == t.as_str()))
         .filter(|v| {
             q.get("node").is_none_or(|n| {

@@ -46,6 +46,11 @@ async fn pages_work_in_headless_chromium_against_the_mock_api() -> Result<()> {
     b.wait_text("#vm-table", "ci-runner").await?;
     b.wait_gone("#vm-table", "db-primary").await?;
 
+    // The name search goes to the API too, in any case.
+    b.client.goto(&format!("{base}/#/vms?q=DB-")).await?;
+    b.wait_text("#vm-table", "db-primary").await?;
+    b.wait_gone("#vm-table", "ci-runner").await?;
+
     // Client-side validation names the field and does not send the request.
     b.client.goto(&format!("{base}/#/vms/new")).await?;
     b.fill("#name", "bad name!").await?;
