@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -67,7 +67,7 @@ fn api(path: &str) -> Req {
 
 /// The main pages, mirroring the view functions of `web/assets/app.js` (`viewVms` asks for the
 /// tenants, then one page of 25 VMs; a name search asks for 500 and filters them; ...).
-fn pages(shell: &[String], vm_id: &str, follower_name: &str) -> Vec<Page> {
+fn pages(shell: &[String], vm_id: &str, cursor: &str, follower_name: &str) -> Vec<Page> {
     let static_reqs = || {
         shell
             .iter()
@@ -102,9 +102,17 @@ fn pages(shell: &[String], vm_id: &str, follower_name: &str) -> Vec<Page> {
             ],
         },
         Page {
-            name: "VMs, name search (500 scanned)",
-            route: "#/vms?q=…",
-            requests: vec![api("/tenants?limit=500"), api("/vms?limit=500")],
+            name: "VMs, name search",
+            route: "#/vms?q=vm-05",
+            requests: vec![api("/tenants?limit=500"), api("/vms?limit=25&q=vm-05")],
+        },
+        Page {
+            name: "VMs, 20th page (cursor)",
+            route: "#/vms?cursor=…",
+            requests: vec![
+                api("/tenants?limit=500"),
+                api(&format!("/vms?limit=25&cursor={cursor}")),
+            ],
         },
         Page {
             name: "VM detail",
@@ -218,6 +226,10 @@ pub(crate) fn run(args: &WebArgs) -> Result<()> {
 
 /// How the cluster was filled, for the report.
 struct Setup {
+    /// How many VMs were in each state when the timing began, e.g. "750 running, 250 stopped".
+    states: String,
+    /// The machine's 1-minute load average when the timing began and when it ended.
+    load: (String, String),
     follower: String,
     vms: usize,
     tenants: usize,
@@ -242,16 +254,20 @@ async fn measure(
     let started = Instant::now();
     let (tenants, users) = fill(&client, &urls[leader], &token, args.vms).await?;
     let fill_secs = started.elapsed().as_secs_f64();
-    println!("filled in {fill_secs:.1} s");
+    println!("filled in {fill_secs:.1} s; waiting for the agents to settle");
+    settle(&client, &urls[leader], &token).await?;
+    let states = vm_states(&client, &follower, &token).await?;
+    println!("VM states: {states}");
 
     let weight = page_weight(&client, &follower).await?;
     let shell: Vec<String> = std::iter::once("/".to_owned())
         .chain(weight.files.iter().map(|(p, _)| p.clone()))
         .collect();
-    let vm_id = middle_vm(&client, &follower, &token).await?;
+    let (vm_id, cursor) = middle_vm(&client, &follower, &token).await?;
+    let load_before = loadavg();
 
     let mut results = Vec::new();
-    for page in pages(&shell, &vm_id, &follower_name) {
+    for page in pages(&shell, &vm_id, &cursor, &follower_name) {
         let r = time_page(&client, &follower, &token, &page, args.repeats).await?;
         println!(
             "{:<34} p50 {:>7.2} ms  p99 {:>7.2} ms  ({} requests, {} bytes)",
@@ -264,6 +280,8 @@ async fn measure(
         results.push(r);
     }
     let setup = Setup {
+        states,
+        load: (load_before, loadavg()),
         follower: follower_name,
         vms: args.vms,
         tenants,
@@ -339,6 +357,62 @@ async fn fill(client: &Client, url: &str, token: &str, vms: usize) -> Result<(us
     Ok((TENANTS, TENANTS * USERS_PER_TENANT))
 }
 
+/// Waits until the leader's commit index has not moved for 3 s (the agents have reported every
+/// VM they started), so the timing does not measure the tail of the fill. Gives up after 180 s
+/// and measures anyway: a cluster that never settles is what a user would meet too.
+async fn settle(client: &Client, url: &str, token: &str) -> Result<()> {
+    const QUIET: Duration = Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut last: Option<(u64, Instant)> = None;
+    while Instant::now() < deadline {
+        let c = send_ok(
+            client
+                .get(format!("{url}/api/v1/cluster"))
+                .bearer_auth(token),
+        )
+        .await?;
+        let commit = c["commit_index"].as_u64().unwrap_or(0);
+        match last {
+            Some((prev, since)) if prev == commit => {
+                if since.elapsed() >= QUIET {
+                    return Ok(());
+                }
+            }
+            _ => last = Some((commit, Instant::now())),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("the commit index was still moving after 180 s; measuring anyway");
+    Ok(())
+}
+
+/// Counts the VMs in each state, walking the whole list.
+async fn vm_states(client: &Client, url: &str, token: &str) -> Result<String> {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("{url}/api/v1/vms?limit=500&cursor={c}"),
+            None => format!("{url}/api/v1/vms?limit=500"),
+        };
+        let page = send_ok(client.get(path).bearer_auth(token)).await?;
+        for vm in page["items"].as_array().into_iter().flatten() {
+            *counts
+                .entry(vm["state"].as_str().unwrap_or("?").to_owned())
+                .or_default() += 1;
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    Ok(counts
+        .iter()
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
 /// Sends `req` and returns its JSON body, failing with the body on a non-success status.
 async fn send_ok(req: reqwest::RequestBuilder) -> Result<Value> {
     let resp = req.send().await.context("sending a setup request")?;
@@ -350,8 +424,9 @@ async fn send_ok(req: reqwest::RequestBuilder) -> Result<Value> {
     Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-/// The id of a VM from the middle of the list (neither the first key nor the last).
-async fn middle_vm(client: &Client, url: &str, token: &str) -> Result<String> {
+/// The id of a VM from the middle of the list (neither the first key nor the last), and the
+/// cursor of the 20th page of 25 (or of the last page when there are fewer).
+async fn middle_vm(client: &Client, url: &str, token: &str) -> Result<(String, String)> {
     let page = send_ok(
         client
             .get(format!("{url}/api/v1/vms?limit=500"))
@@ -359,11 +434,23 @@ async fn middle_vm(client: &Client, url: &str, token: &str) -> Result<String> {
     )
     .await?;
     let items = page["items"].as_array().context("no VMs listed")?;
-    items
-        .get(items.len() / 2)
-        .and_then(|v| v["id"].as_str())
-        .map(str::to_owned)
-        .context("no VM to open")
+    let id = |i: usize| {
+        items
+            .get(i)
+            .and_then(|v| v["id"].as_str())
+            .map(str::to_owned)
+    };
+    let vm = id(items.len() / 2).context("no VM to open")?;
+    let cursor = id((19 * 25 - 1).min(items.len().saturating_sub(1))).context("no VM listed")?;
+    Ok((vm, cursor))
+}
+
+/// The first field of `/proc/loadavg` (the 1-minute load average), or "unknown".
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Fetches the shell and every script and style sheet it names, as a browser does.
@@ -517,14 +604,16 @@ fn render(
         md,
         "Generated by `cargo xtask bench web --vms {} --repeats {}` on {date}, {version}. \
          Three `novacron serve` processes on loopback (libvirt's test driver), filled through \
-         the leader with {} VMs (three in four running), {} tenants and {} users in {:.1} s; \
-         every page is then loaded {} times from the follower {}.\n",
+         the leader with {} VMs (three in four asked to start), {} tenants and {} users in \
+         {:.1} s; once the leader's commit index had been still for 3 s (VMs then: {}), every \
+         page is loaded {} times from the follower {}.\n",
         setup.vms,
         args.repeats,
         setup.vms,
         setup.tenants,
         setup.users,
         setup.fill_secs,
+        setup.states,
         args.repeats,
         setup.follower
     );
@@ -533,7 +622,12 @@ fn render(
         "A page's time is the sum of the full-response times of the requests its view makes, in \
          the order the dashboard makes them, on one keep-alive connection (reads are \
          linearizable, so a follower asks the leader for a read index each time). Rendering in \
-         the browser is not included. Budget: {BUDGET_MS:.0} ms per page.\n"
+         the browser is not included. Budget: {BUDGET_MS:.0} ms per page. The machine's \
+         1-minute load average was {} when the timing began and {} when it ended ({} CPUs, \
+         shared with other work).\n",
+        setup.load.0,
+        setup.load.1,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let _ = writeln!(
         md,
