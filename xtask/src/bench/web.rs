@@ -178,7 +178,13 @@ pub(crate) fn run(args: &WebArgs) -> Result<()> {
         Some(path) => bail!("{} does not exist", path.display()),
         None => novacron::build()?,
     };
-    let version = novacron::version(&binary);
+    let mut version = novacron::version(&binary);
+    // A debug binary is much slower than the release one; the report must say which was timed.
+    if binary.components().any(|c| c.as_os_str() == "debug") {
+        version.push_str(", a debug (unoptimised) build");
+    } else if binary.components().any(|c| c.as_os_str() == "release") {
+        version.push_str(", a release build");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -655,6 +661,13 @@ fn render(
             r.slowest.1
         );
     }
+    let _ = writeln!(
+        md,
+        "\nWhat keeps pages flat as VMs grow: the VM list reads `limit + 1` rows when unfiltered \
+         and stops scanning as soon as a filtered page is full (name search included, `?q=`), a \
+         deeper page starts at its cursor, and a VM is one key. The nodes page reads every VM to \
+         sum each node's usage, so it grows linearly with the number of VMs.\n"
+    );
     let _ = writeln!(md, "\n### Script and style every page loads\n");
     let _ = writeln!(
         md,
