@@ -163,6 +163,8 @@ function startSession(s) {
 function endSession() {
   S.session = null; S.role = null; S.cluster = null;
   sessionStorage.removeItem(SESSION_KEY);
+  // The operations list names VMs of this user's tenant: the next user of the tab must not see it.
+  S.ops = []; sessionStorage.removeItem(OPS_KEY); renderOps();
   clearTimeout(S.expiryTimer); clearTimeout(S.pollTimer);
   if (S.streamAbort) S.streamAbort.abort();
   S.streamAbort = null; S.events = 'unknown';

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use fantoccini::Locator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::a11y;
@@ -184,10 +185,65 @@ async fn dashboard_drives_a_real_three_node_cluster() -> Result<()> {
         check(page).await?;
     }
     drop(check);
+    tenant_isolation(&b, &base).await?;
     b.close().await?;
     drop((n3, n2, n1));
     if !a11y_failures.is_empty() {
         bail!("{}", a11y_failures.join("\n\n"));
     }
+    Ok(())
+}
+
+/// Through the pages alone: an admin creates tenants acme and globex, a globex operator and a VM
+/// in acme; the globex user then neither sees that VM in the list nor can open it by its URL.
+async fn tenant_isolation(b: &Browser, base: &str) -> Result<()> {
+    b.client.goto(&format!("{base}/#/tenants")).await?;
+    for name in ["acme", "globex"] {
+        b.fill("#t-name", name).await?;
+        b.click("form[aria-labelledby=new-tenant] button[type=submit]")
+            .await?;
+        b.wait_text("main table", name).await?;
+    }
+    b.client.goto(&format!("{base}/#/users")).await?;
+    b.wait_text("main table", "admin").await?;
+    b.fill("#u-name", "bob").await?;
+    b.fill("#u-pass", "bob-password-1").await?;
+    b.client
+        .find(Locator::Css("#u-tenant"))
+        .await?
+        .select_by_label("globex")
+        .await?;
+    b.client
+        .find(Locator::Css("#u-role"))
+        .await?
+        .select_by_label("operator")
+        .await?;
+    b.click("form[aria-labelledby=new-user] button[type=submit]")
+        .await?;
+    b.wait_text("main table", "bob").await?;
+
+    b.client.goto(&format!("{base}/#/vms/new")).await?;
+    b.fill("#name", "acme-secret").await?;
+    b.client
+        .find(Locator::Css("#tenant"))
+        .await?
+        .select_by_label("acme")
+        .await?;
+    b.click("#create-vm").await?;
+    b.wait_text("main h1", "acme-secret").await?;
+    let detail = b.client.current_url().await?.to_string();
+
+    b.click("#logout").await?;
+    b.wait_text("main h1", "Log in").await?;
+    b.login(base, "bob", "bob-password-1").await?;
+    b.client.goto(&format!("{base}/#/vms")).await?;
+    b.wait_text("main", "No VMs match").await?;
+    // Nowhere on the page: not in the list, nor in the operations the admin started in this tab.
+    b.wait_gone("body", "acme-secret").await?;
+    // The detail URL of acme's VM answers as if it did not exist (404, not 403).
+    b.client.goto(&detail).await?;
+    b.wait_text("main h1", "VM not found").await?;
+    b.wait_gone("body", "acme-secret").await?;
+    b.screenshot("tenant-isolation").await?;
     Ok(())
 }
