@@ -185,7 +185,6 @@ async fn dashboard_drives_a_real_three_node_cluster() -> Result<()> {
         b.screenshot(page).await?;
         check(page).await?;
     }
-    drop(check);
     tenant_isolation(&b, &base).await?;
     b.close().await?;
     drop((n3, n2, n1));
