@@ -517,7 +517,9 @@ function viewCluster(main) {
 
 async function viewNodes(main) {
   const body = h('div', {});
-  main.append(h('h1', {}, 'Nodes'), body);
+  // Outside the re-rendered table, so a live refresh does not close an open preview.
+  const preview = h('div', { 'aria-live': 'polite' });
+  main.append(h('h1', {}, 'Nodes'), preview, body);
   const render = async () => {
     const nodes = await optional('nodes', () => api('GET', '/nodes'));
     clear(body);
@@ -538,8 +540,9 @@ async function viewNodes(main) {
       h('tbody', {}, items.map((n) => {
         const name = n.name || (n.member && n.member.name) || String(n.id);
         const sched = n.schedulable !== false;
-        const act = isAdmin() ? h('button', { type: 'button', class: 'small secondary', onclick: async () => {
+        const act = isAdmin() ? h('button', { type: 'button', class: 'small secondary', 'aria-label': (sched ? 'Drain ' : 'Undrain ') + name, onclick: async () => {
           const verb = sched ? 'drain' : 'undrain';
+          if (sched) { drainPreview(preview, n, name); return; }
           const ok = await confirmAction(sched ? 'Drain node ' + name + '? Its VMs will be moved to other nodes.' : 'Make node ' + name + ' schedulable again?', sched ? 'Drain' : 'Undrain');
           if (!ok) return;
           try { const r = await api('POST', '/nodes/' + encodeURIComponent(n.id) + '/' + verb, undefined, { idempotent: true }); if (r && r.operation) trackOp(r.operation, verb + ' ' + name); say('Node ' + name + ': ' + verb + ' requested'); refreshView(); } catch (e) { body.prepend(errorBox(e)); }
@@ -549,13 +552,44 @@ async function viewNodes(main) {
           h('td', { 'data-label': 'Health' }, badge(n.state || 'unknown')),
           h('td', { 'data-label': 'Schedulable' }, sched ? 'yes' : badge('drained')),
           h('td', { 'data-label': 'Capacity' }, kv(n.capacity)),
-          h('td', { 'data-label': 'Usage' }, kv(n.usage)),
-          h('td', { 'data-label': 'Labels' }, kv(n.labels)),
+          // Usage comes either as an object or as the flat reservation counts of `GET /nodes`.
+          h('td', { 'data-label': 'Usage' }, n.usage ? kv(n.usage) : (n.vms === undefined ? '—'
+            : n.vms + ' VMs · ' + (n.vcpus_used ?? 0) + ' vCPUs · ' + fmtMiB(n.memory_mib_used ?? 0))),
+          h('td', { 'data-label': 'Labels' }, n.labels && Object.keys(n.labels).length ? kv(n.labels) : '—'),
           h('td', {}, act));
       })))));
   };
   S.view.refresh = render;
   await render();
+}
+
+// What draining `n` would move, from the scheduler's simulation, then drain or cancel.
+async function drainPreview(box, n, name) {
+  const result = h('div', {}, h('p', { class: 'muted' }, 'Asking the scheduler what would move…'));
+  const go = h('button', { type: 'button', class: 'danger', id: 'drain-confirm', onclick: async () => {
+    go.disabled = true;
+    try {
+      const r = await api('POST', '/nodes/' + encodeURIComponent(n.id) + '/drain', undefined, { idempotent: true });
+      if (r && r.operation) trackOp(r.operation, 'drain ' + name);
+      say('Node ' + name + ': drain requested');
+      clear(box);
+      refreshView();
+    } catch (e) { go.disabled = false; result.prepend(errorBox(e)); }
+  } }, 'Drain ' + name);
+  const cancel = h('button', { type: 'button', class: 'secondary', onclick: () => clear(box) }, 'Cancel');
+  clear(box).append(h('section', { class: 'panel', id: 'drain-preview', 'aria-labelledby': 'drain-title' },
+    h('h2', { id: 'drain-title' }, 'Drain ' + name + '?'),
+    h('p', {}, 'Its VMs will be live-migrated to other nodes and it takes no new ones until undrained.'),
+    result, h('div', { class: 'actions' }, go, cancel)));
+  cancel.focus();
+  try {
+    const sim = await api('POST', '/scheduler/simulate', { drain: [n.id] });
+    clear(result).append(h('h3', {}, 'What the scheduler would do'), jsonView(sim));
+  } catch (e) {
+    clear(result).append(h('p', { class: 'muted', role: 'status' }, e.status === 404 || e.status === 405 || e.status === 501
+      ? 'A preview of the moves is not available on this cluster yet.'
+      : 'No preview: ' + (e.detail || e.message)));
+  }
 }
 
 // ---------------------------------------------------------------- VMs
