@@ -263,7 +263,7 @@ async fn migration_offered(addr: &str) -> Result<bool> {
 /// Migrates the VM open in the page to another node through the form and watches the node change
 /// without a reload; where the cluster has no migration, checks the page says so.
 async fn migrate(b: &Browser, offered: bool) -> Result<()> {
-    let spec = b.wait_text("#vm-spec", "Node").await?.text().await?;
+    let spec = b.wait_text_of("#vm-spec", "Node").await?;
     let Some(to) = ["node-1", "node-2", "node-3"]
         .into_iter()
         .find(|n| !spec.contains(n))
@@ -295,12 +295,14 @@ async fn migrate(b: &Browser, offered: bool) -> Result<()> {
 async fn drain_and_undrain(b: &Browser, base: &str) -> Result<()> {
     b.client.goto(&format!("{base}/#/nodes")).await?;
     b.wait_text("main table", "node-3").await?;
+    // Each node's reservations are shown (the e2e VM was deleted, so they may be zero).
+    b.wait_text("main table", "VMs ·").await?;
     b.click("button[aria-label='Drain node-3']").await?;
     b.wait_text("#drain-preview", "Drain node-3?").await?;
     // Either answer of the scheduler is shown before anything moves.
     let started = std::time::Instant::now();
     loop {
-        let text = b.wait_text("#drain-preview", "").await?.text().await?;
+        let text = b.wait_text_of("#drain-preview", "").await?;
         if text.contains("What the scheduler would do") || text.contains("not available") {
             break;
         }

@@ -86,7 +86,7 @@ async fn pages_work_in_headless_chromium_against_the_mock_api() -> Result<()> {
     // Migrate: the scheduler's explanation, then a chosen target; the node changes in the page.
     b.click("#explain").await?;
     b.wait_text("#placement", "not enough free memory").await?;
-    let from = b.wait_text("#vm-spec", "Node").await?.text().await?;
+    let from = b.wait_text_of("#vm-spec", "Node").await?;
     let to = if from.contains("node-2") {
         "node-1"
     } else {
