@@ -163,6 +163,8 @@ function startSession(s) {
 function endSession() {
   S.session = null; S.role = null; S.cluster = null;
   sessionStorage.removeItem(SESSION_KEY);
+  // The operations list names VMs of this user's tenant: the next user of the tab must not see it.
+  S.ops = []; sessionStorage.removeItem(OPS_KEY); renderOps();
   clearTimeout(S.expiryTimer); clearTimeout(S.pollTimer);
   if (S.streamAbort) S.streamAbort.abort();
   S.streamAbort = null; S.events = 'unknown';
@@ -515,7 +517,9 @@ function viewCluster(main) {
 
 async function viewNodes(main) {
   const body = h('div', {});
-  main.append(h('h1', {}, 'Nodes'), body);
+  // Outside the re-rendered table, so a live refresh does not close an open preview.
+  const preview = h('div', { 'aria-live': 'polite' });
+  main.append(h('h1', {}, 'Nodes'), preview, body);
   const render = async () => {
     const nodes = await optional('nodes', () => api('GET', '/nodes'));
     clear(body);
@@ -532,12 +536,13 @@ async function viewNodes(main) {
     const items = Array.isArray(nodes) ? nodes : (nodes.items || []);
     const kv = (o) => o && typeof o === 'object' ? Object.entries(o).map(([k, v]) => h('span', { class: 'tag' }, k + ': ' + (typeof v === 'object' ? JSON.stringify(v) : v))) : '—';
     body.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards' },
-      h('thead', {}, h('tr', {}, ['Name', 'Health', 'Schedulable', 'Capacity', 'Usage', 'Labels', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('thead', {}, h('tr', {}, ['Name', 'Health', 'Schedulable', 'Capacity', 'Usage', 'Labels', 'Actions'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, items.map((n) => {
         const name = n.name || (n.member && n.member.name) || String(n.id);
         const sched = n.schedulable !== false;
-        const act = isAdmin() ? h('button', { type: 'button', class: 'small secondary', onclick: async () => {
+        const act = isAdmin() ? h('button', { type: 'button', class: 'small secondary', 'aria-label': (sched ? 'Drain ' : 'Undrain ') + name, onclick: async () => {
           const verb = sched ? 'drain' : 'undrain';
+          if (sched) { drainPreview(preview, n, name); return; }
           const ok = await confirmAction(sched ? 'Drain node ' + name + '? Its VMs will be moved to other nodes.' : 'Make node ' + name + ' schedulable again?', sched ? 'Drain' : 'Undrain');
           if (!ok) return;
           try { const r = await api('POST', '/nodes/' + encodeURIComponent(n.id) + '/' + verb, undefined, { idempotent: true }); if (r && r.operation) trackOp(r.operation, verb + ' ' + name); say('Node ' + name + ': ' + verb + ' requested'); refreshView(); } catch (e) { body.prepend(errorBox(e)); }
@@ -547,13 +552,44 @@ async function viewNodes(main) {
           h('td', { 'data-label': 'Health' }, badge(n.state || 'unknown')),
           h('td', { 'data-label': 'Schedulable' }, sched ? 'yes' : badge('drained')),
           h('td', { 'data-label': 'Capacity' }, kv(n.capacity)),
-          h('td', { 'data-label': 'Usage' }, kv(n.usage)),
-          h('td', { 'data-label': 'Labels' }, kv(n.labels)),
+          // Usage comes either as an object or as the flat reservation counts of `GET /nodes`.
+          h('td', { 'data-label': 'Usage' }, n.usage ? kv(n.usage) : (n.vms === undefined ? '—'
+            : n.vms + ' VMs · ' + (n.vcpus_used ?? 0) + ' vCPUs · ' + fmtMiB(n.memory_mib_used ?? 0))),
+          h('td', { 'data-label': 'Labels' }, n.labels && Object.keys(n.labels).length ? kv(n.labels) : '—'),
           h('td', {}, act));
       })))));
   };
   S.view.refresh = render;
   await render();
+}
+
+// What draining `n` would move, from the scheduler's simulation, then drain or cancel.
+async function drainPreview(box, n, name) {
+  const result = h('div', {}, h('p', { class: 'muted' }, 'Asking the scheduler what would move…'));
+  const go = h('button', { type: 'button', class: 'danger', id: 'drain-confirm', onclick: async () => {
+    go.disabled = true;
+    try {
+      const r = await api('POST', '/nodes/' + encodeURIComponent(n.id) + '/drain', undefined, { idempotent: true });
+      if (r && r.operation) trackOp(r.operation, 'drain ' + name);
+      say('Node ' + name + ': drain requested');
+      clear(box);
+      refreshView();
+    } catch (e) { go.disabled = false; result.prepend(errorBox(e)); }
+  } }, 'Drain ' + name);
+  const cancel = h('button', { type: 'button', class: 'secondary', onclick: () => clear(box) }, 'Cancel');
+  clear(box).append(h('section', { class: 'panel', id: 'drain-preview', 'aria-labelledby': 'drain-title' },
+    h('h2', { id: 'drain-title' }, 'Drain ' + name + '?'),
+    h('p', {}, 'Its VMs will be live-migrated to other nodes and it takes no new ones until undrained.'),
+    result, h('div', { class: 'actions' }, go, cancel)));
+  cancel.focus();
+  try {
+    const sim = await api('POST', '/scheduler/simulate', { drain: [n.id] });
+    clear(result).append(h('h3', {}, 'What the scheduler would do'), jsonView(sim));
+  } catch (e) {
+    clear(result).append(h('p', { class: 'muted', role: 'status' }, e.status === 404 || e.status === 405 || e.status === 501
+      ? 'A preview of the moves is not available on this cluster yet.'
+      : 'No preview: ' + (e.detail || e.message)));
+  }
 }
 
 // ---------------------------------------------------------------- VMs
@@ -617,9 +653,9 @@ async function viewVms(main, rest, query) {
 
   const render = async () => {
     const q = new URLSearchParams();
-    // The API filters by state, node, tenant and label; the name search runs over a larger page here.
-    q.set('limit', f.q ? '500' : String(PAGE_SIZE));
-    for (const k of ['state', 'node', 'tenant', 'label', 'cursor']) if (f[k]) q.set(k, f[k]);
+    // The API filters by name, state, node, tenant and label, so every search pages the same way.
+    q.set('limit', String(PAGE_SIZE));
+    for (const k of ['q', 'state', 'node', 'tenant', 'label', 'cursor']) if (f[k]) q.set(k, f[k]);
     let page;
     try { page = await api('GET', '/vms?' + q.toString()); } catch (e) { clear(err).append(errorBox(e)); tableBox.setAttribute('aria-busy', 'false'); return; }
     clear(err);
@@ -628,6 +664,7 @@ async function viewVms(main, rest, query) {
     if (key === lastKey) return;
     lastKey = key;
     let items = page.items || [];
+    // Filter here as well, in case the node predates the name filter and ignored it.
     if (f.q) items = items.filter((v) => v.name.toLowerCase().includes(f.q.toLowerCase()));
     const onError = (e) => clear(err).append(errorBox(e));
     clear(tableBox);
@@ -652,7 +689,7 @@ async function viewVms(main, rest, query) {
         const prev = prevStack.slice(); const back = prev.pop();
         setHashQuery('#/vms', Object.assign({}, base, { cursor: back === '-' ? '' : back, prev: prev.join(',') }));
       } }, '← Previous'),
-      h('button', { type: 'button', class: 'secondary', disabled: !page.next_cursor || !!f.q, onclick: () => {
+      h('button', { type: 'button', class: 'secondary', disabled: !page.next_cursor, onclick: () => {
         setHashQuery('#/vms', Object.assign({}, base, { cursor: page.next_cursor, prev: prevStack.concat([f.cursor || '-']).join(',') }));
       } }, 'Next →'),
       h('span', { class: 'muted' }, items.length + ' shown')));
@@ -680,9 +717,9 @@ async function viewVmDetail(main, id) {
     clear(err); clear(body);
     const dl = (pairs) => h('dl', { class: 'kv' }, pairs.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
     body.append(
-      h('div', { class: 'row' }, h('h1', {}, vm.name), badge(vm.state), h('div', { class: 'spacer' }),
+      h('div', { class: 'row', id: 'vm-head' }, h('h1', {}, vm.name), badge(vm.state), h('div', { class: 'spacer' }),
         vmButtons(vm, (e) => clear(err).append(errorBox(e)), () => refreshView())),
-      h('div', { class: 'panel' }, dl([
+      h('div', { class: 'panel', id: 'vm-spec' }, dl([
         ['ID', h('span', { class: 'mono' }, vm.id)],
         ['State', [badge(vm.state), ' desired ', vm.desired_state || '—']],
         ['Node', vm.node === null || vm.node === undefined ? 'not placed' : memberName(vm.node)],
@@ -698,12 +735,154 @@ async function viewVmDetail(main, id) {
         ['Created', fmtTime(vm.created_at)],
         ['Updated', fmtTime(vm.updated_at)],
       ])));
+    if (canOperate() && vm.node !== null && vm.node !== undefined) body.append(migratePanel(vm, err));
+    body.append(charts);
     const ops = S.ops.filter((o) => o.target === vm.id);
     body.append(h('h2', {}, 'Operations started from this browser'),
       ops.length ? h('ul', { class: 'panel' }, ops.map(opItem)) : h('p', { class: 'muted' }, 'None in this session.'));
   };
-  S.view.refresh = render;
-  await render();
+  // The charts live outside the re-rendered part, so a refresh of the VM does not redraw them
+  // (and move keyboard focus); they refresh on their own clock.
+  const charts = h('section', { class: 'panel', 'aria-labelledby': 'charts-title' });
+  let chartsAt = 0;
+  const refresh = async () => {
+    await render();
+    if (Date.now() - chartsAt >= METRICS_MS) { chartsAt = Date.now(); await renderCharts(charts, id); }
+  };
+  S.view.refresh = refresh;
+  await refresh();
+}
+
+// ---------------------------------------------------------------- VM metrics charts
+
+const METRICS_MS = 5000;
+
+// Draws `values` (numbers or null) as a line in an SVG of fixed size; presentation attributes
+// only, because the page's CSP allows no inline style.
+function sparkline(values, label) {
+  const NS = 'http://www.w3.org/2000/svg';
+  const W = 300; const H = 60;
+  const svg = document.createElementNS(NS, 'svg');
+  svg.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+  svg.setAttribute('class', 'spark');
+  svg.setAttribute('role', 'img');
+  svg.setAttribute('aria-label', label);
+  const nums = values.filter((v) => typeof v === 'number' && isFinite(v));
+  const max = Math.max(1e-9, ...nums);
+  let d = ''; let pen = false;
+  values.forEach((v, i) => {
+    if (typeof v !== 'number' || !isFinite(v)) { pen = false; return; }
+    const x = values.length > 1 ? (i / (values.length - 1)) * W : W / 2;
+    const y = H - 2 - (v / max) * (H - 4);
+    d += (pen ? 'L' : 'M') + x.toFixed(1) + ' ' + y.toFixed(1) + ' ';
+    pen = true;
+  });
+  const path = document.createElementNS(NS, 'path');
+  path.setAttribute('d', d.trim());
+  path.setAttribute('fill', 'none');
+  path.setAttribute('stroke', 'currentColor');
+  path.setAttribute('stroke-width', '2');
+  svg.append(path);
+  return svg;
+}
+
+function fmtBytes(b) {
+  if (typeof b !== 'number' || !isFinite(b)) return '—';
+  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB']; let i = 0;
+  while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
+  return (i ? b.toFixed(1) : String(Math.round(b))) + ' ' + u[i];
+}
+
+async function renderCharts(box, id) {
+  let m; let unavailable = null;
+  try { m = await api('GET', '/vms/' + encodeURIComponent(id) + '/metrics'); } catch (e) {
+    if (e.status === 404 || e.status === 405 || e.status === 501) unavailable = 'VM statistics are not available on this cluster yet.';
+    else if (e.status === 409) unavailable = 'No statistics yet: the VM is not placed on a node.';
+    else unavailable = 'Statistics unavailable: ' + (e.detail || e.message);
+  }
+  clear(box).append(h('h2', { id: 'charts-title' }, 'CPU, memory and network'));
+  if (unavailable) { box.append(h('p', { class: 'muted', role: 'status' }, unavailable)); return; }
+  const samples = (m && m.samples) || [];
+  if (!samples.length) { box.append(h('p', { class: 'muted', role: 'status' }, 'No samples yet.')); return; }
+  const last = samples[samples.length - 1];
+  const series = [
+    ['CPU', samples.map((x) => x.cpu_percent ?? null), (v) => (typeof v === 'number' ? v.toFixed(1) + ' %' : '—')],
+    ['Memory', samples.map((x) => x.memory_bytes ?? null), fmtBytes],
+    ['Network in', samples.map((x) => x.net_rx_bytes_per_sec ?? null), (v) => fmtBytes(v) + '/s'],
+    ['Network out', samples.map((x) => x.net_tx_bytes_per_sec ?? null), (v) => fmtBytes(v) + '/s'],
+  ];
+  const span = samples.length > 1 ? Math.round((last.at_ms - samples[0].at_ms) / 1000) : 0;
+  box.append(h('div', { class: 'charts' }, series.map(([name, values, fmt]) => {
+    const now = values[values.length - 1];
+    const peak = Math.max(...values.filter((v) => typeof v === 'number'), 0);
+    return h('figure', { class: 'chart' },
+      h('figcaption', {}, h('strong', {}, name), ' ', h('span', { class: 'chart-now' }, fmt(now)), h('span', { class: 'muted' }, ' · peak ' + fmt(peak))),
+      sparkline(values, name + ' over the last ' + span + ' s: now ' + fmt(now) + ', peak ' + fmt(peak)));
+  })), h('p', { class: 'muted' }, samples.length + ' samples over ' + span + ' s, sampled by ' + memberName(m.node) + '.'));
+}
+
+// ---------------------------------------------------------------- migration
+
+// A generic view of a JSON answer whose exact shape belongs to another part of the API (the
+// scheduler's explanation): arrays of objects become tables, other values a list of pairs.
+function jsonView(v) {
+  if (Array.isArray(v)) {
+    if (v.length && v.every((x) => x && typeof x === 'object' && !Array.isArray(x))) {
+      const cols = [...new Set(v.flatMap((x) => Object.keys(x)))];
+      return h('div', { class: 'table-wrap' }, h('table', {},
+        h('thead', {}, h('tr', {}, cols.map((c) => h('th', { scope: 'col' }, c)))),
+        h('tbody', {}, v.map((x) => h('tr', {}, cols.map((c) => h('td', {}, scalar(x[c]))))))));
+    }
+    return h('span', {}, v.map(scalar).join(', ') || '—');
+  }
+  if (v && typeof v === 'object') {
+    return h('dl', { class: 'kv' }, Object.entries(v).map(([k, x]) => [h('dt', {}, k), h('dd', {}, x && typeof x === 'object' ? jsonView(x) : scalar(x))]));
+  }
+  return h('span', {}, scalar(v));
+}
+function scalar(x) {
+  if (x === null || x === undefined) return '—';
+  if (typeof x === 'object') return JSON.stringify(x);
+  if (typeof x === 'boolean') return x ? 'yes' : 'no';
+  return String(x);
+}
+
+function migratePanel(vm, err) {
+  const members = ((S.cluster && S.cluster.members) || []).filter((m) => String(m.id) !== String(vm.node) && m.role !== 'witness');
+  const target = h('select', { id: 'migrate-target', name: 'target' },
+    h('option', { value: '' }, 'Let the scheduler choose'), members.map((m) => h('option', { value: m.name }, m.name + (m.state && m.state !== 'up' ? ' (' + m.state + ')' : ''))));
+  const why = h('div', { id: 'placement', 'aria-live': 'polite' });
+  const explain = async () => {
+    clear(why).append(h('p', { class: 'muted' }, 'Asking the scheduler…'));
+    let p;
+    try { p = await api('GET', '/vms/' + encodeURIComponent(vm.id) + '/placement'); } catch (e) {
+      clear(why).append(h('p', { class: 'muted', role: 'status' }, e.status === 404 || e.status === 501
+        ? 'The scheduler does not explain placements on this cluster yet.'
+        : 'No explanation: ' + (e.detail || e.message)));
+      return;
+    }
+    clear(why).append(h('h3', {}, 'Why the scheduler places it where it does'), jsonView(p));
+  };
+  const form = h('form', { class: 'row', 'aria-label': 'Migrate ' + vm.name, onsubmit: async (ev) => {
+    ev.preventDefault();
+    const to = target.value;
+    const label = 'Migrate VM ' + vm.name + ' from ' + memberName(vm.node) + ' to ' + (to || 'the node the scheduler chooses') + '?';
+    if (!await confirmAction(label, 'Migrate')) return;
+    try {
+      const r = await api('POST', '/vms/' + encodeURIComponent(vm.id) + '/migrate', to ? { target_node: to } : {}, { idempotent: true });
+      if (r && r.operation) trackOp(r.operation, 'migrate ' + vm.name, vm.id);
+      refreshView();
+    } catch (e) {
+      // A node without the route answers 404 without our `not_found` code (or 405/501).
+      if ((e.status === 404 && e.code !== 'not_found') || e.status === 405 || e.status === 501) {
+        clear(err).append(h('div', { class: 'alert info', role: 'status' }, 'Live migration is not available on this cluster yet.'));
+      } else clear(err).append(errorBox(e));
+    }
+  } },
+  h('div', { class: 'field' }, h('label', { for: 'migrate-target' }, 'Target node'), target),
+  h('button', { type: 'submit', id: 'migrate' }, 'Migrate'),
+  h('button', { type: 'button', class: 'secondary', id: 'explain', onclick: explain }, 'Explain placement'));
+  return h('section', { class: 'panel', 'aria-labelledby': 'migrate-title' }, h('h2', { id: 'migrate-title' }, 'Live migration'), form, why);
 }
 
 function parseLabels(text) {
@@ -828,7 +1007,7 @@ async function viewTenants(main) {
     const page = await api('GET', '/tenants?limit=500');
     clear(list);
     list.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards' },
-      h('thead', {}, h('tr', {}, ['Name', 'VMs', 'vCPUs', 'Memory', 'Disk (GiB)', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('thead', {}, h('tr', {}, ['Name', 'VMs', 'vCPUs', 'Memory', 'Disk (GiB)', 'Actions'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, (page.items || []).map((t) => h('tr', {},
         h('td', { 'data-label': 'Name' }, h('strong', {}, t.name), ' ', h('span', { class: 'muted mono' }, t.id)),
         h('td', { 'data-label': 'VMs' }, quotaCell(t, 'max_vms', 'vms')),
@@ -884,7 +1063,7 @@ async function viewUsers(main) {
     const page = await api('GET', '/users?limit=500');
     clear(list);
     list.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards' },
-      h('thead', {}, h('tr', {}, ['User', 'Tenant', 'Role', 'Created', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('thead', {}, h('tr', {}, ['User', 'Tenant', 'Role', 'Created', 'Actions'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, (page.items || []).map((u) => {
         const sel = h('select', { 'aria-label': 'Role of ' + u.username, onchange: async () => {
           try { await api('PATCH', '/users/' + encodeURIComponent(u.id), { role: sel.value }); say('Role of ' + u.username + ' is now ' + sel.value); clear(err); } catch (e) { clear(err).append(errorBox(e)); sel.value = u.role; }

@@ -83,6 +83,8 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
     ));
     steps.push(("libvirtd", Box::new(crate::libvirtd::ensure)));
     steps.push(("guest", Box::new(|| crate::guest::ensure().map(|_| ()))));
+    // The accessibility engine the dashboard's browser tests inject (npm, pinned).
+    steps.push(("axe-core", Box::new(|| crate::axe::ensure().map(|_| ()))));
     if nextest {
         steps.push((
             "tests (nextest)",
@@ -186,6 +188,20 @@ fn test_env() -> Vec<(String, String)> {
             dir.join("initrd.gz").display().to_string(),
         ),
         ("NOVACRON_GUEST_MARKER".into(), crate::guest::MARKER.into()),
+        // The browser tests: axe-core to inject, and the binary the workspace test run builds,
+        // which the dashboard's end-to-end test starts as a real 3-node cluster.
+        (
+            "NOVACRON_AXE_JS".into(),
+            crate::axe::script().display().to_string(),
+        ),
+        (
+            "NOVACRON_E2E_BIN".into(),
+            crate::target_dir()
+                .join("debug")
+                .join("novacron")
+                .display()
+                .to_string(),
+        ),
         (
             "NOVACRON_LIBVIRTD_RESTART_CMD".into(),
             crate::libvirtd::RESTART_CMD.into(),

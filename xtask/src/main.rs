@@ -8,10 +8,13 @@
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
 //! - `chaos`: the chaos tiers: fast (kill, pause, partition, loss on a real 3-node cluster), `sim`
 //!   (seeds of the deterministic simulation) and `long` (one scenario per fault class, 5 nodes).
+//! - `axe`: fetch the pinned axe-core the dashboard's accessibility tests inject.
+//! - `bench web`: every dashboard page's server time on a 3-node cluster with 1,000 VMs.
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
 //! the product does not compile.
 
+mod axe;
 mod bench;
 mod chaos;
 mod ci;
@@ -45,6 +48,8 @@ enum Command {
     Guest,
     /// The chaos tiers (fast by default, `sim`, `long`); prints reports, writes them under target/chaos/.
     Chaos(chaos::ChaosArgs),
+    /// Fetch the pinned axe-core (npm) that the dashboard's accessibility tests inject.
+    Axe,
     /// Schemathesis (from PyPI) against one live node from api/openapi.json; also a CI step.
     Schemathesis,
     /// Benchmarks.
@@ -58,6 +63,8 @@ enum Command {
 enum BenchCommand {
     /// Durable writes and leader failover of a 3-node NovaCron cluster, with etcd as the anchor.
     Raft(bench::RaftArgs),
+    /// Server time of every dashboard page on a 3-node cluster with 1,000 VMs, from a follower.
+    Web(bench::web::WebArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,10 +75,14 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(&args),
         Command::Guest => guest::ensure().map(|_| ()),
         Command::Chaos(args) => chaos::run(&args),
+        Command::Axe => axe::ensure().map(|_| ()),
         Command::Schemathesis => ci::schemathesis(),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),
+        Command::Bench {
+            which: BenchCommand::Web(args),
+        } => bench::web::run(&args),
     };
     // One line with the cause chain; returning the error from main would print a backtrace too
     // whenever RUST_BACKTRACE is set, burying the message.

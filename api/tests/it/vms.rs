@@ -229,3 +229,74 @@ async fn viewers_cannot_change_vms() {
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn name_search_and_pages_walk_every_vm_once() {
+    let (t, admin, _, _) = setup().await;
+    for name in ["web-1", "Web-2", "db-1", "web-3", "cache"] {
+        let (s, body) = t
+            .call(
+                "POST",
+                "/api/v1/vms",
+                Some(&admin),
+                Some(json!({"name": name, "vcpus": 1, "memory_mib": 128, "start": false})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    }
+    let names = |page: &serde_json::Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Any case, any part of the name; the search pages like the other filters.
+    let (s, page) = t
+        .call("GET", "/api/v1/vms?q=WEB&limit=2", Some(&admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let mut found = names(&page);
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_string();
+    let (_, page) = t
+        .call(
+            "GET",
+            &format!("/api/v1/vms?q=web&limit=2&cursor={cursor}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    found.extend(names(&page));
+    assert!(page["next_cursor"].is_null(), "{page}");
+    found.sort();
+    assert_eq!(found, ["Web-2", "web-1", "web-3"]);
+    // Unfiltered pages of every size visit each VM exactly once and end with no cursor.
+    for limit in 1..=6 {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/api/v1/vms?limit={limit}&cursor={c}"),
+                None => format!("/api/v1/vms?limit={limit}"),
+            };
+            let (_, page) = t.call("GET", &path, Some(&admin), None).await;
+            let got = names(&page);
+            assert!(got.len() <= limit);
+            seen.extend(got);
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            ["Web-2", "cache", "db-1", "web-1", "web-3"],
+            "limit {limit}"
+        );
+    }
+}

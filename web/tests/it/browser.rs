@@ -121,6 +121,27 @@ impl Browser {
         }
     }
 
+    /// Like [`Browser::wait_text`], returning the matched element's text as it was read: a
+    /// second read could meet a stale element, since live pages redraw on every update.
+    pub async fn wait_text_of(&self, css: &str, text: &str) -> Result<String> {
+        let started = Instant::now();
+        loop {
+            if let Ok(els) = self.client.find_all(Locator::Css(css)).await {
+                for el in els {
+                    if let Ok(t) = el.text().await {
+                        if t.contains(text) {
+                            return Ok(t);
+                        }
+                    }
+                }
+            }
+            if started.elapsed() > PAGE_TIMEOUT {
+                bail!("no {css:?} containing {text:?} after {PAGE_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until no element matching `css` contains `text`.
     pub async fn wait_gone(&self, css: &str, text: &str) -> Result<()> {
         let started = Instant::now();

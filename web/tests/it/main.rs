@@ -5,6 +5,7 @@
 //! `cluster` runs them against a real 3-node cluster of the `novacron` binary named by
 //! `NOVACRON_E2E_BIN`, which must serve the dashboard. Screenshots go to `target/e2e/`.
 
+mod a11y;
 mod browser;
 mod cluster;
 mod mock;

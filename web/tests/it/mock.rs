@@ -1,7 +1,8 @@
 //! An in-process mock of the few API calls the dashboard makes, shared by the `preview` example
 //! and the browser test. Log in as `admin` / `admin`. It keeps VMs, tenants and users in memory,
 //! completes each operation on its second poll, refuses a second VM in tenant `small` with
-//! `quota_exceeded`, and does not offer `/api/v1/events`, `/nodes` or `/audit`, so the pages take
+//! `quota_exceeded`, migrates a VM to the named (or next) node, explains placements and serves
+//! a short made-up series of VM statistics, and does not offer `/api/v1/events`, `/nodes` or `/audit`, so the pages take
 //! their polling and "not available" paths. `PREVIEW_NODE_DOWN=1` reports node-3 down. Only the
 //! shapes the pages read are produced; it is not a model of the real API.
 
@@ -113,6 +114,13 @@ async fn list_vms(
         .vms
         .iter()
         .filter(|v| q.get("state").is_none_or(|st| v["state"] == st.as_str()))
+        .filter(|v| {
+            q.get("q").is_none_or(|part| {
+                v["name"]
+                    .as_str()
+                    .is_some_and(|n| n.to_lowercase().contains(&part.to_lowercase()))
+            })
+        })
         .filter(|v| q.get("tenant").is_none_or(|t| v["tenant"] == t.as_str()))
         .filter(|v| {
             q.get("node").is_none_or(|n| {
@@ -201,6 +209,74 @@ async fn vm_action(State(s): State<Shared>, Path((id, verb)): Path<(String, Stri
     vm["state"] = json!(transient);
     let op = new_op(&mut m, &format!("vm.{verb}"), &id, reaches);
     (StatusCode::ACCEPTED, Json(json!({"operation": op}))).into_response()
+}
+
+/// Moves the VM to the named node (`node-N`) or, without one, to the next node; the operation
+/// ends like the others, on its second poll.
+async fn migrate_vm(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: Option<Json<Value>>,
+) -> Response {
+    let mut m = s.lock().expect("mock state lock is never poisoned");
+    let Some(vm) = m.vms.iter_mut().find(|v| v["id"] == id.as_str()) else {
+        return problem(StatusCode::NOT_FOUND, "not_found", "no such VM");
+    };
+    let from = vm["node"].as_u64().unwrap_or(1);
+    let named = body
+        .as_ref()
+        .and_then(|b| b["target_node"].as_str())
+        .and_then(|n| n.strip_prefix("node-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    let to = named.unwrap_or(from % 3 + 1);
+    if to == from {
+        return problem(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the VM already runs there",
+        );
+    }
+    vm["node"] = json!(to);
+    vm["state"] = json!("migrating");
+    let op = new_op(&mut m, "vm.migrate", &id, "running");
+    (StatusCode::ACCEPTED, Json(json!({"operation": op}))).into_response()
+}
+
+/// A made-up explanation: one row per node with a verdict and a reason.
+async fn placement(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    let m = s.lock().expect("mock state lock is never poisoned");
+    let Some(vm) = m.vms.iter().find(|v| v["id"] == id.as_str()) else {
+        return problem(StatusCode::NOT_FOUND, "not_found", "no such VM");
+    };
+    let on = vm["node"].as_u64().unwrap_or(0);
+    let candidates: Vec<Value> = (1..=3u64)
+        .map(|n| {
+            json!({"node": format!("node-{n}"), "eligible": n != 3, "score": if n == on { 0.9 } else { 0.5 },
+                   "reason": if n == 3 { "not enough free memory" } else { "fits; spread weight" }})
+        })
+        .collect();
+    Json(json!({"vm": id, "chosen": format!("node-{on}"), "candidates": candidates}))
+        .into_response()
+}
+
+/// Twelve samples, 5 s apart, ending now.
+async fn metrics(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    let m = s.lock().expect("mock state lock is never poisoned");
+    let Some(vm) = m.vms.iter().find(|v| v["id"] == id.as_str()) else {
+        return problem(StatusCode::NOT_FOUND, "not_found", "no such VM");
+    };
+    let now = now_ms();
+    let samples: Vec<Value> = (0..12u64)
+        .map(|i| {
+            json!({"at_ms": now - (11 - i) * 5000, "vcpus": 1,
+                   "memory_bytes": (200 + i * 3) << 20, "max_memory_bytes": 256u64 << 20,
+                   "cpu_percent": if i == 0 { Value::Null } else { json!(10.0 + (i % 4) as f64 * 7.5) },
+                   "net_rx_bytes_per_sec": if i == 0 { Value::Null } else { json!(1000 * i) },
+                   "net_tx_bytes_per_sec": if i == 0 { Value::Null } else { json!(400 * i) }})
+        })
+        .collect();
+    Json(json!({"vm_id": id, "node": vm["node"], "interval_ms": 5000, "samples": samples}))
+        .into_response()
 }
 
 async fn delete_vm(State(s): State<Shared>, Path(id): Path<String>) -> Response {
@@ -297,6 +373,9 @@ pub fn app() -> Router {
         .route("/cluster", get(cluster))
         .route("/vms", get(list_vms).post(create_vm))
         .route("/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/vms/{id}/migrate", post(migrate_vm))
+        .route("/vms/{id}/placement", get(placement))
+        .route("/vms/{id}/metrics", get(metrics))
         .route("/vms/{id}/{verb}", post(vm_action))
         .route("/operations/{id}", get(get_op))
         .route("/tenants", get(list_tenants))

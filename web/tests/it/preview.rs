@@ -46,6 +46,11 @@ async fn pages_work_in_headless_chromium_against_the_mock_api() -> Result<()> {
     b.wait_text("#vm-table", "ci-runner").await?;
     b.wait_gone("#vm-table", "db-primary").await?;
 
+    // The name search goes to the API too, in any case.
+    b.client.goto(&format!("{base}/#/vms?q=DB-")).await?;
+    b.wait_text("#vm-table", "db-primary").await?;
+    b.wait_gone("#vm-table", "ci-runner").await?;
+
     // Client-side validation names the field and does not send the request.
     b.client.goto(&format!("{base}/#/vms/new")).await?;
     b.fill("#name", "bad name!").await?;
@@ -64,7 +69,43 @@ async fn pages_work_in_headless_chromium_against_the_mock_api() -> Result<()> {
     b.wait_text("#ops-list", "create e2e-vm").await?;
     b.wait_text("main .badge", "running").await?;
     b.wait_text("#ops-list", "succeeded").await?;
+    // Charts from the metrics API, with the latest value in words.
+    b.wait_text("#charts-title", "CPU, memory and network")
+        .await?;
+    b.wait_text(".charts", "Network in").await?;
+    b.wait_text(".charts", "MiB").await?;
     b.screenshot("preview-vm-detail").await?;
+    b.client
+        .execute(
+            "document.getElementById('charts-title').scrollIntoView()",
+            vec![],
+        )
+        .await?;
+    b.screenshot("preview-vm-charts").await?;
+
+    // Migrate: the scheduler's explanation, then a chosen target; the node changes in the page.
+    b.click("#explain").await?;
+    b.wait_text("#placement", "not enough free memory").await?;
+    let from = b.wait_text_of("#vm-spec", "Node").await?;
+    let to = if from.contains("node-2") {
+        "node-1"
+    } else {
+        "node-2"
+    };
+    b.client
+        .find(Locator::Css("#migrate-target"))
+        .await?
+        .select_by_label(to)
+        .await?;
+    b.click("#migrate").await?;
+    b.wait_text("#confirm-text", &format!("to {to}?")).await?;
+    b.click("#confirm-ok").await?;
+    b.wait_text("#ops-list", "migrate e2e-vm").await?;
+    // The move shows while it runs, then the VM runs on the target: no reload.
+    b.wait_text("#vm-spec", to).await?;
+    b.wait_text("#vm-head .badge", "running").await?;
+    b.wait_text("#vm-spec", to).await?;
+    b.screenshot("preview-vm-migrated").await?;
 
     // Stop asks for confirmation; cancelling does nothing, confirming stops it.
     b.click("button[aria-label='Stop e2e-vm']").await?;

@@ -12,6 +12,7 @@ mod load;
 mod member;
 mod novacron;
 mod report;
+pub(crate) mod web;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -179,7 +180,12 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
         trials,
         command: args.command_line(),
     };
-    let markdown = report::render(&novacron_report, &etcd_report, &settings);
+    let mut markdown = report::render(&novacron_report, &etcd_report, &settings);
+    // The dashboard's section is written by `bench web`: keep it across this rewrite.
+    let previous = std::fs::read_to_string(&out).unwrap_or_default();
+    if let Some(dashboard) = web::section_of(&previous, web::SECTION) {
+        markdown = web::replace_section(&markdown, web::SECTION, &dashboard);
+    }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
