@@ -107,6 +107,11 @@ impl ApiError {
                 "not_leader",
                 "Not the leader",
             ),
+            ApiError::Cluster(ClusterError::Unavailable(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Unavailable",
+            ),
             ApiError::Cluster(ClusterError::JoinRefused(_)) => {
                 (StatusCode::FORBIDDEN, "join_refused", "Join refused")
             }

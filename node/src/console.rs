@@ -23,11 +23,23 @@ const MAX_REQUEST: usize = 256;
 /// Extension RPC: "answer once you have applied this index" (8 bytes, big-endian).
 pub const WAIT_APPLIED: &str = "wait-applied";
 
+/// Extension RPC: the statistics series of a VM hosted here (JSON [`VmMetricsRequest`] in,
+/// JSON `api::control::VmMetrics` out).
+pub const VM_METRICS: &str = "vm-metrics";
+
+/// The body of a [`VM_METRICS`] call.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmMetricsRequest {
+    pub vm_id: String,
+    pub since_ms: Option<u64>,
+}
+
 /// Serves console tunnels (and, later, other node-to-node streams).
 pub struct NodeExtensions {
     pub me: NodeId,
     pub reader: StateReader,
     pub hv: SharedHypervisor,
+    pub stats: crate::stats::VmStatsStore,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -64,6 +76,21 @@ impl ExtensionHandler for NodeExtensions {
                         .await
                         .map_err(|e| ExtensionError::Refused(e.to_string()))?;
                     Ok(Vec::new())
+                }
+                VM_METRICS => {
+                    let req: VmMetricsRequest = serde_json::from_slice(&body)
+                        .map_err(|e| ExtensionError::Refused(format!("bad request: {e}")))?;
+                    // Only the hosting node answers, so a caller with a stale idea of the
+                    // placement gets an error instead of an empty series.
+                    let placed_here = matches!(self.reader.vm(&req.vm_id), Ok(Some(vm)) if vm.node == Some(self.me));
+                    if !placed_here {
+                        return Err(ExtensionError::Refused(format!(
+                            "vm {} is not placed on node {}",
+                            req.vm_id, self.me
+                        )));
+                    }
+                    let metrics = self.stats.metrics(&req.vm_id, req.since_ms);
+                    serde_json::to_vec(&metrics).map_err(|e| ExtensionError::Refused(e.to_string()))
                 }
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }

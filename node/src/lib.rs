@@ -13,3 +13,4 @@ pub mod dev;
 pub mod membership;
 pub mod metrics;
 pub mod server;
+pub mod stats;

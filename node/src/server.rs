@@ -209,6 +209,11 @@ impl Node {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let hv: crate::console::SharedHypervisor = Arc::default();
+        let stats = crate::stats::VmStatsStore::new(
+            config.node_id,
+            Duration::from_millis(config.tuning.stats_interval_ms.max(100)),
+            crate::stats::DEFAULT_CAPACITY,
+        );
 
         {
             let transport = transport.clone();
@@ -218,6 +223,7 @@ impl Node {
                 me: config.node_id,
                 reader: reader.clone(),
                 hv: hv.clone(),
+                stats: stats.clone(),
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -238,7 +244,8 @@ impl Node {
             tuning: config.tuning.clone(),
             metrics: RaftMetrics::new(),
             started: Instant::now(),
-            hv,
+            hv: hv.clone(),
+            stats: stats.clone(),
         });
         control.metrics.register(Box::new(store.append_histogram()));
 
@@ -252,6 +259,12 @@ impl Node {
         tasks.push(tokio::spawn(run_agent(
             control.clone(),
             config.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::stats::run_sampler(
+            stats,
+            hv,
+            control.reader.clone(),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(

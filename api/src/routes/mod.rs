@@ -9,6 +9,7 @@ mod health;
 mod nodes;
 mod tenants;
 pub(crate) mod users;
+mod vm_metrics;
 mod vms;
 
 use std::sync::Arc;
@@ -58,6 +59,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::stop))
         .routes(routes!(vms::reboot))
         .routes(routes!(vms::console))
+        .routes(routes!(vm_metrics::get_metrics))
         .routes(routes!(vms::get_operation))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))

@@ -251,7 +251,7 @@ pub(crate) async fn create(
     accepted(resp)
 }
 
-fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
+pub(crate) fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
     let not_found = || ApiError::NotFound(format!("vm {id}"));
     let bytes = state.cp.get(&keys::vm(id))?.ok_or_else(not_found)?;
     let vm: Vm = decode(&bytes)?;

@@ -19,6 +19,8 @@ pub struct FakeCluster {
     state: Mutex<MemState>,
     index: Mutex<u64>,
     applied: tokio::sync::broadcast::Sender<raft::store::Applied>,
+    /// The statistics every VM "has" in this fake: the same series for each.
+    pub samples: Mutex<Vec<api::control::VmSample>>,
 }
 
 impl FakeCluster {
@@ -95,6 +97,26 @@ impl ControlPlane for FakeCluster {
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(b"TINYVM BOOTED\n".to_vec())];
         Ok(Box::pin(futures::stream::iter(chunks)))
     }
+    async fn vm_metrics(
+        &self,
+        vm_id: &str,
+        since_ms: Option<u64>,
+    ) -> Result<api::control::VmMetrics, ClusterError> {
+        let samples = self
+            .samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| since_ms.is_none_or(|t| s.at_ms > t))
+            .cloned()
+            .collect();
+        Ok(api::control::VmMetrics {
+            vm_id: vm_id.to_string(),
+            node: 1,
+            interval_ms: 1_000,
+            samples,
+        })
+    }
     fn ready(&self) -> bool {
         true
     }
@@ -128,6 +150,7 @@ impl TestApi {
             state: Mutex::new(MemState::default()),
             index: Mutex::new(0),
             applied: tokio::sync::broadcast::channel(1024).0,
+            samples: Mutex::new(Vec::new()),
         });
         let admin = User {
             id: "admin-id".into(),

@@ -11,4 +11,5 @@ mod limits;
 mod openapi;
 mod tenants;
 mod users;
+mod vm_metrics;
 mod vms;

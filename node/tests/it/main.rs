@@ -13,4 +13,5 @@ mod layering;
 mod membership;
 mod real_vm;
 mod snapshot;
+mod vm_metrics;
 mod vms;
