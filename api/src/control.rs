@@ -127,6 +127,23 @@ pub struct VmMetrics {
     pub samples: Vec<VmSample>,
 }
 
+/// Why the bytes of an image upload were not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageBytesError {
+    /// Chunks must arrive in order; the client resumes at `expected`.
+    #[error("the upload is at byte {expected}, the chunk starts at byte {got}")]
+    OffsetMismatch { expected: u64, got: u64 },
+    /// The whole upload was discarded: resuming cannot repair wrong bytes.
+    #[error(
+        "the uploaded bytes have sha256 {actual}, expected {expected}; the upload was discarded"
+    )]
+    ChecksumMismatch { expected: String, actual: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
 /// The bytes of a VM's serial console as they arrive; ends when the console closes.
 pub type ConsoleStream = futures::stream::BoxStream<'static, Result<Vec<u8>, std::io::Error>>;
 
@@ -176,6 +193,34 @@ pub trait ControlPlane: Send + Sync + 'static {
         Err(ClusterError::Unavailable(
             "this control plane keeps no VM statistics".into(),
         ))
+    }
+
+    /// How many bytes of `image`'s upload are stored on its upload node (where to resume).
+    async fn image_upload_offset(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<u64, ImageBytesError> {
+        let _ = image;
+        Err(ClusterError::Unavailable("this control plane stores no images".into()).into())
+    }
+
+    /// Appends a chunk at `offset` to `image`'s upload on its upload node; returns the new
+    /// offset once the chunk is durable there.
+    async fn image_write_chunk(
+        &self,
+        image: &raft::image::Image,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, ImageBytesError> {
+        let _ = (image, offset, data);
+        Err(ClusterError::Unavailable("this control plane stores no images".into()).into())
+    }
+
+    /// Verifies the complete upload against `image.sha256` on its upload node and installs
+    /// it in that node's image store (a mismatch discards it).
+    async fn image_finish_upload(&self, image: &raft::image::Image) -> Result<(), ImageBytesError> {
+        let _ = image;
+        Err(ClusterError::Unavailable("this control plane stores no images".into()).into())
     }
 
     /// Member of a cluster with a known leader, and state applied up to the commit point seen.

@@ -6,6 +6,7 @@ mod auth;
 mod cluster;
 mod events;
 mod health;
+mod images;
 mod nodes;
 mod tenants;
 pub(crate) mod users;
@@ -60,6 +61,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::reboot))
         .routes(routes!(vms::console))
         .routes(routes!(vm_metrics::get_metrics))
+        .routes(routes!(images::list, images::create))
+        .routes(routes!(images::get_one))
+        .routes(routes!(images::upload_status, images::upload_chunk))
+        .routes(routes!(images::finish))
         .routes(routes!(vms::get_operation))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))

@@ -7,6 +7,7 @@ mod audit;
 mod events;
 mod fake;
 mod identity;
+mod images;
 mod limits;
 mod openapi;
 mod tenants;
