@@ -2,7 +2,8 @@
 //! node that runs it, over a mutually authenticated QUIC tunnel.
 //!
 //! Tunnel protocol: the caller writes one line `console <vm id>\n`; the hosting node checks the
-//! VM is placed on it, then copies the console's bytes until either side closes.
+//! VM is placed on it, then copies the console's bytes until either side closes. A line
+//! `image <id> <offset>\n` fetches image bytes instead (see `images`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +41,7 @@ pub struct NodeExtensions {
     pub reader: StateReader,
     pub hv: SharedHypervisor,
     pub stats: crate::stats::VmStatsStore,
+    pub images: Arc<crate::images::NodeImages>,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -77,6 +79,7 @@ impl ExtensionHandler for NodeExtensions {
                         .map_err(|e| ExtensionError::Refused(e.to_string()))?;
                     Ok(Vec::new())
                 }
+                crate::images::IMAGE_BYTES => self.images.handle_rpc(body).await,
                 VM_METRICS => {
                     let req: VmMetricsRequest = serde_json::from_slice(&body)
                         .map_err(|e| ExtensionError::Refused(format!("bad request: {e}")))?;
@@ -106,6 +109,7 @@ impl ExtensionHandler for NodeExtensions {
         let me = self.me;
         let reader = self.reader.clone();
         let hv = self.hv.clone();
+        let images = self.images.clone();
         Box::pin(async move {
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
@@ -115,6 +119,13 @@ impl ExtensionHandler for NodeExtensions {
                     Ok(Some(1)) => line.push(byte[0]),
                     _ => return,
                 }
+            }
+            if let Some(request) = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| l.strip_prefix("image "))
+            {
+                images.serve_fetch(request, send).await;
+                return;
             }
             let Some(vm_id) = std::str::from_utf8(&line)
                 .ok()

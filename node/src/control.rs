@@ -27,6 +27,7 @@ pub struct NodeControl {
     pub started: Instant,
     pub hv: crate::console::SharedHypervisor,
     pub stats: crate::stats::VmStatsStore,
+    pub images: Arc<crate::images::NodeImages>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -370,6 +371,29 @@ impl ControlPlane for NodeControl {
             .map_err(|_| unavailable(&"did not answer in time"))?
             .map_err(|e| unavailable(&e))?;
         serde_json::from_slice(&reply).map_err(internal)
+    }
+
+    async fn image_upload_offset(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<u64, api::control::ImageBytesError> {
+        self.images.upload_offset(image).await
+    }
+
+    async fn image_write_chunk(
+        &self,
+        image: &raft::image::Image,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, api::control::ImageBytesError> {
+        self.images.write_chunk(image, offset, data).await
+    }
+
+    async fn image_finish_upload(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<(), api::control::ImageBytesError> {
+        self.images.finish_upload(image).await
     }
 
     fn metrics_text(&self) -> String {

@@ -5,6 +5,7 @@
 //! - `node.json`: the node's settings (see `config`);
 //! - `tls/`: the cluster CA certificate and this node's certificate and key (0600);
 //! - `db/`: the sled database (Raft log, vote, state machine, snapshot);
+//! - `images/`: the image store (uploaded and fetched images, per-VM disk overlays);
 //! - `admin-password`, `join-token` (first node only, 0600);
 //! - `init-pending.json` (0600): the first node's initial secrets until they are committed.
 
@@ -208,6 +209,14 @@ impl Node {
         );
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let images = Arc::new(crate::images::NodeImages {
+            me: config.node_id,
+            store: hypervisor::ImageStore::open(dir.join("images"))
+                .await
+                .context("cannot open the image store")?,
+            transport: transport.clone(),
+            reader: reader.clone(),
+        });
         let hv: crate::console::SharedHypervisor = Arc::default();
         let stats = crate::stats::VmStatsStore::new(
             config.node_id,
@@ -224,6 +233,7 @@ impl Node {
                 reader: reader.clone(),
                 hv: hv.clone(),
                 stats: stats.clone(),
+                images: images.clone(),
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -246,6 +256,7 @@ impl Node {
             started: Instant::now(),
             hv: hv.clone(),
             stats: stats.clone(),
+            images: images.clone(),
         });
         control.metrics.register(Box::new(store.append_histogram()));
 
@@ -259,6 +270,7 @@ impl Node {
         tasks.push(tokio::spawn(run_agent(
             control.clone(),
             config.clone(),
+            images,
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::stats::run_sampler(
@@ -357,7 +369,12 @@ fn apply_agent_options(config: &mut NodeConfig, opts: &ServeOptions) {
 }
 
 /// Connects to libvirt (retrying while it is down) and runs the agent until shutdown.
-async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::Receiver<bool>) {
+async fn run_agent(
+    ctl: Arc<NodeControl>,
+    config: NodeConfig,
+    images: Arc<crate::images::NodeImages>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     let hv = loop {
         let mut lv = hypervisor::LibvirtConfig::new(config.libvirt_uri.clone());
@@ -384,6 +401,7 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
     let agent_config = crate::agent::AgentConfig {
         guest_kernel: config.guest_kernel.clone(),
         guest_initrd: config.guest_initrd.clone(),
+        images: Some(images),
         ..Default::default()
     };
     let agent = crate::agent::Agent::new(
