@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod dev;
+pub mod image_client;
 pub mod images;
 pub mod membership;
 pub mod metrics;
