@@ -5,6 +5,7 @@
 //! - `guest`: build the tiny test guest from Debian packages.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
+//! - `bench vm`: time from `POST /api/v1/vms` to running, on the test driver and real QEMU.
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
 //! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
 //!
@@ -57,6 +58,8 @@ enum Command {
 enum BenchCommand {
     /// Durable writes and leader failover of a 3-node NovaCron cluster, with etcd as the anchor.
     Raft(bench::RaftArgs),
+    /// Time from POST /api/v1/vms to running, for concurrent creates, on the test driver and QEMU.
+    Vm(bench::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),
+        Command::Bench {
+            which: BenchCommand::Vm(args),
+        } => bench::run_vm(&args),
     };
     // One line with the cause chain; returning the error from main would print a backtrace too
     // whenever RUST_BACKTRACE is set, burying the message.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench raft`: NovaCron's durable write path and leader failover, measured in the
+//! `cargo xtask bench raft` (and `bench vm`, in `vm.rs`): NovaCron's durable write path and leader failover, measured in the
 //! same run as a 3-member etcd cluster on the same machine, so the numbers have an anchor.
 //!
 //! For each system: start 3 members on loopback (free ports found by binding port 0), run the
@@ -12,6 +12,9 @@ mod load;
 mod member;
 mod novacron;
 mod report;
+mod vm;
+
+pub(crate) use vm::{run_vm, VmArgs};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -180,6 +183,12 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
         command: args.command_line(),
     };
     let markdown = report::render(&novacron_report, &etcd_report, &settings);
+    // The file also holds the VM lifecycle section of `bench vm`: carry it over.
+    let previous = std::fs::read_to_string(&out).unwrap_or_default();
+    let markdown = match vm::section_of(&previous) {
+        Some(section) => format!("{}\n\n{section}\n", markdown.trim_end()),
+        None => markdown,
+    };
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

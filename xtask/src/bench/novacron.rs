@@ -59,6 +59,16 @@ impl Novacron {
     /// Starts a 3-node cluster with data under `dir`: init, log in, join two nodes, wait for
     /// a leader that all three agree on.
     pub(crate) async fn start(binary: &Path, dir: &Path) -> Result<Self> {
+        Self::start_with_env(binary, dir, &[]).await
+    }
+
+    /// As [`Novacron::start`], with extra environment for every member (the libvirt URI and
+    /// guest of the VM benchmark).
+    pub(crate) async fn start_with_env(
+        binary: &Path,
+        dir: &Path,
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let api_ports = free_tcp_ports(3)?;
         let peer_ports = free_udp_ports(3)?;
         let client = super::load::http_client(4)?;
@@ -93,6 +103,9 @@ impl Novacron {
             );
             // Per-request info logs would cost the server time that etcd (at warn) does not pay.
             member.env("RUST_LOG", "warn");
+            for (k, v) in env {
+                member.env(k, v);
+            }
             members.push(member);
         }
         let mut cluster = Self {
@@ -158,6 +171,16 @@ impl Novacron {
         }
         cluster.wait_healthy(START_TIMEOUT).await?;
         Ok(cluster)
+    }
+
+    /// The admin token of the running cluster.
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The API base URLs of the members, in start order.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.url.clone()).collect()
     }
 
     /// The leader's name as one member reports it, if that member knows a leader.
