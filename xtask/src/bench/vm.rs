@@ -82,7 +82,13 @@ pub(crate) fn run_vm(args: &VmArgs) -> Result<()> {
         Some(path) => bail!("{} does not exist", path.display()),
         None => super::novacron::build()?,
     };
-    let version = super::novacron::version(&binary);
+    // A debug build is what a busy machine can afford; the report says which one ran.
+    let profile = if binary.components().any(|c| c.as_os_str() == "debug") {
+        "debug build"
+    } else {
+        "release build"
+    };
+    let version = format!("{} ({profile})", super::novacron::version(&binary));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
