@@ -99,6 +99,10 @@ pub struct JoinResponse {
 pub struct VmSample {
     /// When the sample was taken, milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// How many raw samples this point stands for: 1 for recent ones, more for older points
+    /// downsampled (rates averaged, counters and gauges as of the last one).
+    #[serde(default)]
+    pub merged: u32,
     pub vcpus: u32,
     pub memory_bytes: u64,
     pub max_memory_bytes: u64,

@@ -1,6 +1,7 @@
 //! Per-VM statistics on the node that hosts the VMs: a sampler that reads the hypervisor's
 //! cumulative counters every few seconds, a bounded in-memory series per VM with rates computed
-//! from consecutive samples, and their Prometheus form for `/metrics`.
+//! from consecutive samples (an hour of raw samples, then a day downsampled to one point a
+//! minute), and their Prometheus form for `/metrics`.
 //!
 //! Nothing here is replicated: the series of a VM lives on the node running it and is lost with
 //! that node's process (statistics are an observation, not state). Other nodes ask for it over
@@ -20,8 +21,13 @@ use tokio::sync::watch;
 
 use crate::console::SharedHypervisor;
 
-/// Samples kept per VM: one hour at the default 5 s interval.
+/// Raw samples kept per VM: one hour at the default 5 s interval.
 pub const DEFAULT_CAPACITY: usize = 720;
+/// Raw samples merged into one downsampled point once they leave the raw window (one minute
+/// at the default interval).
+pub const DOWNSAMPLE_EVERY: usize = 12;
+/// Downsampled points kept per VM: a day of minutes.
+pub const DOWNSAMPLED_CAPACITY: usize = 1_440;
 
 /// Builds the sample taken at `at_ms` from the counters `now`, with rates over the time since
 /// `prev`. A counter lower than before means the domain restarted (counters reset): that
@@ -29,6 +35,7 @@ pub const DEFAULT_CAPACITY: usize = 720;
 pub fn sample(prev: Option<&VmSample>, at_ms: u64, now: &DomainStats) -> VmSample {
     let mut s = VmSample {
         at_ms,
+        merged: 1,
         vcpus: now.vcpus,
         memory_bytes: now.memory_bytes,
         max_memory_bytes: now.max_memory_bytes,
@@ -56,49 +63,101 @@ pub fn sample(prev: Option<&VmSample>, at_ms: u64, now: &DomainStats) -> VmSampl
     s
 }
 
-/// The bounded series of one VM, oldest first.
+/// One point standing for `samples` (oldest first, non-empty): rates are averaged over the
+/// samples that have one, counters and gauges are those of the last sample.
+pub fn merge(samples: &[VmSample]) -> Option<VmSample> {
+    let last = samples.last()?;
+    let mean = |f: fn(&VmSample) -> Option<f64>| {
+        let v: Vec<f64> = samples.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    Some(VmSample {
+        merged: samples.iter().map(|s| s.merged.max(1)).sum(),
+        cpu_percent: mean(|s| s.cpu_percent),
+        disk_read_bytes_per_sec: mean(|s| s.disk_read_bytes_per_sec),
+        disk_write_bytes_per_sec: mean(|s| s.disk_write_bytes_per_sec),
+        net_rx_bytes_per_sec: mean(|s| s.net_rx_bytes_per_sec),
+        net_tx_bytes_per_sec: mean(|s| s.net_tx_bytes_per_sec),
+        ..last.clone()
+    })
+}
+
+/// The bounded series of one VM: the recent raw samples, and before them older samples
+/// downsampled by [`merge`], each tier bounded. Oldest first.
 #[derive(Debug, Clone)]
 pub struct Series {
-    samples: VecDeque<VmSample>,
+    raw: VecDeque<VmSample>,
     capacity: usize,
+    /// Raw samples that left the raw window, waiting to fill one downsampled point.
+    leaving: Vec<VmSample>,
+    downsampled: VecDeque<VmSample>,
+    downsample_every: usize,
+    downsampled_capacity: usize,
 }
 
 impl Series {
     pub fn new(capacity: usize) -> Self {
+        Self::with_downsampling(capacity, DOWNSAMPLE_EVERY, DOWNSAMPLED_CAPACITY)
+    }
+
+    pub fn with_downsampling(capacity: usize, every: usize, downsampled_capacity: usize) -> Self {
         Self {
-            samples: VecDeque::new(),
+            raw: VecDeque::new(),
             capacity: capacity.max(1),
+            leaving: Vec::new(),
+            downsampled: VecDeque::new(),
+            downsample_every: every.max(1),
+            downsampled_capacity,
         }
     }
 
-    /// Records the counters read at `at_ms`, dropping the oldest sample when full.
+    /// Records the counters read at `at_ms`; the oldest raw sample moves towards the
+    /// downsampled tier, whose oldest point is dropped when it is full.
     pub fn push(&mut self, at_ms: u64, stats: &DomainStats) {
-        let s = sample(self.samples.back(), at_ms, stats);
-        if self.samples.len() == self.capacity {
-            self.samples.pop_front();
+        let s = sample(self.raw.back(), at_ms, stats);
+        if self.raw.len() == self.capacity {
+            if let Some(old) = self.raw.pop_front() {
+                self.leaving.push(old);
+            }
+            if self.leaving.len() >= self.downsample_every {
+                if let Some(point) = merge(&self.leaving) {
+                    self.downsampled.push_back(point);
+                }
+                self.leaving.clear();
+                while self.downsampled.len() > self.downsampled_capacity {
+                    self.downsampled.pop_front();
+                }
+            }
         }
-        self.samples.push_back(s);
+        self.raw.push_back(s);
     }
 
-    /// The samples taken strictly after `since_ms` (all of them for `None`).
-    pub fn since(&self, since_ms: Option<u64>) -> Vec<VmSample> {
-        self.samples
+    fn all(&self) -> impl Iterator<Item = &VmSample> {
+        self.downsampled
             .iter()
+            .chain(self.leaving.iter())
+            .chain(self.raw.iter())
+    }
+
+    /// The points taken strictly after `since_ms` (all of them for `None`), oldest first.
+    pub fn since(&self, since_ms: Option<u64>) -> Vec<VmSample> {
+        self.all()
             .filter(|s| since_ms.is_none_or(|t| s.at_ms > t))
             .cloned()
             .collect()
     }
 
     pub fn latest(&self) -> Option<&VmSample> {
-        self.samples.back()
+        self.raw.back()
     }
 
+    /// Points held, raw and downsampled.
     pub fn len(&self) -> usize {
-        self.samples.len()
+        self.downsampled.len() + self.leaving.len() + self.raw.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
+        self.len() == 0
     }
 }
 
@@ -357,8 +416,51 @@ mod tests {
     }
 
     #[test]
+    fn old_samples_are_downsampled_then_dropped() {
+        // 2 raw samples; every 2 leaving ones become one point; at most 2 points.
+        let mut s = Series::with_downsampling(2, 2, 2);
+        for i in 1..=9u64 {
+            // CPU runs at 10 % for the first 4 s, then at 50 %.
+            let cpu = if i <= 5 {
+                i * 100_000_000
+            } else {
+                500_000_000 + (i - 5) * 500_000_000
+            };
+            s.push(i * 1_000, &stats(cpu, 0, 0, 0, 0));
+        }
+        let at: Vec<(u64, u32)> = s.since(None).iter().map(|x| (x.at_ms, x.merged)).collect();
+        // Samples 1-2 were merged and then dropped for being the oldest point; 3-4 and 5-6
+        // are points; 7 waits for a partner; 8 and 9 are raw.
+        assert_eq!(
+            at,
+            [(4_000, 2), (6_000, 2), (7_000, 1), (8_000, 1), (9_000, 1)]
+        );
+        let points = s.since(None);
+        assert_eq!(points[0].cpu_percent, Some(10.0));
+        // Samples 5 (10 %) and 6 (50 %) average to 30 %; counters are the last one's.
+        assert_eq!(points[1].cpu_percent, Some(30.0));
+        assert_eq!(points[1].cpu_time_ns, 1_000_000_000);
+        assert_eq!(s.len(), 5);
+        let later: Vec<u64> = s.since(Some(6_000)).iter().map(|x| x.at_ms).collect();
+        assert_eq!(later, [7_000, 8_000, 9_000]);
+    }
+
+    #[test]
+    fn merge_averages_rates_that_exist() {
+        let a = sample(None, 0, &stats(0, 0, 0, 0, 0));
+        let b = sample(Some(&a), 1_000, &stats(1_000_000_000, 100, 0, 0, 0));
+        let m = merge(&[a, b.clone()]).unwrap();
+        assert_eq!(m.merged, 2);
+        // The first sample has no rate: the mean is over the second alone.
+        assert_eq!(m.cpu_percent, Some(100.0));
+        assert_eq!(m.disk_read_bytes_per_sec, Some(100.0));
+        assert_eq!(m.at_ms, b.at_ms);
+        assert!(merge(&[]).is_none());
+    }
+
+    #[test]
     fn the_series_is_bounded_and_filtered_by_time() {
-        let mut s = Series::new(3);
+        let mut s = Series::with_downsampling(3, 1, 0);
         for i in 1..=5u64 {
             s.push(i * 1_000, &stats(i * 1_000_000_000, 0, 0, 0, 0));
         }
