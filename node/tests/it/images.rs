@@ -283,8 +283,18 @@ async fn a_wrong_checksum_is_refused_and_the_upload_discarded() -> anyhow::Resul
         )
         .await?;
     assert_eq!(img["state"], "uploading");
+    // Two clients racing with chunks for the same offset, through different nodes: exactly one
+    // is stored, the other is told where the upload stands.
+    let (a, b) = tokio::join!(
+        put(&c, 1, &id, &data[..CHUNK], 0, data.len()),
+        put(&c, 2, &id, &data[..CHUNK], 0, data.len()),
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{a:?} {b:?}");
+    assert_eq!(offset(&c, 0, &id).await?, CHUNK as u64);
     // Uploading the right bytes afterwards works.
-    let (s, v) = put(&c, 2, &id, &data, 0, data.len()).await;
+    let (s, v) = put(&c, 2, &id, &data[CHUNK..], CHUNK, data.len()).await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = c
         .request(
