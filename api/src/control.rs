@@ -32,6 +32,9 @@ pub enum ClusterError {
     JoinRefused(String),
     #[error("internal cluster failure: {0}")]
     Internal(String),
+    /// A node needed for the answer (the one hosting a VM, holding an image) cannot serve it now.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -89,6 +92,62 @@ pub struct JoinResponse {
     pub cert_pem: String,
 }
 
+/// One point of a VM's statistics series, sampled on the node that runs it. Counters are
+/// cumulative since the domain started; rates are over the interval since the previous sample
+/// (absent for the first sample and right after a counter reset, e.g. a restart).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmSample {
+    /// When the sample was taken, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// How many raw samples this point stands for: 1 for recent ones, more for older points
+    /// downsampled (rates averaged, counters and gauges as of the last one).
+    #[serde(default)]
+    pub merged: u32,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub max_memory_bytes: u64,
+    pub cpu_time_ns: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    /// CPU time used per wall time, in percent of one host CPU (100 = one CPU busy).
+    pub cpu_percent: Option<f64>,
+    pub disk_read_bytes_per_sec: Option<f64>,
+    pub disk_write_bytes_per_sec: Option<f64>,
+    pub net_rx_bytes_per_sec: Option<f64>,
+    pub net_tx_bytes_per_sec: Option<f64>,
+}
+
+/// The recent statistics of one VM, from the node that hosts it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmMetrics {
+    pub vm_id: String,
+    /// The node that sampled the series.
+    pub node: NodeId,
+    /// The sampling interval of that node.
+    pub interval_ms: u64,
+    /// Oldest first; only samples taken after `since` when it was given.
+    pub samples: Vec<VmSample>,
+}
+
+/// Why the bytes of an image upload were not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageBytesError {
+    /// Chunks must arrive in order; the client resumes at `expected`.
+    #[error("the upload is at byte {expected}, the chunk starts at byte {got}")]
+    OffsetMismatch { expected: u64, got: u64 },
+    /// The whole upload was discarded: resuming cannot repair wrong bytes.
+    #[error(
+        "the uploaded bytes have sha256 {actual}, expected {expected}; the upload was discarded"
+    )]
+    ChecksumMismatch { expected: String, actual: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
 /// The bytes of a VM's serial console as they arrive; ends when the console closes.
 pub type ConsoleStream = futures::stream::BoxStream<'static, Result<Vec<u8>, std::io::Error>>;
 
@@ -126,6 +185,47 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// The live serial console of a VM, from whichever node runs it.
     async fn console(&self, vm_id: &str) -> Result<ConsoleStream, ClusterError>;
+
+    /// The statistics series of a VM from whichever node hosts it, samples after `since_ms`.
+    /// The caller has already checked the VM exists and is visible to the client.
+    async fn vm_metrics(
+        &self,
+        vm_id: &str,
+        since_ms: Option<u64>,
+    ) -> Result<VmMetrics, ClusterError> {
+        let _ = (vm_id, since_ms);
+        Err(ClusterError::Unavailable(
+            "this control plane keeps no VM statistics".into(),
+        ))
+    }
+
+    /// How many bytes of `image`'s upload are stored on its upload node (where to resume).
+    async fn image_upload_offset(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<u64, ImageBytesError> {
+        let _ = image;
+        Err(ClusterError::Unavailable("this control plane stores no images".into()).into())
+    }
+
+    /// Appends a chunk at `offset` to `image`'s upload on its upload node; returns the new
+    /// offset once the chunk is durable there.
+    async fn image_write_chunk(
+        &self,
+        image: &raft::image::Image,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, ImageBytesError> {
+        let _ = (image, offset, data);
+        Err(ClusterError::Unavailable("this control plane stores no images".into()).into())
+    }
+
+    /// Verifies the complete upload against `image.sha256` on its upload node and installs
+    /// it in that node's image store (a mismatch discards it).
+    async fn image_finish_upload(&self, image: &raft::image::Image) -> Result<(), ImageBytesError> {
+        let _ = image;
+        Err(ClusterError::Unavailable("this control plane stores no images".into()).into())
+    }
 
     /// Member of a cluster with a known leader, and state applied up to the commit point seen.
     fn ready(&self) -> bool;

@@ -47,6 +47,23 @@ pub enum ApiError {
     Cluster(#[from] ClusterError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// An upload chunk did not start where the upload stands; resume at `expected`.
+    #[error("the upload is at byte {expected}, the chunk starts at byte {got}")]
+    OffsetMismatch { expected: u64, got: u64 },
+    #[error("{0}")]
+    ChecksumMismatch(String),
+}
+
+impl From<crate::control::ImageBytesError> for ApiError {
+    fn from(e: crate::control::ImageBytesError) -> Self {
+        use crate::control::ImageBytesError as E;
+        match e {
+            E::OffsetMismatch { expected, got } => ApiError::OffsetMismatch { expected, got },
+            e @ E::ChecksumMismatch { .. } => ApiError::ChecksumMismatch(e.to_string()),
+            E::Invalid(m) => ApiError::Validation(m),
+            E::Cluster(c) => ApiError::Cluster(c),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -130,6 +147,21 @@ impl ApiError {
                 StatusCode::MISDIRECTED_REQUEST,
                 "not_leader",
                 "Not the leader",
+            ),
+            ApiError::OffsetMismatch { .. } => (
+                StatusCode::CONFLICT,
+                "offset_mismatch",
+                "Wrong upload offset",
+            ),
+            ApiError::ChecksumMismatch(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "checksum_mismatch",
+                "Checksum mismatch",
+            ),
+            ApiError::Cluster(ClusterError::Unavailable(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Unavailable",
             ),
             ApiError::Cluster(ClusterError::JoinRefused(_)) => {
                 (StatusCode::FORBIDDEN, "join_refused", "Join refused")

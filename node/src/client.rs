@@ -76,6 +76,13 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Disk images: resumable, checksummed upload.
+    Image {
+        #[command(subcommand)]
+        command: crate::image_client::ImageCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -399,6 +406,36 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Vm { command, conn } => vm(command, conn).await,
         ClientCommand::Node { command, conn } => node(command, conn).await,
         ClientCommand::User { command, conn } => user(command, conn).await,
+        ClientCommand::Image { command, conn } => {
+            let api = Api::new(&conn, true)?;
+            let target = crate::image_client::Target {
+                http: &api.http,
+                url: &api.url,
+                token: api.token.as_deref(),
+            };
+            let v = crate::image_client::run(&target, command).await?;
+            emit(conn.output, &v, |v| {
+                let items = match v["items"].as_array() {
+                    Some(items) => items.clone(),
+                    None => vec![v.clone()],
+                };
+                print_table(
+                    &["ID", "NAME", "STATE", "SIZE", "SHA256"],
+                    items
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                s(&i["id"]),
+                                s(&i["name"]),
+                                s(&i["state"]),
+                                s(&i["size_bytes"]),
+                                s(&i["sha256"]),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
         ClientCommand::Tenant { command, conn } => {
             let api = Api::new(&conn, true)?;
             match command {

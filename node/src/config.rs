@@ -74,6 +74,13 @@ pub struct Tuning {
     pub voter_down_after_ms: u64,
     /// A node unreachable this long is marked suspect.
     pub suspect_after_ms: u64,
+    /// How often the statistics of local VMs are sampled.
+    #[serde(default = "default_stats_interval_ms")]
+    pub stats_interval_ms: u64,
+}
+
+fn default_stats_interval_ms() -> u64 {
+    5_000
 }
 
 impl Default for Tuning {
@@ -86,6 +93,7 @@ impl Default for Tuning {
             keep_after_snapshot: 1_000,
             voter_down_after_ms: 30_000,
             suspect_after_ms: 2_000,
+            stats_interval_ms: default_stats_interval_ms(),
         }
     }
 }

@@ -2,7 +2,8 @@
 //! node that runs it, over a mutually authenticated QUIC tunnel.
 //!
 //! Tunnel protocol: the caller writes one line `console <vm id>\n`; the hosting node checks the
-//! VM is placed on it, then copies the console's bytes until either side closes.
+//! VM is placed on it, then copies the console's bytes until either side closes. A line
+//! `image <id> <offset>\n` fetches image bytes instead (see `images`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,11 +24,24 @@ const MAX_REQUEST: usize = 256;
 /// Extension RPC: "answer once you have applied this index" (8 bytes, big-endian).
 pub const WAIT_APPLIED: &str = "wait-applied";
 
+/// Extension RPC: the statistics series of a VM hosted here (JSON [`VmMetricsRequest`] in,
+/// JSON `api::control::VmMetrics` out).
+pub const VM_METRICS: &str = "vm-metrics";
+
+/// The body of a [`VM_METRICS`] call.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmMetricsRequest {
+    pub vm_id: String,
+    pub since_ms: Option<u64>,
+}
+
 /// Serves console tunnels (and, later, other node-to-node streams).
 pub struct NodeExtensions {
     pub me: NodeId,
     pub reader: StateReader,
     pub hv: SharedHypervisor,
+    pub stats: crate::stats::VmStatsStore,
+    pub images: Arc<crate::images::NodeImages>,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -65,6 +79,22 @@ impl ExtensionHandler for NodeExtensions {
                         .map_err(|e| ExtensionError::Refused(e.to_string()))?;
                     Ok(Vec::new())
                 }
+                crate::images::IMAGE_BYTES => self.images.handle_rpc(body).await,
+                VM_METRICS => {
+                    let req: VmMetricsRequest = serde_json::from_slice(&body)
+                        .map_err(|e| ExtensionError::Refused(format!("bad request: {e}")))?;
+                    // Only the hosting node answers, so a caller with a stale idea of the
+                    // placement gets an error instead of an empty series.
+                    let placed_here = matches!(self.reader.vm(&req.vm_id), Ok(Some(vm)) if vm.node == Some(self.me));
+                    if !placed_here {
+                        return Err(ExtensionError::Refused(format!(
+                            "vm {} is not placed on node {}",
+                            req.vm_id, self.me
+                        )));
+                    }
+                    let metrics = self.stats.metrics(&req.vm_id, req.since_ms);
+                    serde_json::to_vec(&metrics).map_err(|e| ExtensionError::Refused(e.to_string()))
+                }
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }
         })
@@ -79,6 +109,7 @@ impl ExtensionHandler for NodeExtensions {
         let me = self.me;
         let reader = self.reader.clone();
         let hv = self.hv.clone();
+        let images = self.images.clone();
         Box::pin(async move {
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
@@ -88,6 +119,13 @@ impl ExtensionHandler for NodeExtensions {
                     Ok(Some(1)) => line.push(byte[0]),
                     _ => return,
                 }
+            }
+            if let Some(request) = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| l.strip_prefix("image "))
+            {
+                images.serve_fetch(request, send).await;
+                return;
             }
             let Some(vm_id) = std::str::from_utf8(&line)
                 .ok()

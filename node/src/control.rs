@@ -26,6 +26,8 @@ pub struct NodeControl {
     pub metrics: RaftMetrics,
     pub started: Instant,
     pub hv: crate::console::SharedHypervisor,
+    pub stats: crate::stats::VmStatsStore,
+    pub images: Arc<crate::images::NodeImages>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -365,8 +367,78 @@ impl ControlPlane for NodeControl {
             && matches!(self.reader.secrets(), Ok(Some(_)))
     }
 
+    async fn vm_metrics(
+        &self,
+        vm_id: &str,
+        since_ms: Option<u64>,
+    ) -> Result<api::control::VmMetrics, ClusterError> {
+        let vm = self
+            .reader
+            .vm(vm_id)
+            .map_err(internal)?
+            .ok_or_else(|| internal(format!("vm {vm_id} not found")))?;
+        let node = vm
+            .node
+            .ok_or_else(|| ClusterError::Unavailable(format!("vm {vm_id} is not placed")))?;
+        if node == self.id {
+            return Ok(self.stats.metrics(vm_id, since_ms));
+        }
+        let unavailable =
+            |e: &dyn std::fmt::Display| ClusterError::Unavailable(format!("node {node}: {e}"));
+        let peer = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|m| m.peer_addr.clone())
+            .ok_or_else(|| unavailable(&"not a member"))?;
+        let body = serde_json::to_vec(&crate::console::VmMetricsRequest {
+            vm_id: vm_id.to_string(),
+            since_ms,
+        })
+        .map_err(internal)?;
+        let ask = async {
+            let addr = raft::net::Transport::resolve(&peer).await?;
+            self.transport
+                .call_extension(addr, crate::console::VM_METRICS, body)
+                .await
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(5), ask)
+            .await
+            .map_err(|_| unavailable(&"did not answer in time"))?
+            .map_err(|e| unavailable(&e))?;
+        serde_json::from_slice(&reply).map_err(internal)
+    }
+
+    async fn image_upload_offset(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<u64, api::control::ImageBytesError> {
+        self.images.upload_offset(image).await
+    }
+
+    async fn image_write_chunk(
+        &self,
+        image: &raft::image::Image,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, api::control::ImageBytesError> {
+        self.images.write_chunk(image, offset, data).await
+    }
+
+    async fn image_finish_upload(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<(), api::control::ImageBytesError> {
+        self.images.finish_upload(image).await
+    }
+
     fn metrics_text(&self) -> String {
-        self.metrics.render()
+        let mut text = self.metrics.render();
+        text.push_str(&self.stats.render());
+        text
     }
 }
 

@@ -5,6 +5,7 @@
 //! - `node.json`: the node's settings (see `config`);
 //! - `tls/`: the cluster CA certificate and this node's certificate and key (0600);
 //! - `db/`: the sled database (Raft log, vote, state machine, snapshot);
+//! - `images/`: the image store (uploaded and fetched images, per-VM disk overlays);
 //! - `admin-password`, `join-token` (first node only, 0600);
 //! - `init-pending.json` (0600): the first node's initial secrets until they are committed.
 
@@ -244,7 +245,21 @@ impl Node {
         );
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let images = Arc::new(crate::images::NodeImages {
+            me: config.node_id,
+            store: hypervisor::ImageStore::open(dir.join("images"))
+                .await
+                .context("cannot open the image store")?,
+            transport: transport.clone(),
+            reader: reader.clone(),
+            locks: Default::default(),
+        });
         let hv: crate::console::SharedHypervisor = Arc::default();
+        let stats = crate::stats::VmStatsStore::new(
+            config.node_id,
+            Duration::from_millis(config.tuning.stats_interval_ms.max(100)),
+            crate::stats::DEFAULT_CAPACITY,
+        );
 
         {
             let transport = transport.clone();
@@ -254,6 +269,8 @@ impl Node {
                 me: config.node_id,
                 reader: reader.clone(),
                 hv: hv.clone(),
+                stats: stats.clone(),
+                images: images.clone(),
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -274,7 +291,9 @@ impl Node {
             tuning: config.tuning.clone(),
             metrics: RaftMetrics::new(),
             started: Instant::now(),
-            hv,
+            hv: hv.clone(),
+            stats: stats.clone(),
+            images: images.clone(),
         });
         control.metrics.register(Box::new(store.append_histogram()));
 
@@ -288,6 +307,13 @@ impl Node {
         tasks.push(tokio::spawn(run_agent(
             control.clone(),
             config.clone(),
+            images,
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::stats::run_sampler(
+            stats,
+            hv,
+            control.reader.clone(),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(
@@ -380,7 +406,12 @@ fn apply_agent_options(config: &mut NodeConfig, opts: &ServeOptions) {
 }
 
 /// Connects to libvirt (retrying while it is down) and runs the agent until shutdown.
-async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::Receiver<bool>) {
+async fn run_agent(
+    ctl: Arc<NodeControl>,
+    config: NodeConfig,
+    images: Arc<crate::images::NodeImages>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     let hv = loop {
         let mut lv = hypervisor::LibvirtConfig::new(config.libvirt_uri.clone());
@@ -407,6 +438,7 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
     let agent_config = crate::agent::AgentConfig {
         guest_kernel: config.guest_kernel.clone(),
         guest_initrd: config.guest_initrd.clone(),
+        images: Some(images),
         ..Default::default()
     };
     let agent = crate::agent::Agent::new(

@@ -35,7 +35,7 @@ pub enum ApplyError {
     Codec(#[from] CodecError),
 }
 
-fn get<T>(tx: &dyn StateTx, key: &[u8]) -> Result<Option<T>, ApplyError>
+pub(crate) fn get<T>(tx: &dyn StateTx, key: &[u8]) -> Result<Option<T>, ApplyError>
 where
     T: rkyv::Archive,
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
@@ -47,7 +47,7 @@ where
     }
 }
 
-fn put<T>(tx: &dyn StateTx, key: &[u8], value: &T) -> Result<(), ApplyError>
+pub(crate) fn put<T>(tx: &dyn StateTx, key: &[u8], value: &T) -> Result<(), ApplyError>
 where
     T: for<'a> rkyv::Serialize<
         rkyv::api::high::HighSerializer<
@@ -60,7 +60,7 @@ where
     tx.put(key, codec::encode(value)?)
 }
 
-fn reject(code: RejectCode, message: impl Into<String>) -> Response {
+pub(crate) fn reject(code: RejectCode, message: impl Into<String>) -> Response {
     Response::Rejected {
         code,
         message: message.into(),
@@ -86,6 +86,9 @@ pub fn apply(tx: &dyn StateTx, req: &Request, log_index: u64) -> Result<Response
 
 fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError> {
     let at = req.at;
+    if let Some(response) = crate::image::apply(tx, &req.command, at)? {
+        return Ok(response);
+    }
     match &req.command {
         Command::Noop => Ok(Response::Ok),
         Command::Audit { .. } => Ok(Response::Ok),
@@ -558,6 +561,10 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             put(tx, &keys::user_security(user_id), &sec)?;
             Ok(Response::User(user))
         }
+        // Answered by `image::apply` above; listed so this match stays exhaustive.
+        Command::CreateImage { .. } | Command::ImageStored { .. } | Command::DeleteImage { .. } => {
+            Ok(reject(RejectCode::Invalid, "image command not handled"))
+        }
     }
 }
 
@@ -778,6 +785,8 @@ fn target_tenant(cmd: &Command, response: &Response) -> String {
         (Command::CreateUser { user }, _) => user.tenant.clone(),
         (Command::CreateVm { vm, .. }, _) => vm.tenant.clone(),
         (Command::CreateApiKey { key }, _) => key.tenant.clone(),
+        (Command::CreateImage { image }, _) => image.tenant.clone(),
+        (_, Response::Image(i)) => i.tenant.clone(),
         (_, Response::ApiKey(k)) => k.tenant.clone(),
         (_, Response::User(u)) => u.tenant.clone(),
         (_, Response::Vm { vm, .. }) => vm.tenant.clone(),
@@ -812,6 +821,8 @@ fn target_of(cmd: &Command, response: &Response) -> String {
         (Command::FinishOperation { id, .. }, _) => format!("operation/{id}"),
         (Command::CreateApiKey { key }, _) => format!("api-key/{}", key.id),
         (Command::RevokeApiKey { id }, _) => format!("api-key/{id}"),
+        (Command::CreateImage { image }, _) => format!("image/{}", image.id),
+        (Command::ImageStored { id, .. } | Command::DeleteImage { id }, _) => format!("image/{id}"),
         (
             Command::EnrollTotp { user_id, .. }
             | Command::ConfirmTotp { user_id, .. }

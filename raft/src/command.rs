@@ -194,6 +194,18 @@ pub enum Command {
         user_id: String,
         require: bool,
     },
+    /// Starts the upload of an image whose bytes will arrive on `image.upload_node`.
+    CreateImage {
+        image: crate::image::Image,
+    },
+    /// `node` holds verified bytes of image `id` (the finished upload, or a fetched copy).
+    ImageStored {
+        id: String,
+        node: NodeId,
+    },
+    DeleteImage {
+        id: String,
+    },
 }
 
 impl Command {
@@ -228,6 +240,9 @@ impl Command {
             Command::ConfirmTotp { .. } => "user.totp_confirm",
             Command::UseTotpStep { .. } => "user.totp_use",
             Command::SetRequireTotp { .. } => "user.require_totp",
+            Command::CreateImage { .. } => "image.create",
+            Command::ImageStored { .. } => "image.stored",
+            Command::DeleteImage { .. } => "image.delete",
         }
     }
 }
@@ -301,4 +316,5 @@ pub enum Response {
         message: String,
     },
     ApiKey(ApiKey),
+    Image(crate::image::Image),
 }

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod codec;
 pub mod command;
+pub mod image;
 pub mod keys;
 pub mod model;
 pub mod net;

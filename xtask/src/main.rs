@@ -5,6 +5,7 @@
 //! - `guest`: build the tiny test guest from Debian packages.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
+//! - `bench vm`: time from `POST /api/v1/vms` to running, on the test driver and real QEMU.
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
 //! - `chaos`: the chaos tiers: fast (kill, pause, partition, loss on a real 3-node cluster), `sim`
 //!   (seeds of the deterministic simulation) and `long` (one scenario per fault class, 5 nodes).
@@ -65,6 +66,8 @@ enum BenchCommand {
     Raft(bench::RaftArgs),
     /// Server time of every dashboard page on a 3-node cluster with 1,000 VMs, from a follower.
     Web(bench::web::WebArgs),
+    /// Time from POST /api/v1/vms to running, for concurrent creates, on the test driver and QEMU.
+    Vm(bench::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +86,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: BenchCommand::Web(args),
         } => bench::web::run(&args),
+        Command::Bench {
+            which: BenchCommand::Vm(args),
+        } => bench::run_vm(&args),
     };
     // One line with the cause chain; returning the error from main would print a backtrace too
     // whenever RUST_BACKTRACE is set, burying the message.

@@ -42,6 +42,7 @@ fn view(a: &Applied) -> Option<(String, bool, Value)> {
         RaftResponse::Operation(op) => (op.tenant.clone(), false, json!(op)),
         RaftResponse::ApiKey(k) => (k.tenant.clone(), true, json!(ApiKeyView::from(k.clone()))),
         RaftResponse::Node(n) => (SYSTEM_TENANT.to_string(), false, json!(n)),
+        RaftResponse::Image(i) => (i.tenant.clone(), false, json!(i)),
         RaftResponse::Ok | RaftResponse::Rejected { .. } => return None,
     };
     Some(v)

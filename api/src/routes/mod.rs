@@ -7,10 +7,12 @@ mod cluster;
 mod events;
 mod extract;
 mod health;
+mod images;
 mod nodes;
 mod objects;
 mod tenants;
 pub(crate) mod users;
+mod vm_metrics;
 mod vms;
 
 use std::sync::Arc;
@@ -60,6 +62,11 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::stop))
         .routes(routes!(vms::reboot))
         .routes(routes!(vms::console))
+        .routes(routes!(vm_metrics::get_metrics))
+        .routes(routes!(images::list, images::create))
+        .routes(routes!(images::get_one))
+        .routes(routes!(images::upload_status, images::upload_chunk))
+        .routes(routes!(images::finish))
         .routes(routes!(vms::get_operation))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))

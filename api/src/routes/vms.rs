@@ -225,6 +225,12 @@ pub(crate) async fn create(
     };
     caller.require(Role::Operator)?;
     validate(&body)?;
+    // An uploaded image is named by id or by name and stored by id; `tiny` is the test guest
+    // every node can boot directly.
+    let image = match body.image {
+        Some(r) if r != "tiny" => Some(crate::routes::images::resolve(&state, &tenant, &r)?.id),
+        other => other,
+    };
     let key = idempotency_key(&headers)?;
     let placement = body.placement.unwrap_or_default();
     let node = place(&state, &placement)?;
@@ -236,7 +242,7 @@ pub(crate) async fn create(
         vcpus: body.vcpus,
         memory_mib: body.memory_mib,
         disk_gib: body.disk_gib.unwrap_or(0),
-        image: body.image,
+        image,
         labels: body.labels.unwrap_or_default(),
         node,
         desired_state: if body.start.unwrap_or(true) {
@@ -257,7 +263,7 @@ pub(crate) async fn create(
     accepted(resp)
 }
 
-fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
+pub(crate) fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
     objects::load_visible(state, &keys::vm(id), "vm", id, |vm: &Vm| {
         caller.sees_tenant(&vm.tenant)
     })

@@ -19,6 +19,10 @@ pub struct FakeCluster {
     state: Mutex<MemState>,
     index: Mutex<u64>,
     applied: tokio::sync::broadcast::Sender<raft::store::Applied>,
+    /// The statistics every VM "has" in this fake: the same series for each.
+    pub samples: Mutex<Vec<api::control::VmSample>>,
+    /// Upload bytes per image id, as the upload node's store would hold them.
+    pub uploads: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
 }
 
 impl FakeCluster {
@@ -95,6 +99,71 @@ impl ControlPlane for FakeCluster {
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(b"TINYVM BOOTED\n".to_vec())];
         Ok(Box::pin(futures::stream::iter(chunks)))
     }
+    async fn vm_metrics(
+        &self,
+        vm_id: &str,
+        since_ms: Option<u64>,
+    ) -> Result<api::control::VmMetrics, ClusterError> {
+        let samples = self
+            .samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| since_ms.is_none_or(|t| s.at_ms > t))
+            .cloned()
+            .collect();
+        Ok(api::control::VmMetrics {
+            vm_id: vm_id.to_string(),
+            node: 1,
+            interval_ms: 1_000,
+            samples,
+        })
+    }
+    async fn image_upload_offset(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<u64, api::control::ImageBytesError> {
+        let uploads = self.uploads.lock().unwrap();
+        Ok(uploads.get(&image.id).map_or(0, |b| b.len() as u64))
+    }
+    async fn image_write_chunk(
+        &self,
+        image: &raft::image::Image,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, api::control::ImageBytesError> {
+        let mut uploads = self.uploads.lock().unwrap();
+        let bytes = uploads.entry(image.id.clone()).or_default();
+        if offset != bytes.len() as u64 {
+            return Err(api::control::ImageBytesError::OffsetMismatch {
+                expected: bytes.len() as u64,
+                got: offset,
+            });
+        }
+        bytes.extend_from_slice(&data);
+        Ok(bytes.len() as u64)
+    }
+    async fn image_finish_upload(
+        &self,
+        image: &raft::image::Image,
+    ) -> Result<(), api::control::ImageBytesError> {
+        use sha2::Digest;
+        let mut uploads = self.uploads.lock().unwrap();
+        let actual = hex::encode(sha2::Sha256::digest(
+            uploads
+                .get(&image.id)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+        ));
+        if actual != image.sha256 {
+            uploads.remove(&image.id);
+            return Err(api::control::ImageBytesError::ChecksumMismatch {
+                expected: image.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
     fn ready(&self) -> bool {
         true
     }
@@ -129,6 +198,8 @@ impl TestApi {
             state: Mutex::new(MemState::default()),
             index: Mutex::new(0),
             applied: tokio::sync::broadcast::channel(1024).0,
+            samples: Mutex::new(Vec::new()),
+            uploads: Mutex::new(Default::default()),
         });
         let admin = User {
             id: "admin-id".into(),
@@ -170,6 +241,8 @@ impl TestApi {
             }),
             index: Mutex::new(*self.cp.index.lock().unwrap()),
             applied: tokio::sync::broadcast::channel(1024).0,
+            samples: Mutex::new(self.cp.samples.lock().unwrap().clone()),
+            uploads: Mutex::new(self.cp.uploads.lock().unwrap().clone()),
         });
         let app = api::router(AppState::new(cp.clone(), self.config.clone()));
         TestApi {

@@ -31,6 +31,9 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     /// Pass interval when nothing changes in the replica.
     pub resync: Duration,
+    /// Where VMs booting from an uploaded image get it (fetched from another node if needed)
+    /// and their copy-on-write root disk.
+    pub images: Option<Arc<crate::images::NodeImages>>,
 }
 
 impl Default for AgentConfig {
@@ -40,6 +43,7 @@ impl Default for AgentConfig {
             guest_initrd: None,
             shutdown_timeout: Duration::from_secs(30),
             resync: Duration::from_secs(2),
+            images: None,
         }
     }
 }
@@ -54,6 +58,10 @@ pub enum AgentError {
     Report(String),
     #[error("VM {0} has an invalid id")]
     BadId(String),
+    #[error(transparent)]
+    Image(#[from] crate::images::FetchError),
+    #[error(transparent)]
+    ImageStore(#[from] hypervisor::ImageError),
 }
 
 pub struct Agent {
@@ -104,6 +112,34 @@ impl Agent {
                 _ = tokio::time::sleep(self.config.resync) => {}
             }
         }
+    }
+
+    /// The root disk of a VM booting from an uploaded image: the image made local (fetched
+    /// from a node that has it, checksum verified, the new copy announced), then a
+    /// copy-on-write overlay for this VM on top of it.
+    async fn root_disk(&self, vm: &Vm) -> Result<Option<hypervisor::DiskSpec>, AgentError> {
+        let (Some(image), Some(images)) = (&vm.image, &self.config.images) else {
+            return Ok(None);
+        };
+        if image == "tiny" {
+            return Ok(None);
+        }
+        let (image, fetched) = images.ensure_local(image).await?;
+        if fetched {
+            self.report(Command::ImageStored {
+                id: image.id.clone(),
+                node: self.me,
+            })
+            .await?;
+        }
+        let size = (vm.disk_gib > 0).then_some(vm.disk_gib);
+        let path = images.store.create_overlay(&image.id, &vm.id, size).await?;
+        Ok(Some(hypervisor::DiskSpec {
+            path,
+            format: hypervisor::DiskFormat::Qcow2,
+            target_dev: "vda".into(),
+            readonly: false,
+        }))
     }
 
     fn spec(&self, vm: &Vm, domain_type: DomainType) -> Result<VmSpec, AgentError> {
@@ -198,7 +234,8 @@ impl Agent {
                 let Some(v) = vms.get(vm.as_str()) else {
                     return Ok(());
                 };
-                let spec = self.spec(v, domain_type)?;
+                let mut spec = self.spec(v, domain_type)?;
+                spec.disks.extend(self.root_disk(v).await?);
                 self.hv.define(&spec).await?;
                 self.acted.insert(vm.clone(), *epoch);
             }
@@ -216,6 +253,12 @@ impl Agent {
                 match self.hv.undefine(domain).await {
                     Ok(()) | Err(hypervisor::HypervisorError::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
+                }
+                // The VM's overlay goes with its domain, so nothing is left behind.
+                if let (Some(images), Some(vm_id)) =
+                    (&self.config.images, hypervisor::spec::vm_id_of(domain))
+                {
+                    images.store.remove_vm_files(vm_id).await?;
                 }
             }
             Action::Report { vm, epoch, state } => {

@@ -1,4 +1,4 @@
-//! `cargo xtask bench raft`: NovaCron's durable write path and leader failover, measured in the
+//! `cargo xtask bench raft` (and `bench vm`, in `vm.rs`): NovaCron's durable write path and leader failover, measured in the
 //! same run as a 3-member etcd cluster on the same machine, so the numbers have an anchor.
 //!
 //! For each system: start 3 members on loopback (free ports found by binding port 0), run the
@@ -13,6 +13,9 @@ mod member;
 mod novacron;
 mod report;
 pub(crate) mod web;
+mod vm;
+
+pub(crate) use vm::{run_vm, VmArgs};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -185,6 +188,10 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
     let previous = std::fs::read_to_string(&out).unwrap_or_default();
     if let Some(dashboard) = web::section_of(&previous, web::SECTION) {
         markdown = web::replace_section(&markdown, web::SECTION, &dashboard);
+    }
+    // And the VM lifecycle section of `bench vm`.
+    if let Some(section) = vm::section_of(&previous) {
+        markdown = format!("{}\n\n{section}\n", markdown.trim_end());
     }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
