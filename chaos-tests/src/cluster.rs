@@ -191,6 +191,18 @@ impl Cluster {
         tuning: &str,
         keep_dir: Option<&Path>,
     ) -> Result<Cluster, ClusterError> {
+        Self::start_wrapped(bin, n, tuning, keep_dir, &[]).await
+    }
+
+    /// As [`Cluster::start`], with every node started through `wrapper` (a command that runs the
+    /// rest of its command line, such as `fiu-run -x` for fault injection in system calls).
+    pub async fn start_wrapped(
+        bin: &Path,
+        n: usize,
+        tuning: &str,
+        keep_dir: Option<&Path>,
+        wrapper: &[String],
+    ) -> Result<Cluster, ClusterError> {
         if !bin.is_file() {
             return Err(ClusterError::NoBinary(bin.to_path_buf()));
         }
@@ -218,7 +230,7 @@ impl Cluster {
             client: Client::new(Duration::from_secs(10))?,
         };
         for i in 0..n {
-            cluster.add_node(bin, i, tuning).await?;
+            cluster.add_node(bin, i, tuning, wrapper).await?;
             if i == 0 {
                 let password = read_text(&cluster.nodes[0].dir.join("admin-password"))?;
                 let token = cluster.login(0, &password).await?;
@@ -229,7 +241,13 @@ impl Cluster {
         Ok(cluster)
     }
 
-    async fn add_node(&mut self, bin: &Path, i: usize, tuning: &str) -> Result<(), ClusterError> {
+    async fn add_node(
+        &mut self,
+        bin: &Path,
+        i: usize,
+        tuning: &str,
+        wrapper: &[String],
+    ) -> Result<(), ClusterError> {
         let name = format!("n{}", i + 1);
         let dir = self.root.join(&name);
         let dir_s = dir.display().to_string();
@@ -258,7 +276,19 @@ impl Cluster {
                 token,
             ]);
         }
-        let mut process = Managed::new(&name, bin, &args)
+        // With a wrapper, the wrapper is the program and the node's command line its arguments.
+        let (program, prefix): (PathBuf, Vec<String>) = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut prefix = rest.to_vec();
+                prefix.push(bin.display().to_string());
+                (PathBuf::from(first), prefix)
+            }
+            None => (bin.to_path_buf(), Vec::new()),
+        };
+        let with_prefix = |args: &[String]| -> Vec<String> {
+            prefix.iter().cloned().chain(args.iter().cloned()).collect()
+        };
+        let mut process = Managed::new(&name, &program, with_prefix(&args))
             .env("NOVACRON_TUNING", tuning)
             .env("NOVACRON_LOG", "info,openraft=warn")
             // The control plane is under test here, not guests: libvirt's in-process test
@@ -267,7 +297,11 @@ impl Cluster {
             .log_to(self.root.join(format!("{name}.log")));
         process.start()?;
         // Later starts are restarts of an existing member.
-        process.set_args(["serve", "--data-dir", &dir_s]);
+        process.set_args(with_prefix(&[
+            "serve".to_string(),
+            "--data-dir".to_string(),
+            dir_s.clone(),
+        ]));
         let (api, peer_port) = eventually(
             &format!("{name} to write node.json"),
             Duration::from_secs(60),

@@ -86,6 +86,12 @@ pub fn scenarios() -> Vec<Scenario> {
             Some(4),
         ),
         s(
+            "fsync-failure",
+            "fsync and fdatasync fail with an I/O error on one node (fiu-run, fiu-ctrl)",
+            FaultKind::FsyncFail,
+            None,
+        ),
+        s(
             "rolling-restart",
             "every node in turn: SIGTERM, start, wait until ready",
             FaultKind::RollingRestart,
@@ -99,10 +105,6 @@ pub const NOT_COVERED: &[(&str, &str)] = &[
     (
         "added delay",
         "the kernel has no netem; delaying needs an NFQUEUE rule plus a userspace delayer (crate nfq), not written yet",
-    ),
-    (
-        "failing fsync",
-        "needs the nodes started under fiu-run (Debian fiu-utils) and fiu-ctrl at run time; not wired yet. The simulation tier covers lost unflushed writes instead",
     ),
     (
         "node removed and re-added",

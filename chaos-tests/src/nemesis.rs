@@ -278,6 +278,9 @@ pub enum FaultKind {
     /// Every node in turn is stopped with SIGTERM and started again once the previous one is
     /// ready.
     RollingRestart,
+    /// fsync and fdatasync fail with an I/O error on the target (nodes run under `fiu-run -x`,
+    /// switched with `fiu-ctrl`); they succeed again after the duration.
+    FsyncFail,
 }
 
 /// One scheduled fault.
@@ -364,6 +367,7 @@ impl Schedule {
                 FaultKind::DiskFull => (Action::FillDisk, Action::FreeDisk),
                 // Done within its start action; SIGCONT is harmless to running processes.
                 FaultKind::RollingRestart => (Action::RollingRestart, Action::Resume),
+                FaultKind::FsyncFail => (Action::FailFsync, Action::FixFsync),
             };
             actions.push((f.at_ns, start, f.target));
             actions.push((f.at_ns.saturating_add(f.duration_ns), heal, f.target));
@@ -401,6 +405,10 @@ pub enum Action {
     FreeDisk,
     /// Restart every node in turn, gracefully.
     RollingRestart,
+    /// Make the target's fsync calls fail.
+    FailFsync,
+    /// Let them succeed again.
+    FixFsync,
 }
 
 impl Action {
@@ -497,7 +505,9 @@ pub fn apply(action: Action, target: &mut Managed, log: &FaultLog) -> Result<(),
         | Action::CutRing
         | Action::FillDisk
         | Action::FreeDisk
-        | Action::RollingRestart => Err(NemesisError::NotAProcessFault(action)),
+        | Action::RollingRestart
+        | Action::FailFsync
+        | Action::FixFsync => Err(NemesisError::NotAProcessFault(action)),
     };
     log.record(
         action,

@@ -346,6 +346,25 @@ fn run_nemesis(
                     }
                 }
             }
+        } else if matches!(action, Action::FailFsync | Action::FixFsync) {
+            let verb = if action == Action::FailFsync {
+                "enable"
+            } else {
+                "disable"
+            };
+            let result = match procs.get(index).and_then(Managed::pid) {
+                Some(pid) => fiu_ctrl(pid, verb),
+                None => Err(format!("{name} is not running")),
+            };
+            log.record(action, &name, result.err());
+            // A node stops when fsync fails; like its supervisor, start it again.
+            if action == Action::FixFsync {
+                if let Some(p) = procs.get_mut(index) {
+                    if p.has_exited() {
+                        let _ = nemesis::apply(Action::Restart, p, log);
+                    }
+                }
+            }
         } else if action == Action::RollingRestart {
             for (i, p) in procs.iter_mut().enumerate() {
                 let result = p
@@ -362,6 +381,24 @@ fn run_nemesis(
             // A failed action is logged by `apply`; the schedule goes on.
             let _ = nemesis::apply(action, p, log);
         }
+    }
+}
+
+/// The libfiu failure points of fsync and fdatasync (libfiu's POSIX preload library).
+const FSYNC_POINTS: &str = "posix/io/sync/*";
+
+/// Switches the fsync failure points of process `pid` (started under `fiu-run -x`).
+fn fiu_ctrl(pid: u32, verb: &str) -> Result<(), String> {
+    let out = std::process::Command::new("fiu-ctrl")
+        .arg("-c")
+        .arg(format!("{verb} name={FSYNC_POINTS}"))
+        .arg(pid.to_string())
+        .output()
+        .map_err(|e| format!("cannot run fiu-ctrl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 
@@ -460,11 +497,18 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         (true, false) => return Err(setup_error("full disk", "needs keep_data")),
         _ => None,
     };
-    let mut cluster = Cluster::start(
+    // Failing fsync needs libfiu's preload libraries in every node process.
+    let wrapper: Vec<String> = if config.faults.contains(&FaultKind::FsyncFail) {
+        vec!["fiu-run".into(), "-x".into()]
+    } else {
+        Vec::new()
+    };
+    let mut cluster = Cluster::start_wrapped(
         &config.bin,
         config.nodes,
         &tuning(),
         config.keep_data.then_some(data_dir.as_path()),
+        &wrapper,
     )
     .await?;
     let urls = cluster.urls();

@@ -9,7 +9,8 @@
 //!
 //! The real-process tiers build the product binary and the chaos runner and make sure `nft`
 //! exists (installing Debian's `nftables` as root when it is missing: partitions and packet loss
-//! are nftables rules); the simulation needs only the runner. `novacron-chaos` prints the
+//! are nftables rules), and for the long tier `fiu-run` (Debian's `fiu-utils`, for failing
+//! fsync); the simulation needs only the runner. `novacron-chaos` prints the
 //! report and writes it under `target/chaos/`. The runner lives in the `chaos-tests` crate so
 //! xtask keeps depending on no crate of ours.
 
@@ -95,6 +96,32 @@ fn ensure_nft() -> Result<()> {
     Ok(())
 }
 
+/// The long tier's fsync-failure scenario runs nodes under `fiu-run` (Debian `fiu-utils`).
+fn ensure_fiu() -> Result<()> {
+    let present = succeeds_within(
+        Command::new("sh").args(["-c", "command -v fiu-run && command -v fiu-ctrl"]),
+        Duration::from_secs(10),
+    );
+    if present {
+        return Ok(());
+    }
+    if !is_root() || !Path::new("/etc/debian_version").exists() {
+        bail!("the long tier needs fiu-run and fiu-ctrl; install fiu-utils");
+    }
+    println!("installing fiu-utils");
+    run_inherit(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "fiu-utils",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 fn build_runner() -> Result<std::path::PathBuf> {
     run_inherit(crate::cargo().args(["build", "-p", "chaos-tests", "--bin", "novacron-chaos"]))?;
     Ok(crate::target_dir().join("debug").join("novacron-chaos"))
@@ -128,6 +155,7 @@ pub(crate) fn run(args: &ChaosArgs) -> Result<()> {
             only,
         }) => {
             ensure_nft()?;
+            ensure_fiu()?;
             run_inherit(crate::cargo().args(["build", "-p", "node", "--bin", "novacron"]))?;
             let runner = build_runner()?;
             let mut cmd = Command::new(runner);
