@@ -37,6 +37,14 @@ pub(crate) fn ensure() -> Result<PathBuf> {
         println!("axe-core {VERSION} already at {}", script.display());
         return Ok(script);
     }
+    // npm often comes with Node.js from elsewhere; Debian's `npm` is installed only when none
+    // answers, because it conflicts with those builds of Node.js.
+    if !crate::process::succeeds_within(
+        Command::new("npm").arg("--version"),
+        std::time::Duration::from_secs(60),
+    ) {
+        crate::ci::install_packages(&["npm"])?;
+    }
     let dir = dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     crate::process::run_inherit(

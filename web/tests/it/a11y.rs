@@ -133,25 +133,51 @@ async fn main_pages_have_no_serious_accessibility_violation() -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, mock::app()).await });
-    let b = Browser::start(&chrome, &driver).await?;
     let mut failures = Vec::new();
+    // The style sheet has a light and a dark palette (it follows the system): check both.
+    for (scheme, flags) in [("light", &[][..]), ("dark", &["--force-dark-mode"][..])] {
+        let b = Browser::start_with(&chrome, &driver, flags).await?;
+        b.client.goto(&format!("{base}/#/login")).await?;
+        let dark = b
+            .client
+            .execute(
+                "return matchMedia('(prefers-color-scheme: dark)').matches",
+                Vec::new(),
+            )
+            .await?;
+        if dark.as_bool() != Some(scheme == "dark") {
+            bail!("the browser did not take the {scheme} colour scheme");
+        }
+        failures.extend(check_pages(&b, &axe, &base, scheme).await?);
+        b.close().await?;
+    }
+    server.abort();
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n\n"));
+    }
+    Ok(())
+}
 
-    // Every page is checked even when an earlier one fails, so one run lists everything to fix.
+/// Walks every main page (and the login error, the confirmation dialog and a phone-sized list)
+/// and returns the failures of the check, so one run lists everything to fix.
+async fn check_pages(b: &Browser, axe: &str, base: &str, scheme: &str) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    let mut check = async |page: &str| {
+        if let Err(e) = check(b, axe, &format!("{page} ({scheme})")).await {
+            failures.push(format!("{e:#}"));
+        }
+    };
     b.client.goto(&format!("{base}/#/login")).await?;
     b.wait_text("main h1", "Log in").await?;
-    if let Err(e) = check(&b, &axe, "login").await {
-        failures.push(e);
-    }
+    check("login").await;
     // The login page with an error shown: the alert is part of the page a user meets.
     b.fill("#login-user", "admin").await?;
     b.fill("#login-pass", "wrong").await?;
     b.click("form button[type=submit]").await?;
     b.wait_text("[role=alert]", "bad_credentials").await?;
-    if let Err(e) = check(&b, &axe, "login with an error").await {
-        failures.push(e);
-    }
+    check("login with an error").await;
 
-    b.login(&base, "admin", "admin").await?;
+    b.login(base, "admin", "admin").await?;
     let pages: &[(&str, &str, &str, &str)] = &[
         ("cluster", "#/cluster", "main table", "node-3"),
         ("VMs list", "#/vms", "#vm-table", "db-primary"),
@@ -164,39 +190,28 @@ async fn main_pages_have_no_serious_accessibility_violation() -> Result<()> {
     for (name, route, css, text) in pages {
         b.client.goto(&format!("{base}/{route}")).await?;
         b.wait_text(css, text).await?;
-        if let Err(e) = check(&b, &axe, name).await {
-            failures.push(e);
-        }
+        check(name).await;
     }
-    // VM detail: open the first VM of the list.
+    // VM detail, with its charts and the migration form: open the first VM of the list.
     b.client.goto(&format!("{base}/#/vms")).await?;
     b.wait_text("#vm-table", "db-primary").await?;
     b.click("#vm-table tbody a").await?;
     b.wait_text("main dl", "Epoch").await?;
-    if let Err(e) = check(&b, &axe, "VM detail").await {
-        failures.push(e);
-    }
+    b.wait_text(".charts", "CPU").await?;
+    b.click("#explain").await?;
+    b.wait_text("#placement", "reason").await?;
+    check("VM detail").await;
     // The confirmation dialog, open over the VM detail page.
-    b.click("main .actions button.danger").await?;
+    b.click("#vm-head .actions button.danger").await?;
     b.wait_text("#confirm-text", "Delete VM").await?;
-    if let Err(e) = check(&b, &axe, "delete confirmation").await {
-        failures.push(e);
-    }
+    check("delete confirmation").await;
     b.click("#confirm button[value=cancel]").await?;
 
     // A phone-sized window: the collapsed menu and card tables.
     b.client.set_window_size(390, 844).await?;
     b.client.goto(&format!("{base}/#/vms")).await?;
     b.wait_text("#vm-table", "db-primary").await?;
-    if let Err(e) = check(&b, &axe, "VMs list on a phone").await {
-        failures.push(e);
-    }
-
-    b.close().await?;
-    server.abort();
-    if !failures.is_empty() {
-        let all: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
-        bail!("{}", all.join("\n\n"));
-    }
-    Ok(())
+    check("VMs list on a phone").await;
+    b.client.set_window_size(1280, 900).await?;
+    Ok(failures)
 }

@@ -49,6 +49,15 @@ pub struct Browser {
 
 impl Browser {
     pub async fn start(chrome: &std::path::Path, driver: &std::path::Path) -> Result<Browser> {
+        Self::start_with(chrome, driver, &[]).await
+    }
+
+    /// Like [`Browser::start`] with extra Chromium flags (e.g. `--force-dark-mode`).
+    pub async fn start_with(
+        chrome: &std::path::Path,
+        driver: &std::path::Path,
+        extra_args: &[&str],
+    ) -> Result<Browser> {
         let port = free_port()?;
         let child = Command::new(driver)
             .arg(format!("--port={port}"))
@@ -57,6 +66,22 @@ impl Browser {
             .spawn()
             .context("starting chromedriver")?;
         let profile = tempfile::tempdir()?;
+        let mut args: Vec<String> = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,900",
+        ]
+        .iter()
+        .chain(extra_args)
+        .map(|a| a.to_string())
+        .collect();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
         let mut caps = serde_json::Map::new();
         // Flags measured on these machines: without the background-networking ones Chromium
         // keeps trying hosts that a closed network refuses.
@@ -64,11 +89,7 @@ impl Browser {
             "goog:chromeOptions".into(),
             serde_json::json!({
                 "binary": chrome.to_string_lossy(),
-                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                         "--no-first-run", "--disable-background-networking",
-                         "--disable-component-update", "--disable-sync",
-                         "--window-size=1280,900",
-                         format!("--user-data-dir={}", profile.path().display())],
+                "args": args,
             }),
         );
         let url = format!("http://127.0.0.1:{port}");
