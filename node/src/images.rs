@@ -348,4 +348,55 @@ impl NodeImages {
             last,
         })
     }
+
+    /// Removes the bytes of images the replica no longer has (deleted): installed images and
+    /// unfinished uploads or fetches. Only names that are image ids are touched, so files an
+    /// operator put in the store by hand stay. Returns how many were removed.
+    pub async fn collect_garbage(&self) -> Result<usize, FetchError> {
+        let gone = |name: &str| -> Result<bool, FetchError> {
+            Ok(uuid::Uuid::parse_str(name).is_ok()
+                && self.reader.get::<Image>(&image_key(name))?.is_none())
+        };
+        let mut removed = 0;
+        for info in self.store.list().await? {
+            if gone(&info.name)? {
+                self.store.delete(&info.name).await?;
+                removed += 1;
+            }
+        }
+        let uploads = self.store.root().join("uploads");
+        let mut entries = match tokio::fs::read_dir(&uploads).await {
+            Ok(e) => e,
+            Err(_) => return Ok(removed),
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".part") {
+                if gone(id)? {
+                    self.store.abort_import(id).await?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Runs [`NodeImages::collect_garbage`] every `every` until `stop` fires.
+pub async fn run_gc(
+    images: Arc<NodeImages>,
+    every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match images.collect_garbage().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed the bytes of deleted images"),
+            Err(e) => tracing::warn!(error = %e, "image garbage collection failed"),
+        }
+    }
 }

@@ -268,6 +268,11 @@ impl Node {
             let _ = std::fs::remove_file(dir.join(INIT_PENDING_FILE));
         }
 
+        tasks.push(tokio::spawn(crate::images::run_gc(
+            images.clone(),
+            Duration::from_secs(2),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(run_agent(
             control.clone(),
             config.clone(),
