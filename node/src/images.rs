@@ -7,7 +7,6 @@
 //! Only nodes with a certificate of the cluster CA reach these endpoints; tenancy is checked by
 //! the API node before it forwards anything.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,9 +100,6 @@ pub struct NodeImages {
     pub store: ImageStore,
     pub transport: Transport,
     pub reader: StateReader,
-    /// One lock per image being written here: the store checks a chunk's offset and then
-    /// appends, so two chunks racing for the same offset must not both pass the check.
-    pub locks: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for NodeImages {
@@ -127,21 +123,7 @@ impl NodeImages {
             .map_err(|e| e.to_string())
     }
 
-    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget locks nobody holds, so the map does not grow with every image ever uploaded.
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(id.to_string()).or_default().clone()
-    }
-
     async fn local(&self, call: UploadCall, data: &[u8]) -> UploadReply {
-        let id = match &call {
-            UploadCall::Offset { id }
-            | UploadCall::Write { id, .. }
-            | UploadCall::Finish { id, .. } => id.clone(),
-        };
-        let lock = self.lock_for(&id);
-        let _guard = lock.lock().await;
         match call {
             UploadCall::Offset { id } => reply_of(self.store.upload_offset(&id).await),
             UploadCall::Write { id, offset } => {

@@ -216,7 +216,6 @@ impl Node {
                 .context("cannot open the image store")?,
             transport: transport.clone(),
             reader: reader.clone(),
-            locks: Default::default(),
         });
         let hv: crate::console::SharedHypervisor = Arc::default();
         let stats = crate::stats::VmStatsStore::new(
