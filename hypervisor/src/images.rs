@@ -9,8 +9,10 @@
 //! Every file that appears under its final name got there by write to a temporary name, fsync,
 //! rename, fsync of the directory: a crash leaves either the old state or the new, never half.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -78,10 +80,16 @@ pub struct ImageInfo {
     pub path: PathBuf,
 }
 
-/// The image directory of one node.
+/// One lock per image name, shared by the clones of a store.
+type NameLocks = Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// The image directory of one node. Clones share the per-image locks that serialise writers
+/// of one import (a chunk's offset is checked and then appended, so two chunks racing for the
+/// same offset must not both pass the check).
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    locks: NameLocks,
 }
 
 /// Image and VM names are used as file names.
@@ -146,7 +154,10 @@ async fn blocking<T: Send + 'static>(
 impl ImageStore {
     /// Opens (creating if needed) the store at `root`.
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
-        let store = ImageStore { root: root.into() };
+        let store = ImageStore {
+            root: root.into(),
+            locks: NameLocks::default(),
+        };
         for dir in [store.images_dir(), store.uploads_dir(), store.vms_dir()] {
             tokio::fs::create_dir_all(&dir)
                 .await
@@ -157,6 +168,14 @@ impl ImageStore {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The lock of one image name; locks nobody holds are forgotten so the map stays small.
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        // A panic while holding this map's lock cannot leave it inconsistent (one insert).
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(name.to_string()).or_default().clone()
     }
 
     fn images_dir(&self) -> PathBuf {
@@ -207,6 +226,8 @@ impl ImageStore {
         offset: u64,
         data: &[u8],
     ) -> Result<u64, ImageError> {
+        let lock = self.lock_for(name);
+        let _writer = lock.lock().await;
         if tokio::fs::try_exists(self.image_path(name)?)
             .await
             .unwrap_or(false)
@@ -241,6 +262,8 @@ impl ImageStore {
         expected_sha256: &str,
     ) -> Result<ImageInfo, ImageError> {
         let final_path = self.image_path(name)?;
+        let lock = self.lock_for(name);
+        let _writer = lock.lock().await;
         let part = self.part_path(name);
         if !tokio::fs::try_exists(&part).await.unwrap_or(false) {
             return Err(ImageError::NotFound(name.to_string()));
@@ -304,6 +327,8 @@ impl ImageStore {
     /// Drops an unfinished import.
     pub async fn abort_import(&self, name: &str) -> Result<(), ImageError> {
         check_name(name)?;
+        let lock = self.lock_for(name);
+        let _writer = lock.lock().await;
         let part = self.part_path(name);
         match tokio::fs::remove_file(&part).await {
             Ok(()) => Ok(()),

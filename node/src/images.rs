@@ -7,7 +7,6 @@
 //! Only nodes with a certificate of the cluster CA reach these endpoints; tenancy is checked by
 //! the API node before it forwards anything.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,9 +100,6 @@ pub struct NodeImages {
     pub store: ImageStore,
     pub transport: Transport,
     pub reader: StateReader,
-    /// One lock per image being written here: the store checks a chunk's offset and then
-    /// appends, so two chunks racing for the same offset must not both pass the check.
-    pub locks: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for NodeImages {
@@ -127,21 +123,7 @@ impl NodeImages {
             .map_err(|e| e.to_string())
     }
 
-    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget locks nobody holds, so the map does not grow with every image ever uploaded.
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(id.to_string()).or_default().clone()
-    }
-
     async fn local(&self, call: UploadCall, data: &[u8]) -> UploadReply {
-        let id = match &call {
-            UploadCall::Offset { id }
-            | UploadCall::Write { id, .. }
-            | UploadCall::Finish { id, .. } => id.clone(),
-        };
-        let lock = self.lock_for(&id);
-        let _guard = lock.lock().await;
         match call {
             UploadCall::Offset { id } => reply_of(self.store.upload_offset(&id).await),
             UploadCall::Write { id, offset } => {
@@ -347,5 +329,56 @@ impl NodeImages {
             id: image_id.to_string(),
             last,
         })
+    }
+
+    /// Removes the bytes of images the replica no longer has (deleted): installed images and
+    /// unfinished uploads or fetches. Only names that are image ids are touched, so files an
+    /// operator put in the store by hand stay. Returns how many were removed.
+    pub async fn collect_garbage(&self) -> Result<usize, FetchError> {
+        let gone = |name: &str| -> Result<bool, FetchError> {
+            Ok(uuid::Uuid::parse_str(name).is_ok()
+                && self.reader.get::<Image>(&image_key(name))?.is_none())
+        };
+        let mut removed = 0;
+        for info in self.store.list().await? {
+            if gone(&info.name)? {
+                self.store.delete(&info.name).await?;
+                removed += 1;
+            }
+        }
+        let uploads = self.store.root().join("uploads");
+        let mut entries = match tokio::fs::read_dir(&uploads).await {
+            Ok(e) => e,
+            Err(_) => return Ok(removed),
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".part") {
+                if gone(id)? {
+                    self.store.abort_import(id).await?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Runs [`NodeImages::collect_garbage`] every `every` until `stop` fires.
+pub async fn run_gc(
+    images: Arc<NodeImages>,
+    every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match images.collect_garbage().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed the bytes of deleted images"),
+            Err(e) => tracing::warn!(error = %e, "image garbage collection failed"),
+        }
     }
 }

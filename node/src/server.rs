@@ -252,7 +252,6 @@ impl Node {
                 .context("cannot open the image store")?,
             transport: transport.clone(),
             reader: reader.clone(),
-            locks: Default::default(),
         });
         let hv: crate::console::SharedHypervisor = Arc::default();
         let stats = crate::stats::VmStatsStore::new(
@@ -304,6 +303,11 @@ impl Node {
             let _ = std::fs::remove_file(dir.join(INIT_PENDING_FILE));
         }
 
+        tasks.push(tokio::spawn(crate::images::run_gc(
+            images.clone(),
+            Duration::from_secs(2),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(run_agent(
             control.clone(),
             config.clone(),

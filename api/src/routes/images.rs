@@ -255,6 +255,42 @@ pub(crate) async fn get_one(
 }
 
 #[utoipa::path(
+    delete,
+    path = "/images/{id}",
+    tag = "images",
+    summary = "Delete an image no VM uses; nodes drop its bytes shortly after",
+    params(("id" = String, Path, description = "image id")),
+    responses((status = 204, description = "deleted")),
+    security(("bearer" = []))
+)]
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::Operator)?;
+    state
+        .cp
+        .read_barrier(crate::Consistency::Linearizable)
+        .await?;
+    let image = load(&state, &caller, &id)?;
+    // VMs' overlays are built on the image's file: refuse while one refers to it. A VM created
+    // concurrently with this check can still slip through; its node then fails to fetch the
+    // image and reports the VM failed.
+    for (_, v) in state.cp.scan(raft::keys::VM_PREFIX, None, usize::MAX)? {
+        let vm: raft::model::Vm = decode(&v)?;
+        if vm.image.as_deref() == Some(image.id.as_str()) {
+            return Err(ApiError::Conflict(format!(
+                "image {id} is used by vm {}",
+                vm.id
+            )));
+        }
+    }
+    propose(&state, &caller, None, Command::DeleteImage { id }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
     get,
     path = "/images/{id}/upload",
     tag = "images",

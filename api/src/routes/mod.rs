@@ -64,7 +64,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::console))
         .routes(routes!(vm_metrics::get_metrics))
         .routes(routes!(images::list, images::create))
-        .routes(routes!(images::get_one))
+        .routes(routes!(images::get_one, images::delete))
         .routes(routes!(images::upload_status, images::upload_chunk))
         .routes(routes!(images::finish))
         .routes(routes!(vms::get_operation))

@@ -178,6 +178,31 @@ async fn an_interrupted_upload_resumes_at_the_stored_offset_and_finishes() {
         StatusCode::NOT_FOUND,
         "tenant b has no image called disk"
     );
+
+    // In use by a VM: not deletable; another tenant cannot even see it.
+    let (s, v) = t
+        .call("DELETE", &format!("/api/v1/images/{id}"), Some(&a), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, _) = t
+        .call("DELETE", &format!("/api/v1/images/{id}"), Some(&b), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_unused_image_is_deleted_and_its_name_freed() {
+    let (t, _, a, _) = setup().await;
+    let id = create(&t, &a, "tmp", b"abc").await;
+    let (s, _) = t
+        .call("DELETE", &format!("/api/v1/images/{id}"), Some(&a), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = t
+        .call("GET", &format!("/api/v1/images/{id}"), Some(&a), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    create(&t, &a, "tmp", b"abc").await;
 }
 
 #[tokio::test]

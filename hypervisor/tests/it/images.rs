@@ -112,6 +112,34 @@ async fn an_interrupted_import_resumes_at_its_offset() {
     assert_eq!(store.upload_offset("big.img").await.unwrap(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunks_racing_for_one_offset_store_exactly_one() {
+    let (_dir, store) = store().await;
+    for round in 0..5 {
+        let name = format!("race-{round}");
+        let tasks: Vec<_> = (0..16u8)
+            .map(|k| {
+                let store = store.clone();
+                let name = name.clone();
+                tokio::spawn(async move { store.write_chunk(&name, 0, &[k; 4096]).await })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(end) => {
+                    assert_eq!(end, 4096);
+                    stored += 1;
+                }
+                Err(ImageError::OffsetMismatch { expected, .. }) => assert_eq!(expected, 4096),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(stored, 1, "round {round}");
+        assert_eq!(store.upload_offset(&name).await.unwrap(), 4096);
+    }
+}
+
 #[tokio::test]
 async fn names_that_are_not_file_names_are_refused() {
     let (_dir, store) = store().await;

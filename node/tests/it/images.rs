@@ -237,7 +237,24 @@ async fn upload_resumes_after_an_interruption_and_another_node_runs_a_vm_from_it
         (!overlay.exists()).then_some(())
     })
     .await?;
-    assert!(c.nodes[target].dir.join("images/images").join(&id).exists());
+    let copy_path = c.nodes[target].dir.join("images/images").join(&id);
+    assert!(copy_path.exists());
+
+    // Deleting the image removes its bytes from every node that held them.
+    let (s, v) = c
+        .request(
+            2,
+            reqwest::Method::DELETE,
+            &format!("/api/v1/images/{id}"),
+            None,
+        )
+        .await?;
+    assert_eq!(s, 204, "{v}");
+    let original = c.nodes[0].dir.join("images/images").join(&id);
+    eventually("the image bytes to go", Duration::from_secs(30), || async {
+        (!copy_path.exists() && !original.exists()).then_some(())
+    })
+    .await?;
     Ok(())
 }
 
