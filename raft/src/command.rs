@@ -194,6 +194,14 @@ pub enum Command {
         user_id: String,
         require: bool,
     },
+    /// The leader's liveness controller: the VM's node is down, so its state is unknown.
+    /// Ignored (refused as stale) unless the VM is still on `node` at `epoch`.
+    MarkVmUnknown {
+        id: String,
+        node: NodeId,
+        epoch: u64,
+        reason: String,
+    },
 }
 
 impl Command {
@@ -228,6 +236,7 @@ impl Command {
             Command::ConfirmTotp { .. } => "user.totp_confirm",
             Command::UseTotpStep { .. } => "user.totp_use",
             Command::SetRequireTotp { .. } => "user.require_totp",
+            Command::MarkVmUnknown { .. } => "vm.mark_unknown",
         }
     }
 }
