@@ -28,6 +28,8 @@ pub struct NodeExtensions {
     pub me: NodeId,
     pub reader: StateReader,
     pub hv: SharedHypervisor,
+    /// Answers heartbeats (while this node leads).
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -64,6 +66,12 @@ impl ExtensionHandler for NodeExtensions {
                         .await
                         .map_err(|e| ExtensionError::Refused(e.to_string()))?;
                     Ok(Vec::new())
+                }
+                crate::liveness::HEARTBEAT => {
+                    let hb: crate::liveness::Heartbeat = serde_json::from_slice(&body)
+                        .map_err(|e| ExtensionError::Refused(format!("bad heartbeat: {e}")))?;
+                    serde_json::to_vec(&self.liveness.handle(hb))
+                        .map_err(|e| ExtensionError::Refused(e.to_string()))
                 }
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }

@@ -26,6 +26,8 @@ pub struct NodeControl {
     pub metrics: RaftMetrics,
     pub started: Instant,
     pub hv: crate::console::SharedHypervisor,
+    /// Heartbeats, leases and the leader's verdict on each node.
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -33,19 +35,16 @@ fn internal(e: impl std::fmt::Display) -> ClusterError {
 }
 
 impl NodeControl {
-    /// The health of `id` as this node can judge it: exact on the leader (from its replication
-    /// contacts), and the leader's last committed verdict elsewhere.
+    /// The health of `id` as this node can judge it: exact on the leader (from the node's
+    /// heartbeats), and the leader's last committed verdict elsewhere.
     pub fn health(&self, id: NodeId, record: Option<&NodeRecord>, is_leader: bool) -> NodeState {
         if id == self.id {
             return NodeState::Up;
         }
         if is_leader {
-            return match self.transport.last_contact(id) {
-                Some(t) if t.elapsed() < self.tuning.suspect_after() => NodeState::Up,
-                Some(t) if t.elapsed() < self.tuning.voter_down_after() => NodeState::Suspect,
-                None if self.started.elapsed() < self.tuning.suspect_after() => NodeState::Up,
-                _ => NodeState::Down,
-            };
+            if let Some(state) = self.liveness.state_of(id) {
+                return state;
+            }
         }
         record.map(|r| r.state).unwrap_or(NodeState::Up)
     }
@@ -327,7 +326,9 @@ impl ControlPlane for NodeControl {
     }
 
     fn metrics_text(&self) -> String {
-        self.metrics.render()
+        let mut text = self.metrics.render();
+        text.push_str(&self.liveness.local.metrics_text());
+        text
     }
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod dev;
+pub mod liveness;
 pub mod membership;
 pub mod metrics;
 pub mod server;

@@ -33,6 +33,8 @@ use crate::metrics::RaftMetrics;
 const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
 const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7070";
 const INIT_PENDING_FILE: &str = "init-pending.json";
+/// Test-only: a file listing peer addresses whose traffic this node drops both ways.
+pub const PARTITION_FILE_ENV: &str = "NOVACRON_TEST_PARTITION_FILE";
 
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
@@ -179,12 +181,21 @@ impl Node {
             );
         };
 
+        config.tuning.validate()?;
         let store = Store::open(&dir.join("db"))?;
         let peer_addr: SocketAddr = config
             .peer_addr
             .parse()
             .with_context(|| format!("bad peer address {}", config.peer_addr))?;
-        let transport = Transport::bind(peer_addr, &identity)?;
+        let transport = Transport::bind_with(
+            peer_addr,
+            &identity,
+            raft::net::TransportConfig {
+                // Test-only fault injection; never stored in the node's settings.
+                partition_file: std::env::var_os(PARTITION_FILE_ENV).map(PathBuf::from),
+                ..Default::default()
+            },
+        )?;
         let actual_peer = transport.local_addr()?;
         if config.peer_addr != actual_peer.to_string() {
             config.peer_addr = actual_peer.to_string();
@@ -209,6 +220,11 @@ impl Node {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let hv: crate::console::SharedHypervisor = Arc::default();
+        let liveness = Arc::new(crate::liveness::Liveness::new(
+            config.node_id,
+            raft.clone(),
+            crate::liveness::Timers::from_tuning(&config.tuning),
+        ));
 
         {
             let transport = transport.clone();
@@ -218,6 +234,7 @@ impl Node {
                 me: config.node_id,
                 reader: reader.clone(),
                 hv: hv.clone(),
+                liveness: liveness.clone(),
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -239,6 +256,7 @@ impl Node {
             metrics: RaftMetrics::new(),
             started: Instant::now(),
             hv,
+            liveness,
         });
         control.metrics.register(Box::new(store.append_histogram()));
 
@@ -255,6 +273,18 @@ impl Node {
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(
+            control.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::liveness::run_heartbeats(
+            control.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::liveness::run_quorum_probe(
+            control.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::liveness::run_controller(
             control.clone(),
             stop_rx.clone(),
         )));
@@ -380,6 +410,7 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
         ctl.reader.clone(),
         ctl.cluster.clone(),
         agent_config,
+        ctl.liveness.clone(),
     );
     agent.run(stop).await;
 }
