@@ -327,7 +327,8 @@ impl ControlPlane for NodeControl {
 
     fn metrics_text(&self) -> String {
         let mut text = self.metrics.render();
-        text.push_str(&self.liveness.local.metrics_text());
+        let applied = *self.reader.applied_watch().borrow();
+        text.push_str(&self.liveness.local.metrics_text(applied));
         text
     }
 }

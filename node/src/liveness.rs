@@ -15,6 +15,11 @@
 //!   from before this leader started leading. By then every lease the node could hold, from
 //!   this leader or a predecessor, has ended. The restart goes through `PlaceVm`, which bumps
 //!   the VM's epoch, so the old node's agent refuses to run it when it comes back.
+//! - A lease carries the leader's applied index at the grant, and counts as held only once the
+//!   node's own replica has applied that far: a node coming back cannot start a VM from a
+//!   stale replica that still places it there. While the leader re-places a node's VMs it
+//!   grants that node nothing (checked under the same lock that records heartbeats), so every
+//!   later grant carries an index at or after the re-placement.
 //!
 //! What this module does not own: voter replacement (Raft replication health decides it, in
 //! `membership`), and placement policy beyond the interim [`choose_target`].
@@ -62,6 +67,10 @@ pub struct HeartbeatReply {
     /// The lease granted, in milliseconds from the moment the node sent the heartbeat; `None`
     /// when the receiver is not a leader with a fresh quorum confirmation.
     pub lease_ms: Option<u64>,
+    /// The leader's applied index at the grant: the lease is usable only once the node's
+    /// replica has applied this far.
+    #[serde(default)]
+    pub applied_index: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,9 +140,16 @@ pub fn lease_end(sent_at: Instant, granted: Duration, max: Duration) -> Instant 
     sent_at + granted.min(max)
 }
 
-pub fn lease_status(end: Option<Instant>, now: Instant) -> LeaseStatus {
+/// A lease is held while it runs and once the local replica has applied at least the index
+/// the leader had applied when it granted it.
+pub fn lease_status(
+    end: Option<Instant>,
+    needs_applied: u64,
+    now: Instant,
+    applied: u64,
+) -> LeaseStatus {
     match end {
-        Some(end) if now < end => LeaseStatus::Held,
+        Some(end) if now < end && applied >= needs_applied => LeaseStatus::Held,
         _ => LeaseStatus::Lapsed,
     }
 }
@@ -303,7 +319,8 @@ pub struct ObservedDomain {
 /// What this node knows about itself: its lease and what its agent last observed (the source
 /// of its heartbeats' load and of the `novacron_agent_domain_active` metric).
 pub struct LocalState {
-    lease_end: Mutex<Option<Instant>>,
+    /// End of the lease and the applied index it requires.
+    lease: Mutex<(Option<Instant>, u64)>,
     max_lease: Duration,
     /// Bumped each time a lapsed lease is granted again, so the agent wakes at once.
     regained: watch::Sender<u64>,
@@ -319,7 +336,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl LocalState {
     pub fn new(max_lease: Duration) -> Self {
         Self {
-            lease_end: Mutex::new(None),
+            lease: Mutex::new((None, 0)),
             max_lease,
             regained: watch::channel(0).0,
             capacity: Mutex::new(None),
@@ -327,28 +344,33 @@ impl LocalState {
         }
     }
 
-    /// Records a lease granted for `granted` in reply to a heartbeat sent at `sent_at`.
-    pub fn renew(&self, sent_at: Instant, granted: Duration) {
+    /// Records a lease granted for `granted` in reply to a heartbeat sent at `sent_at`, usable
+    /// once the replica has applied `applied_index`.
+    pub fn renew(&self, sent_at: Instant, granted: Duration, applied_index: u64) {
         let end = lease_end(sent_at, granted, self.max_lease);
         let now = Instant::now();
-        let mut cur = lock(&self.lease_end);
-        let was = lease_status(*cur, now);
-        // Replies may arrive out of order: a lease never moves backwards.
-        if cur.is_none_or(|c| end > c) {
-            *cur = Some(end);
+        let mut cur = lock(&self.lease);
+        let was_running = cur.0.is_some_and(|e| now < e);
+        // Replies may arrive out of order: a lease never moves backwards, and the index it
+        // requires never drops.
+        if cur.0.is_none_or(|c| end > c) {
+            cur.0 = Some(end);
         }
-        if was == LeaseStatus::Lapsed && lease_status(*cur, now) == LeaseStatus::Held {
+        cur.1 = cur.1.max(applied_index);
+        if !was_running && cur.0.is_some_and(|e| now < e) {
             drop(cur);
             self.regained.send_modify(|n| *n += 1);
         }
     }
 
     pub fn lease_end(&self) -> Option<Instant> {
-        *lock(&self.lease_end)
+        lock(&self.lease).0
     }
 
-    pub fn lease_status(&self, now: Instant) -> LeaseStatus {
-        lease_status(self.lease_end(), now)
+    /// Whether this node may run VMs now, given how far its replica has applied.
+    pub fn lease_status(&self, now: Instant, applied: u64) -> LeaseStatus {
+        let (end, needs) = *lock(&self.lease);
+        lease_status(end, needs, now, applied)
     }
 
     pub fn subscribe_regained(&self) -> watch::Receiver<u64> {
@@ -393,13 +415,13 @@ impl LocalState {
 
     /// Prometheus text: the lease and every domain of ours with its state, so tests and
     /// operators see each hypervisor's truth through the node that owns it.
-    pub fn metrics_text(&self) -> String {
+    pub fn metrics_text(&self, applied: u64) -> String {
         use std::fmt::Write;
         let now = Instant::now();
         let remaining = self
             .lease_end()
             .map_or(0, |e| e.saturating_duration_since(now).as_millis());
-        let held = u8::from(self.lease_status(now) == LeaseStatus::Held);
+        let held = u8::from(self.lease_status(now, applied) == LeaseStatus::Held);
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -432,6 +454,8 @@ struct LeaderView {
     /// Start of the last read-index round that a quorum confirmed.
     confirmed_at: Option<Instant>,
     beats: BTreeMap<NodeId, (Instant, Heartbeat)>,
+    /// Nodes whose VMs are being re-placed: they get no lease until that is committed.
+    recovering: BTreeSet<NodeId>,
 }
 
 /// Liveness of the cluster as the leader sees it, and this node's own [`LocalState`].
@@ -478,14 +502,47 @@ impl Liveness {
     pub fn handle(&self, hb: Heartbeat) -> HeartbeatReply {
         let now = Instant::now();
         let Some(term) = self.leading_term() else {
-            return HeartbeatReply { lease_ms: None };
+            return HeartbeatReply {
+                lease_ms: None,
+                applied_index: 0,
+            };
         };
+        let applied_index = self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
         let mut v = self.view_for(term, now);
-        let grant = may_grant(v.confirmed_at, now, self.timers.grant_window());
+        let grant = may_grant(v.confirmed_at, now, self.timers.grant_window())
+            && !v.recovering.contains(&hb.node);
         v.beats.insert(hb.node, (now, hb));
         HeartbeatReply {
             lease_ms: grant.then(|| self.timers.lease.as_millis() as u64),
+            applied_index,
         }
+    }
+
+    /// Starts re-placing `node`'s VMs if it is still silent for `lease + margin` (checked under
+    /// the lock that records heartbeats, so no grant can slip in between). Until
+    /// [`Self::end_recovery`], `node` is granted no lease.
+    pub fn begin_recovery(&self, node: NodeId) -> bool {
+        let now = Instant::now();
+        let Some(term) = self.leading_term() else {
+            return false;
+        };
+        let mut v = self.view_for(term, now);
+        let since = v.leading_since.unwrap_or(now);
+        let silent = silence(v.beats.get(&node).map(|(at, _)| *at), since, now);
+        if silent < self.timers.restart_after() {
+            return false;
+        }
+        v.recovering.insert(node);
+        true
+    }
+
+    pub fn end_recovery(&self, node: NodeId) {
+        lock(&self.view).recovering.remove(&node);
     }
 
     /// Confirms leadership with a quorum (a read-index round); leases are granted only while
@@ -575,10 +632,13 @@ pub async fn run_heartbeats(ctl: Arc<NodeControl>, mut stop: watch::Receiver<boo
         let hb = live.local.heartbeat(ctl.id);
         let sent_at = Instant::now();
         match send_heartbeat(&ctl, hb).await {
-            Ok(HeartbeatReply { lease_ms: Some(ms) }) => {
-                live.local.renew(sent_at, Duration::from_millis(ms))
-            }
-            Ok(HeartbeatReply { lease_ms: None }) => {
+            Ok(HeartbeatReply {
+                lease_ms: Some(ms),
+                applied_index,
+            }) => live
+                .local
+                .renew(sent_at, Duration::from_millis(ms), applied_index),
+            Ok(HeartbeatReply { lease_ms: None, .. }) => {
                 tracing::debug!("heartbeat answered without a lease");
             }
             Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
@@ -683,6 +743,32 @@ async fn controller_tick(ctl: &NodeControl) -> Result<(), LivenessError> {
         .map(|(_, v)| v)
         .collect();
     let plan = plan_recovery(&records, &vms, &silences, &live.capacities(), &live.timers);
+    let from_nodes: BTreeSet<NodeId> = plan
+        .iter()
+        .filter_map(|r| match r {
+            Recovery::Restart { from, .. } => Some(*from),
+            _ => None,
+        })
+        .collect();
+    let mut recovering = BTreeSet::new();
+    for node in from_nodes {
+        if live.begin_recovery(node) {
+            recovering.insert(node);
+        }
+    }
+    let result = recover(ctl, plan, &recovering, &silences).await;
+    for node in recovering {
+        live.end_recovery(node);
+    }
+    result
+}
+
+async fn recover(
+    ctl: &NodeControl,
+    plan: Vec<Recovery>,
+    recovering: &BTreeSet<NodeId>,
+    silences: &BTreeMap<NodeId, Duration>,
+) -> Result<(), LivenessError> {
     for step in plan {
         match step {
             Recovery::MarkUnknown { vm, node, epoch } => {
@@ -704,6 +790,10 @@ async fn controller_tick(ctl: &NodeControl) -> Result<(), LivenessError> {
                 from,
                 to,
             } => {
+                // The node spoke since the plan was made: it keeps its VMs.
+                if !recovering.contains(&from) {
+                    continue;
+                }
                 let silent = silences.get(&from).copied().unwrap_or_default();
                 let r = write(
                     ctl,
@@ -757,9 +847,17 @@ mod tests {
         // A leader configured with a longer lease cannot stretch this node's.
         assert_eq!(lease_end(sent, MS(9000), MS(1500)), sent + MS(1500));
         let end = Some(sent + MS(1500));
-        assert_eq!(lease_status(end, sent + MS(1499)), LeaseStatus::Held);
-        assert_eq!(lease_status(end, sent + MS(1500)), LeaseStatus::Lapsed);
-        assert_eq!(lease_status(None, sent), LeaseStatus::Lapsed);
+        assert_eq!(
+            lease_status(end, 10, sent + MS(1499), 10),
+            LeaseStatus::Held
+        );
+        assert_eq!(
+            lease_status(end, 10, sent + MS(1500), 10),
+            LeaseStatus::Lapsed
+        );
+        assert_eq!(lease_status(None, 0, sent, 10), LeaseStatus::Lapsed);
+        // A running lease is not usable from a replica behind the leader's grant.
+        assert_eq!(lease_status(end, 11, sent, 10), LeaseStatus::Lapsed);
     }
 
     #[test]
@@ -1001,14 +1099,17 @@ mod tests {
         let local = LocalState::new(MS(1000));
         let mut woken = local.subscribe_regained();
         let now = Instant::now();
-        assert_eq!(local.lease_status(now), LeaseStatus::Lapsed);
-        local.renew(now, MS(1000));
+        assert_eq!(local.lease_status(now, 0), LeaseStatus::Lapsed);
+        local.renew(now, MS(1000), 7);
         assert!(woken.has_changed().unwrap());
         woken.borrow_and_update();
-        assert_eq!(local.lease_status(now), LeaseStatus::Held);
-        // An older reply arriving late does not move the end backwards, nor wake anyone.
-        local.renew(now - MS(500), MS(1000));
+        assert_eq!(local.lease_status(now, 6), LeaseStatus::Lapsed);
+        assert_eq!(local.lease_status(now, 7), LeaseStatus::Held);
+        // An older reply arriving late does not move the end backwards, nor lower the index
+        // the lease requires, nor wake anyone.
+        local.renew(now - MS(500), MS(1000), 3);
         assert_eq!(local.lease_end(), Some(now + MS(1000)));
+        assert_eq!(local.lease_status(now, 6), LeaseStatus::Lapsed);
         assert!(!woken.has_changed().unwrap());
     }
 }

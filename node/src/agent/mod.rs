@@ -167,6 +167,13 @@ impl Agent {
         }
     }
 
+    /// Whether this node may run VMs now: a running lease, and a replica at least as fresh as
+    /// the leader's when it granted it.
+    fn lease_status(&self) -> LeaseStatus {
+        let applied = *self.reader.applied_watch().borrow();
+        self.liveness.local.lease_status(Instant::now(), applied)
+    }
+
     /// Publishes the domains of ours just listed (with what their VMs reserve).
     fn publish(&self, vms: &[Vm], domains: &[hypervisor::DomainInfo]) {
         let observed = domains
@@ -212,7 +219,7 @@ impl Agent {
             .collect();
         let domains = self.hv.list().await?;
         self.publish(&vms, &domains);
-        let lease = self.liveness.local.lease_status(Instant::now());
+        let lease = self.lease_status();
         let (actions, refused) =
             plan::plan(self.me, &self.owner, &vms, &domains, &self.acted, lease);
         if lease == LeaseStatus::Lapsed
@@ -265,7 +272,7 @@ impl Agent {
             }
             Action::Start { vm } => {
                 // The lease may have ended since the plan was made (a slow earlier action).
-                if self.liveness.local.lease_status(Instant::now()) == LeaseStatus::Lapsed {
+                if self.lease_status() == LeaseStatus::Lapsed {
                     return Ok(());
                 }
                 self.hv.start(&name(vm)).await?;

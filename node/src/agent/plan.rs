@@ -80,6 +80,9 @@ pub fn plan(
     lease: LeaseStatus,
 ) -> (Vec<Action>, Vec<String>) {
     let leased = lease == LeaseStatus::Held;
+    // Fencing destroys go first, before any report (a report may wait on an unreachable
+    // leader until it times out).
+    let mut fence = Vec::new();
     let mut actions = Vec::new();
     let mut refused = Vec::new();
     // Only domains this agent defined count: another node or cluster sharing this libvirtd
@@ -115,7 +118,7 @@ pub fn plan(
         // Fencing first: an HA VM may run elsewhere once this lease is over, so it stops now,
         // hard (a graceful shutdown could outlive the margin the leader waits).
         if !leased && vm.ha && domain.is_some_and(|d| d.state.is_active()) {
-            actions.push(Action::Destroy { vm: vm.id.clone() });
+            fence.push(Action::Destroy { vm: vm.id.clone() });
             if vm.state != VmState::Stopped {
                 actions.push(Action::Report {
                     vm: vm.id.clone(),
@@ -170,7 +173,8 @@ pub fn plan(
             });
         }
     }
-    (actions, refused)
+    fence.extend(actions);
+    (fence, refused)
 }
 
 #[cfg(test)]
@@ -402,6 +406,32 @@ mod tests {
                     Action::Destroy { vm: "a".into() },
                     Action::Report {
                         vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Stopped,
+                    },
+                ],
+            ),
+            (
+                "lapsed: every HA VM is destroyed before anything is reported",
+                Lapsed,
+                vec![
+                    ha(vm("a", Some(1), 1, WantRun, VmState::Running)),
+                    ha(vm("b", Some(1), 1, WantRun, VmState::Running)),
+                ],
+                vec![
+                    dom("a", DomainState::Running, 1),
+                    dom("b", DomainState::Running, 1),
+                ],
+                vec![
+                    Action::Destroy { vm: "a".into() },
+                    Action::Destroy { vm: "b".into() },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Stopped,
+                    },
+                    Action::Report {
+                        vm: "b".into(),
                         epoch: 1,
                         state: VmState::Stopped,
                     },

@@ -448,8 +448,21 @@ impl Server {
         loop {
             tokio::select! {
                 accepted = conn.accept_bi() => match accepted {
-                    // A partitioned peer's stream is dropped unread, which resets it.
-                    Ok(_) if self.partition.as_ref().is_some_and(|p| p.blocks(peer)) => {}
+                    // A partitioned peer's stream is swallowed: read, never answered, held
+                    // until the caller gives up, like packets lost on the wire. (A reset
+                    // would come back at once and make the caller retry in a tight loop.)
+                    Ok((send, mut recv))
+                        if self.partition.as_ref().is_some_and(|p| p.blocks(peer)) =>
+                    {
+                        let (hold, limit) = (self.config.server_read_timeout, self.config.max_message);
+                        streams.spawn(async move {
+                            let swallow = async {
+                                let _ = recv.read_to_end(limit).await;
+                                let _ = send.stopped().await;
+                            };
+                            let _ = tokio::time::timeout(hold, swallow).await;
+                        });
+                    }
                     Ok((send, recv)) => {
                         let this = self.clone();
                         streams.spawn(async move { this.stream(peer, send, recv).await });
