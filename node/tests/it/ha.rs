@@ -112,16 +112,6 @@ async fn scenario(partition_leader: bool) -> anyhow::Result<()> {
     let result = run(&c, partition_leader).await;
     if result.is_err() {
         c.dump_logs();
-        for n in &c.nodes {
-            let _ = std::fs::copy(
-                n.dir.with_extension("log"),
-                format!(
-                    "/tmp/ha/{}-{}.log",
-                    if partition_leader { "L" } else { "F" },
-                    n.name
-                ),
-            );
-        } // TEMP
     }
     result
 }
