@@ -518,7 +518,7 @@ impl Liveness {
             && !v.recovering.contains(&hb.node);
         v.beats.insert(hb.node, (now, hb));
         HeartbeatReply {
-            lease_ms: grant.then(|| self.timers.lease.as_millis() as u64),
+            lease_ms: grant.then_some(self.timers.lease.as_millis() as u64),
             applied_index,
         }
     }
