@@ -158,7 +158,17 @@ impl ControlPlane for NodeControl {
         let m = self.raft.metrics().borrow().clone();
         let is_leader = m.current_leader == Some(self.id);
         let membership = m.membership_config.membership();
-        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        // During a membership change (joint consensus) a node counts as a voter only once it is
+        // one in every configuration: then "3 voters" means a quorum survives any one loss.
+        let voters: std::collections::BTreeSet<NodeId> =
+            membership.get_joint_config().iter().skip(1).fold(
+                membership
+                    .get_joint_config()
+                    .first()
+                    .cloned()
+                    .unwrap_or_default(),
+                |acc, c| acc.intersection(c).copied().collect(),
+            );
         let records = self.reader.nodes().map_err(internal)?;
         let matched = m.replication.clone().unwrap_or_default();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);

@@ -162,6 +162,8 @@ pub fn may_grant(confirmed_at: Option<Instant>, now: Instant, window: Duration) 
 
 /// How long the leader counts a node as silent: since its last heartbeat, but never since
 /// before this leader began leading (it cannot know what its predecessor saw or granted).
+/// `leading_since` may be later (the first time this leader looked at a node that joined
+/// during its leadership): starting later only delays verdicts, never hastens a restart.
 pub fn silence(last_beat: Option<Instant>, leading_since: Instant, now: Instant) -> Duration {
     let from = last_beat.map_or(leading_since, |b| b.max(leading_since));
     now.saturating_duration_since(from)
@@ -454,6 +456,9 @@ struct LeaderView {
     /// Start of the last read-index round that a quorum confirmed.
     confirmed_at: Option<Instant>,
     beats: BTreeMap<NodeId, (Instant, Heartbeat)>,
+    /// When this leader first looked at each node: a node that joined during this leadership
+    /// is not silent since before it existed.
+    first_seen: BTreeMap<NodeId, Instant>,
     /// Nodes whose VMs are being re-placed: they get no lease until that is committed.
     recovering: BTreeSet<NodeId>,
 }
@@ -533,7 +538,8 @@ impl Liveness {
         };
         let mut v = self.view_for(term, now);
         let since = v.leading_since.unwrap_or(now);
-        let silent = silence(v.beats.get(&node).map(|(at, _)| *at), since, now);
+        let first = *v.first_seen.entry(node).or_insert(now);
+        let silent = silence(v.beats.get(&node).map(|(at, _)| *at), since.max(first), now);
         if silent < self.timers.restart_after() {
             return false;
         }
@@ -568,7 +574,7 @@ impl Liveness {
         let Some(term) = self.leading_term() else {
             return BTreeMap::new();
         };
-        let v = self.view_for(term, now);
+        let mut v = self.view_for(term, now);
         let since = v.leading_since.unwrap_or(now);
         nodes
             .into_iter()
@@ -576,7 +582,8 @@ impl Liveness {
                 let s = if id == self.me {
                     Duration::ZERO
                 } else {
-                    silence(v.beats.get(&id).map(|(at, _)| *at), since, now)
+                    let first = *v.first_seen.entry(id).or_insert(now);
+                    silence(v.beats.get(&id).map(|(at, _)| *at), since.max(first), now)
                 };
                 (id, s)
             })

@@ -279,9 +279,16 @@ impl Agent {
                 self.liveness.local.mark(vm, true);
             }
             Action::Shutdown { vm } => {
-                self.hv
-                    .shutdown(&name(vm), self.config.shutdown_timeout)
-                    .await?;
+                // An HA VM's graceful stop never outlives the lease: at its end the VM is
+                // destroyed, as fencing requires, instead of waiting for the guest.
+                let mut wait = self.config.shutdown_timeout;
+                if vms.get(vm.as_str()).is_some_and(|v| v.ha) {
+                    let left = self.liveness.local.lease_end().map_or(Duration::ZERO, |e| {
+                        e.saturating_duration_since(Instant::now())
+                    });
+                    wait = wait.min(left);
+                }
+                self.hv.shutdown(&name(vm), wait).await?;
                 self.liveness.local.mark(vm, false);
             }
             Action::Destroy { vm } => {
