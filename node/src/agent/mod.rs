@@ -153,12 +153,18 @@ impl Agent {
         let req = Request::new(api::now_ms(), format!("node:{}", self.me), command);
         // Never wait past the lease: the pass after its end must run on time to fence.
         let now = Instant::now();
-        let wait = self
+        // With a running lease, up to its end exactly; without one (its HA VMs are already
+        // destroyed: fencing actions run first), a short bounded try.
+        let left = self
             .liveness
             .local
             .lease_end()
-            .map_or(Duration::ZERO, |e| e.saturating_duration_since(now))
-            .max(Duration::from_millis(500));
+            .map_or(Duration::ZERO, |e| e.saturating_duration_since(now));
+        let wait = if left.is_zero() {
+            Duration::from_millis(500)
+        } else {
+            left
+        };
         match tokio::time::timeout(wait, self.cluster.write(req)).await {
             Ok(r) => r
                 .map(|(_, r)| r)
