@@ -45,6 +45,8 @@ pub mod schemas {
         Migrating,
         Failed,
         Deleting,
+        /// Its node is down; what it does there is not known.
+        Unknown,
     }
 
     #[derive(ToSchema)]

@@ -21,6 +21,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("invalid tuning: {0}")]
+    Invalid(String),
     #[error("{path} is not a valid node configuration: {source}")]
     Parse {
         path: PathBuf,
@@ -72,8 +74,24 @@ pub struct Tuning {
     pub keep_after_snapshot: u64,
     /// A voter unreachable from the leader this long is replaced by a healthy learner.
     pub voter_down_after_ms: u64,
-    /// A node unreachable this long is marked suspect.
+    /// A node whose heartbeats stopped this long is marked suspect.
     pub suspect_after_ms: u64,
+    /// Every node sends the leader a heartbeat (capacity, load) this often, over QUIC, not
+    /// through Raft; the reply renews its fencing lease.
+    #[serde(default = "default_node_heartbeat_ms")]
+    pub node_heartbeat_ms: u64,
+    /// A node whose heartbeats stopped this long is marked down (through Raft).
+    #[serde(default = "default_node_down_after_ms")]
+    pub node_down_after_ms: u64,
+    /// How long a granted lease lasts, from the moment the node SENT the heartbeat, on its own
+    /// clock. A node without a valid lease destroys its HA VMs and starts nothing.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Extra wait after `lease_ms` before the leader restarts a down node's HA VMs elsewhere:
+    /// covers clock-rate drift and a predecessor leader's last grants. The leader grants
+    /// leases only while its leadership was confirmed by a quorum within half of this.
+    #[serde(default = "default_lease_margin_ms")]
+    pub lease_margin_ms: u64,
     /// How often the statistics of local VMs are sampled.
     #[serde(default = "default_stats_interval_ms")]
     pub stats_interval_ms: u64,
@@ -81,6 +99,19 @@ pub struct Tuning {
 
 fn default_stats_interval_ms() -> u64 {
     5_000
+}
+
+fn default_node_heartbeat_ms() -> u64 {
+    500
+}
+fn default_node_down_after_ms() -> u64 {
+    5_000
+}
+fn default_lease_ms() -> u64 {
+    5_000
+}
+fn default_lease_margin_ms() -> u64 {
+    2_000
 }
 
 impl Default for Tuning {
@@ -94,6 +125,10 @@ impl Default for Tuning {
             voter_down_after_ms: 30_000,
             suspect_after_ms: 2_000,
             stats_interval_ms: default_stats_interval_ms(),
+            node_heartbeat_ms: default_node_heartbeat_ms(),
+            node_down_after_ms: default_node_down_after_ms(),
+            lease_ms: default_lease_ms(),
+            lease_margin_ms: default_lease_margin_ms(),
         }
     }
 }
@@ -104,6 +139,33 @@ impl Tuning {
     }
     pub fn suspect_after(&self) -> Duration {
         Duration::from_millis(self.suspect_after_ms)
+    }
+
+    /// Refuses timer combinations under which leases could not be renewed in time or the
+    /// leader could restart a VM before its old node has fenced it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |why: String| Err(ConfigError::Invalid(why));
+        if self.node_heartbeat_ms == 0 {
+            return invalid("node_heartbeat_ms must be positive".into());
+        }
+        if self.lease_ms < 3 * self.node_heartbeat_ms {
+            return invalid(format!(
+                "lease_ms ({}) must be at least 3 heartbeats ({} ms each)",
+                self.lease_ms, self.node_heartbeat_ms
+            ));
+        }
+        // The leader grants only with a quorum confirmation younger than margin/2, and it
+        // probes once per heartbeat: the margin must hold a few probes.
+        if self.lease_margin_ms < 4 * self.node_heartbeat_ms {
+            return invalid(format!(
+                "lease_margin_ms ({}) must be at least 4 heartbeats ({} ms each)",
+                self.lease_margin_ms, self.node_heartbeat_ms
+            ));
+        }
+        if self.node_down_after_ms < self.suspect_after_ms {
+            return invalid("node_down_after_ms must not be below suspect_after_ms".into());
+        }
+        Ok(())
     }
 }
 
@@ -185,11 +247,35 @@ mod tests {
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(NodeConfig::load(dir.path()).unwrap(), cfg);
+        assert!(cfg.tuning.validate().is_ok());
 
         use std::os::unix::fs::PermissionsExt;
         let p = dir.path().join(ADMIN_PASSWORD_FILE);
         write_atomic(&p, b"pw", 0o600).unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn tuning_without_liveness_fields_takes_their_defaults_and_bad_timers_are_refused() {
+        let t: Tuning = serde_json::from_str(
+            r#"{"heartbeat_ms":100,"election_min_ms":400,"election_max_ms":800,
+                "snapshot_every":10,"keep_after_snapshot":5,"voter_down_after_ms":1000,
+                "suspect_after_ms":1000}"#,
+        )
+        .unwrap();
+        assert_eq!(t.lease_ms, default_lease_ms());
+        assert_eq!(t.node_heartbeat_ms, default_node_heartbeat_ms());
+        assert!(t.validate().is_ok());
+        let short_lease = Tuning {
+            lease_ms: 2 * t.node_heartbeat_ms,
+            ..t.clone()
+        };
+        assert!(short_lease.validate().is_err());
+        let short_margin = Tuning {
+            lease_margin_ms: t.node_heartbeat_ms,
+            ..t
+        };
+        assert!(short_margin.validate().is_err());
     }
 }

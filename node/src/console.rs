@@ -42,6 +42,8 @@ pub struct NodeExtensions {
     pub hv: SharedHypervisor,
     pub stats: crate::stats::VmStatsStore,
     pub images: Arc<crate::images::NodeImages>,
+    /// Answers heartbeats (while this node leads).
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -94,6 +96,12 @@ impl ExtensionHandler for NodeExtensions {
                     }
                     let metrics = self.stats.metrics(&req.vm_id, req.since_ms);
                     serde_json::to_vec(&metrics).map_err(|e| ExtensionError::Refused(e.to_string()))
+                }
+                crate::liveness::HEARTBEAT => {
+                    let hb: crate::liveness::Heartbeat = serde_json::from_slice(&body)
+                        .map_err(|e| ExtensionError::Refused(format!("bad heartbeat: {e}")))?;
+                    serde_json::to_vec(&self.liveness.handle(hb))
+                        .map_err(|e| ExtensionError::Refused(e.to_string()))
                 }
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }

@@ -28,6 +28,8 @@ pub struct NodeControl {
     pub hv: crate::console::SharedHypervisor,
     pub stats: crate::stats::VmStatsStore,
     pub images: Arc<crate::images::NodeImages>,
+    /// Heartbeats, leases and the leader's verdict on each node.
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -70,19 +72,16 @@ pub async fn add_learner_when_free(
 }
 
 impl NodeControl {
-    /// The health of `id` as this node can judge it: exact on the leader (from its replication
-    /// contacts), and the leader's last committed verdict elsewhere.
+    /// The health of `id` as this node can judge it: exact on the leader (from the node's
+    /// heartbeats), and the leader's last committed verdict elsewhere.
     pub fn health(&self, id: NodeId, record: Option<&NodeRecord>, is_leader: bool) -> NodeState {
         if id == self.id {
             return NodeState::Up;
         }
         if is_leader {
-            return match self.transport.last_contact(id) {
-                Some(t) if t.elapsed() < self.tuning.suspect_after() => NodeState::Up,
-                Some(t) if t.elapsed() < self.tuning.voter_down_after() => NodeState::Suspect,
-                None if self.started.elapsed() < self.tuning.suspect_after() => NodeState::Up,
-                _ => NodeState::Down,
-            };
+            if let Some(state) = self.liveness.state_of(id) {
+                return state;
+            }
         }
         record.map(|r| r.state).unwrap_or(NodeState::Up)
     }
@@ -196,7 +195,17 @@ impl ControlPlane for NodeControl {
         let m = self.raft.metrics().borrow().clone();
         let is_leader = m.current_leader == Some(self.id);
         let membership = m.membership_config.membership();
-        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        // During a membership change (joint consensus) a node counts as a voter only once it is
+        // one in every configuration: then "3 voters" means a quorum survives any one loss.
+        let voters: std::collections::BTreeSet<NodeId> =
+            membership.get_joint_config().iter().skip(1).fold(
+                membership
+                    .get_joint_config()
+                    .first()
+                    .cloned()
+                    .unwrap_or_default(),
+                |acc, c| acc.intersection(c).copied().collect(),
+            );
         let records = self.reader.nodes().map_err(internal)?;
         let matched = m.replication.clone().unwrap_or_default();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
@@ -438,6 +447,8 @@ impl ControlPlane for NodeControl {
     fn metrics_text(&self) -> String {
         let mut text = self.metrics.render();
         text.push_str(&self.stats.render());
+        let applied = *self.reader.applied_watch().borrow();
+        text.push_str(&self.liveness.local.metrics_text(applied));
         text
     }
 }

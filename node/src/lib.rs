@@ -12,6 +12,7 @@ pub mod control;
 pub mod dev;
 pub mod image_client;
 pub mod images;
+pub mod liveness;
 pub mod membership;
 pub mod metrics;
 pub mod server;

@@ -1,6 +1,7 @@
 //! The leader's membership controller: keeps the number of voters at its target, replaces
-//! voters that have been unreachable too long with healthy learners, removes removed nodes,
-//! and commits changes of node health (up, suspect, down) through Raft.
+//! voters that have been unreachable too long with healthy learners, and removes removed nodes.
+//! Reachability here is Raft replication health; node liveness (up, suspect, down) comes from
+//! heartbeats and is committed by `liveness`.
 //!
 //! It runs on every node but acts only while that node leads. It makes at most one membership
 //! change per tick, so each change is committed before the next is decided.
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ChangeMembers;
-use raft::{Command, NodeId, Request};
+use raft::NodeId;
 
 use crate::control::NodeControl;
 
@@ -155,25 +156,6 @@ async fn tick_once(
                 dead.insert(*id);
             }
             _ => {}
-        }
-    }
-
-    // Commit changes of health; followers show these in `cluster status`.
-    for record in records.iter().filter(|r| !r.removed && r.id != ctl.id) {
-        let now = ctl.health(record.id, Some(record), true);
-        if now != record.state {
-            let state = now;
-            tracing::info!(node = record.id, ?state, "node health changed");
-            ctl.cluster
-                .write(Request::new(
-                    api::now_ms(),
-                    format!("node:{}", ctl.id),
-                    Command::SetNodeState {
-                        id: record.id,
-                        state,
-                    },
-                ))
-                .await?;
         }
     }
 

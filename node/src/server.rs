@@ -34,6 +34,8 @@ use crate::metrics::RaftMetrics;
 const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
 const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7070";
 const INIT_PENDING_FILE: &str = "init-pending.json";
+/// Test-only: a file listing peer addresses whose traffic this node drops both ways.
+pub const PARTITION_FILE_ENV: &str = "NOVACRON_TEST_PARTITION_FILE";
 
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
@@ -216,12 +218,21 @@ impl Node {
             );
         };
 
+        config.tuning.validate()?;
         let store = Store::open(&dir.join("db"))?;
         let peer_addr: SocketAddr = config
             .peer_addr
             .parse()
             .with_context(|| format!("bad peer address {}", config.peer_addr))?;
-        let transport = Transport::bind(peer_addr, &identity)?;
+        let transport = Transport::bind_with(
+            peer_addr,
+            &identity,
+            raft::net::TransportConfig {
+                // Test-only fault injection; never stored in the node's settings.
+                partition_file: std::env::var_os(PARTITION_FILE_ENV).map(PathBuf::from),
+                ..Default::default()
+            },
+        )?;
         let actual_peer = transport.local_addr()?;
         if config.peer_addr != actual_peer.to_string() {
             config.peer_addr = actual_peer.to_string();
@@ -259,6 +270,11 @@ impl Node {
             Duration::from_millis(config.tuning.stats_interval_ms.max(100)),
             crate::stats::DEFAULT_CAPACITY,
         );
+        let liveness = Arc::new(crate::liveness::Liveness::new(
+            config.node_id,
+            raft.clone(),
+            crate::liveness::Timers::from_tuning(&config.tuning),
+        ));
 
         {
             let transport = transport.clone();
@@ -270,6 +286,7 @@ impl Node {
                 hv: hv.clone(),
                 stats: stats.clone(),
                 images: images.clone(),
+                liveness: liveness.clone(),
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -293,6 +310,7 @@ impl Node {
             hv: hv.clone(),
             stats: stats.clone(),
             images: images.clone(),
+            liveness,
         });
         control.metrics.register(Box::new(store.append_histogram()));
 
@@ -321,6 +339,18 @@ impl Node {
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(
+            control.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::liveness::run_heartbeats(
+            control.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::liveness::run_quorum_probe(
+            control.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::liveness::run_controller(
             control.clone(),
             stop_rx.clone(),
         )));
@@ -452,6 +482,7 @@ async fn run_agent(
         ctl.reader.clone(),
         ctl.cluster.clone(),
         agent_config,
+        ctl.liveness.clone(),
     );
     agent.run(stop).await;
 }

@@ -565,6 +565,33 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
         Command::CreateImage { .. } | Command::ImageStored { .. } | Command::DeleteImage { .. } => {
             Ok(reject(RejectCode::Invalid, "image command not handled"))
         }
+        Command::MarkVmUnknown {
+            id,
+            node,
+            epoch,
+            reason: _,
+        } => {
+            let Some(mut vm) = get::<Vm>(tx, &keys::vm(id))? else {
+                return Ok(reject(RejectCode::NotFound, format!("vm {id} not found")));
+            };
+            // Like a report: only about the placement the leader saw, never a newer one.
+            if *epoch != vm.epoch || vm.node != Some(*node) {
+                return Ok(reject(
+                    RejectCode::StaleEpoch,
+                    format!("VM {id} is no longer on node {node} at epoch {epoch}"),
+                ));
+            }
+            if vm.state != VmState::Deleting && vm.state != VmState::Unknown {
+                vm.state = VmState::Unknown;
+                vm.updated_at = at;
+                vm.version += 1;
+                put(tx, &keys::vm(id), &vm)?;
+            }
+            Ok(Response::Vm {
+                vm,
+                operation: None,
+            })
+        }
     }
 }
 
@@ -815,7 +842,8 @@ fn target_of(cmd: &Command, response: &Response) -> String {
             | Command::DeleteVm { id, .. }
             | Command::PlaceVm { id, .. }
             | Command::ReportVm { id, .. }
-            | Command::PurgeVm { id, .. },
+            | Command::PurgeVm { id, .. }
+            | Command::MarkVmUnknown { id, .. },
             _,
         ) => format!("vm/{id}"),
         (Command::FinishOperation { id, .. }, _) => format!("operation/{id}"),
@@ -1280,6 +1308,63 @@ mod tests {
         // Deleting the user removes its second factor too.
         run(&st, Command::DeleteUser { id: "u1".into() });
         assert!(st.get(&keys::user_security("u1")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_vm_of_a_down_node_is_marked_unknown_only_at_its_current_placement() {
+        let st = MemState::default();
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
+        let m = |n: &str| crate::model::Member {
+            name: n.into(),
+            api_addr: "a".into(),
+            peer_addr: "p".into(),
+        };
+        run(&st, Command::RegisterNode { member: m("n1") });
+        run(
+            &st,
+            Command::CreateVm {
+                vm: vm("a", "t1", Some(1)),
+                operation: op("o1"),
+            },
+        );
+        let current: Vm = get(&st, &keys::vm("a")).unwrap().unwrap();
+        let mark = |node, epoch| Command::MarkVmUnknown {
+            id: "a".into(),
+            node,
+            epoch,
+            reason: "node down".into(),
+        };
+        for (node, epoch) in [(2, current.epoch), (1, current.epoch + 1)] {
+            assert!(matches!(
+                run(&st, mark(node, epoch)),
+                Response::Rejected {
+                    code: RejectCode::StaleEpoch,
+                    ..
+                }
+            ));
+        }
+        let Response::Vm { vm: marked, .. } = run(&st, mark(1, current.epoch)) else {
+            panic!("not marked")
+        };
+        assert_eq!(marked.state, VmState::Unknown);
+        assert_eq!(marked.version, current.version + 1);
+        // The node's agent, back, reports what it sees and the state is known again.
+        let back = run(
+            &st,
+            Command::ReportVm {
+                id: "a".into(),
+                node: 1,
+                epoch: current.epoch,
+                state: VmState::Running,
+                error: None,
+            },
+        );
+        assert!(matches!(back, Response::Vm { vm, .. } if vm.state == VmState::Running));
     }
 
     #[test]

@@ -206,6 +206,14 @@ pub enum Command {
     DeleteImage {
         id: String,
     },
+    /// The leader's liveness controller: the VM's node is down, so its state is unknown.
+    /// Ignored (refused as stale) unless the VM is still on `node` at `epoch`.
+    MarkVmUnknown {
+        id: String,
+        node: NodeId,
+        epoch: u64,
+        reason: String,
+    },
 }
 
 impl Command {
@@ -243,6 +251,7 @@ impl Command {
             Command::CreateImage { .. } => "image.create",
             Command::ImageStored { .. } => "image.stored",
             Command::DeleteImage { .. } => "image.delete",
+            Command::MarkVmUnknown { .. } => "vm.mark_unknown",
         }
     }
 }

@@ -268,6 +268,9 @@ pub enum VmState {
     Migrating,
     Failed,
     Deleting,
+    /// Its node is down: the cluster cannot know whether it still runs (non-HA VMs stay
+    /// placed there; the node's agent reports the truth when it comes back).
+    Unknown,
 }
 
 #[derive(

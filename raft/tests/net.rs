@@ -23,7 +23,7 @@ use openraft::{
 };
 use raft::net::{
     Cluster, ClusterConfig, ErrorCode, ExtensionError, ExtensionHandler, NetError, NoExtensions,
-    Transport,
+    Transport, TransportConfig,
 };
 use raft::tls::{generate_ca, CaBundle, NodeIdentity};
 use raft::{Command, Member, NodeId, Raft, Request, Response, TypeConfig};
@@ -142,6 +142,69 @@ impl ExtensionHandler for TunnelEcho {
             let _ = send.finish();
         })
     }
+}
+
+/// The test-only partition file cuts a link both ways from one side: the partitioned node's
+/// calls fail before sending, the peer's calls get no answer (and reach no handler), and
+/// removing the file heals the link.
+#[tokio::test]
+async fn the_partition_file_cuts_a_link_both_ways_and_heals() -> anyhow::Result<()> {
+    let ca = generate_ca("c1")?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("partition");
+    let quick = TransportConfig {
+        rpc_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let a = Transport::bind_with(
+        localhost(),
+        &NodeIdentity::issue(&ca, "a")?,
+        TransportConfig {
+            partition_file: Some(file.clone()),
+            ..quick.clone()
+        },
+    )?;
+    let b = Transport::bind_with(localhost(), &NodeIdentity::issue(&ca, "b")?, quick)?;
+    let echo_a = Arc::new(Echo::default());
+    let _stop_a = serve_ext(&a, echo_a.clone());
+    let _stop_b = serve_ext(&b, Arc::new(Echo::default()));
+    b.call_extension(a.local_addr()?, "echo", vec![]).await?;
+    let before = echo_a.calls.load(Ordering::SeqCst);
+
+    std::fs::write(&file, format!("{}\n", b.local_addr()?))?;
+    // The file is re-read within its refresh period: wait for the cut, not a fixed time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match a.call_extension(b.local_addr()?, "echo", vec![]).await {
+            Err(e) if e.certainly_not_sent() => break,
+            other => {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "never cut: {other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    match b.call_extension(a.local_addr()?, "echo", vec![]).await {
+        Err(NetError::Timeout(_)) => {}
+        other => panic!("a partitioned peer must not answer: {other:?}"),
+    }
+    assert_eq!(
+        echo_a.calls.load(Ordering::SeqCst),
+        before,
+        "a handler ran across the cut"
+    );
+
+    std::fs::remove_file(&file)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a
+        .call_extension(b.local_addr()?, "echo", vec![])
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never healed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.call_extension(a.local_addr()?, "echo", vec![]).await?;
+    Ok(())
 }
 
 #[tokio::test]

@@ -222,6 +222,7 @@ fn mirror_schemas_match_the_model() {
                 VmState::Migrating,
                 VmState::Failed,
                 VmState::Deleting,
+                VmState::Unknown,
             ]
             .iter()
             .map(|s| serde_json::to_value(s).unwrap())

@@ -3,14 +3,17 @@
 //!
 //! Each pass reads the local replica and the hypervisor afresh, so a missed event, a libvirtd
 //! restart or a VM changed behind our back is corrected on the next pass. The decision itself
-//! is the pure [`plan::plan`].
+//! is the pure [`plan::plan`], which takes this node's fencing lease as an input.
+//!
+//! Reports to the cluster are bounded by the lease: a pass stuck on a write while the node is
+//! partitioned ends by the time the lease does, so the next pass fences on time.
 
 pub mod plan;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hypervisor::{DirectBoot, DomainType, Hypervisor, VmSpec};
 use raft::model::{NodeId, Operation, OperationState, Vm, VmState};
@@ -20,6 +23,8 @@ use raft::{keys, Command, Request, Response};
 use tokio::sync::watch;
 
 use plan::Action;
+
+use crate::liveness::{Capacity, LeaseStatus, Liveness, ObservedDomain};
 
 /// How this node runs guests.
 #[derive(Debug, Clone)]
@@ -62,6 +67,8 @@ pub enum AgentError {
     Image(#[from] crate::images::FetchError),
     #[error(transparent)]
     ImageStore(#[from] hypervisor::ImageError),
+    #[error("report not committed within {0:?}")]
+    ReportTimeout(Duration),
 }
 
 pub struct Agent {
@@ -72,6 +79,8 @@ pub struct Agent {
     pub reader: StateReader,
     pub cluster: Cluster,
     pub config: AgentConfig,
+    /// This node's lease and the published view of its domains.
+    pub liveness: Arc<Liveness>,
     /// Highest epoch acted on per VM (fencing against a lagging replica).
     acted: BTreeMap<String, u64>,
     domain_type: Option<DomainType>,
@@ -85,6 +94,7 @@ impl Agent {
         reader: StateReader,
         cluster: Cluster,
         config: AgentConfig,
+        liveness: Arc<Liveness>,
     ) -> Self {
         Self {
             me,
@@ -93,23 +103,31 @@ impl Agent {
             reader,
             cluster,
             config,
+            liveness,
             acted: BTreeMap::new(),
             domain_type: None,
         }
     }
 
-    /// Runs passes until `shutdown` fires: after every applied change, and at least every
-    /// `resync`.
+    /// Runs passes until `shutdown` fires: after every applied change, when the lease ends or
+    /// is regained, and at least every `resync`.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut applied = self.reader.applied_watch();
+        let mut regained = self.liveness.local.subscribe_regained();
         loop {
             if let Err(e) = self.pass().await {
                 tracing::warn!(error = %e, "agent pass failed; retrying");
             }
+            let now = Instant::now();
+            let lease_end = self.liveness.local.lease_end().filter(|e| *e > now);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = applied.changed() => {}
+                _ = regained.changed() => {}
                 _ = tokio::time::sleep(self.config.resync) => {}
+                // Wakes exactly when the lease would end; if it was renewed meanwhile, the
+                // pass finds it held and changes nothing.
+                _ = tokio::time::sleep_until(lease_end.unwrap_or(now).into()), if lease_end.is_some() => {}
             }
         }
     }
@@ -169,11 +187,55 @@ impl Agent {
 
     async fn report(&self, command: Command) -> Result<Response, AgentError> {
         let req = Request::new(api::now_ms(), format!("node:{}", self.me), command);
-        self.cluster
-            .write(req)
-            .await
-            .map(|(_, r)| r)
-            .map_err(|e| AgentError::Report(e.to_string()))
+        // Never wait past the lease: the pass after its end must run on time to fence.
+        let now = Instant::now();
+        // With a running lease, up to its end exactly; without one (its HA VMs are already
+        // destroyed: fencing actions run first), a short bounded try.
+        let left = self
+            .liveness
+            .local
+            .lease_end()
+            .map_or(Duration::ZERO, |e| e.saturating_duration_since(now));
+        let wait = if left.is_zero() {
+            Duration::from_millis(500)
+        } else {
+            left
+        };
+        match tokio::time::timeout(wait, self.cluster.write(req)).await {
+            Ok(r) => r
+                .map(|(_, r)| r)
+                .map_err(|e| AgentError::Report(e.to_string())),
+            Err(_) => Err(AgentError::ReportTimeout(wait)),
+        }
+    }
+
+    /// Whether this node may run VMs now: a running lease, and a replica at least as fresh as
+    /// the leader's when it granted it.
+    fn lease_status(&self) -> LeaseStatus {
+        let applied = *self.reader.applied_watch().borrow();
+        self.liveness.local.lease_status(Instant::now(), applied)
+    }
+
+    /// Publishes the domains of ours just listed (with what their VMs reserve).
+    fn publish(&self, vms: &[Vm], domains: &[hypervisor::DomainInfo]) {
+        let observed = domains
+            .iter()
+            .filter(|d| d.owner.as_deref() == Some(self.owner.as_str()))
+            .filter_map(|d| {
+                let id = hypervisor::spec::vm_id_of(&d.name)?;
+                let vm = vms.iter().find(|v| v.id == id);
+                Some((
+                    id.to_string(),
+                    ObservedDomain {
+                        epoch: d.epoch,
+                        active: d.state.is_active(),
+                        vcpus: vm.map_or(0, |v| v.vcpus),
+                        memory_mib: vm.map_or(0, |v| v.memory_mib),
+                    },
+                ))
+            })
+            .collect();
+        self.liveness.local.set_domains(observed);
     }
 
     /// One reconcile pass.
@@ -183,6 +245,10 @@ impl Agent {
             None => {
                 let caps = self.hv.capabilities().await?;
                 tracing::info!(domain_type = ?caps.domain_type, reason = %caps.reason, "hypervisor detected");
+                self.liveness.local.set_capacity(Capacity {
+                    vcpus: u64::from(caps.cpus),
+                    memory_mib: caps.memory_mib,
+                });
                 self.domain_type = Some(caps.domain_type);
                 caps.domain_type
             }
@@ -194,7 +260,15 @@ impl Agent {
             .map(|(_, v)| v)
             .collect();
         let domains = self.hv.list().await?;
-        let (actions, refused) = plan::plan(self.me, &self.owner, &vms, &domains, &self.acted);
+        self.publish(&vms, &domains);
+        let lease = self.lease_status();
+        let (actions, refused) =
+            plan::plan(self.me, &self.owner, &vms, &domains, &self.acted, lease);
+        if lease == LeaseStatus::Lapsed
+            && actions.iter().any(|a| matches!(a, Action::Destroy { .. }))
+        {
+            tracing::warn!("no valid lease: destroying this node's HA VMs");
+        }
         for id in refused {
             tracing::warn!(vm = %id, "refusing to act on a stale epoch");
         }
@@ -239,16 +313,42 @@ impl Agent {
                 self.hv.define(&spec).await?;
                 self.acted.insert(vm.clone(), *epoch);
             }
-            Action::Start { vm } => self.hv.start(&name(vm)).await?,
+            Action::Start { vm } => {
+                // The lease may have ended since the plan was made (a slow earlier action).
+                if self.lease_status() == LeaseStatus::Lapsed {
+                    return Ok(());
+                }
+                self.hv.start(&name(vm)).await?;
+                self.liveness.local.mark(vm, true);
+            }
             Action::Shutdown { vm } => {
-                self.hv
-                    .shutdown(&name(vm), self.config.shutdown_timeout)
-                    .await?;
+                // An HA VM's graceful stop never outlives the lease: at its end the VM is
+                // destroyed, as fencing requires, instead of waiting for the guest.
+                let mut wait = self.config.shutdown_timeout;
+                if vms.get(vm.as_str()).is_some_and(|v| v.ha) {
+                    let left = self.liveness.local.lease_end().map_or(Duration::ZERO, |e| {
+                        e.saturating_duration_since(Instant::now())
+                    });
+                    wait = wait.min(left);
+                }
+                self.hv.shutdown(&name(vm), wait).await?;
+                self.liveness.local.mark(vm, false);
+            }
+            Action::Destroy { vm } => {
+                match self.hv.destroy(&name(vm)).await {
+                    Ok(()) | Err(hypervisor::HypervisorError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.liveness.local.mark(vm, false);
+                tracing::warn!(%vm, "HA VM destroyed: this node holds no lease");
             }
             Action::Remove { domain } => {
                 match self.hv.destroy(domain).await {
                     Ok(()) | Err(hypervisor::HypervisorError::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
+                }
+                if let Some(id) = hypervisor::spec::vm_id_of(domain) {
+                    self.liveness.local.mark(id, false);
                 }
                 match self.hv.undefine(domain).await {
                     Ok(()) | Err(hypervisor::HypervisorError::NotFound { .. }) => {}

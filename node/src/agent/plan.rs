@@ -4,11 +4,17 @@
 //! Fencing: a domain runs here only while the replica places its VM on this node at the epoch
 //! the domain was started with, and never for an epoch older than one this agent already acted
 //! on (a lagging replica cannot make it act on the past).
+//!
+//! Leases: without a valid lease (partitioned, no quorum, leader gone) this node destroys its
+//! HA VMs at once (it cannot know whether the leader will restart them elsewhere) and starts
+//! nothing until it holds a lease again. Non-HA VMs keep running: nobody restarts them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use hypervisor::{DomainInfo, DomainState};
 use raft::model::{DesiredState, NodeId, Vm, VmState};
+
+pub use crate::liveness::LeaseStatus;
 
 /// One thing to do to the local hypervisor or to report through Raft.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +29,10 @@ pub enum Action {
     },
     /// Graceful stop with a timeout, then destroy.
     Shutdown {
+        vm: String,
+    },
+    /// Immediate power-off, definition kept (fencing: the lease lapsed).
+    Destroy {
         vm: String,
     },
     /// Stop at once and remove the definition and the VM's files (deleted or placed elsewhere).
@@ -59,14 +69,20 @@ pub fn observed_state(d: Option<&DomainInfo>) -> VmState {
 }
 
 /// Decides what to do. `acted` holds the highest epoch this agent acted on per VM; VMs whose
-/// replica epoch is below it are skipped (and reported in `refused`).
+/// replica epoch is below it are skipped (and reported in `refused`). `lease` says whether
+/// this node may run VMs now.
 pub fn plan(
     me: NodeId,
     owner: &str,
     vms: &[Vm],
     domains: &[DomainInfo],
     acted: &BTreeMap<String, u64>,
+    lease: LeaseStatus,
 ) -> (Vec<Action>, Vec<String>) {
+    let leased = lease == LeaseStatus::Held;
+    // Fencing destroys go first, before any report (a report may wait on an unreachable
+    // leader until it times out).
+    let mut fence = Vec::new();
     let mut actions = Vec::new();
     let mut refused = Vec::new();
     // Only domains this agent defined count: another node or cluster sharing this libvirtd
@@ -99,6 +115,19 @@ pub fn plan(
         }
         wanted_here.insert(&vm.id);
         let mut observed = observed_state(domain);
+        // Fencing first: an HA VM may run elsewhere once this lease is over, so it stops now,
+        // hard (a graceful shutdown could outlive the margin the leader waits).
+        if !leased && vm.ha && domain.is_some_and(|d| d.state.is_active()) {
+            fence.push(Action::Destroy { vm: vm.id.clone() });
+            if vm.state != VmState::Stopped {
+                actions.push(Action::Report {
+                    vm: vm.id.clone(),
+                    epoch: vm.epoch,
+                    state: VmState::Stopped,
+                });
+            }
+            continue;
+        }
         // A domain from an older epoch is redefined under the current one before it may run.
         let stale_definition = domain.is_some_and(|d| d.epoch != Some(vm.epoch));
         if domain.is_none() || stale_definition {
@@ -111,6 +140,8 @@ pub fn plan(
             });
         }
         match vm.desired_state {
+            // Without a lease nothing starts; what is observed is still reported.
+            DesiredState::Running if !leased => {}
             DesiredState::Running => {
                 if observed != VmState::Running || stale_definition {
                     actions.push(Action::Start { vm: vm.id.clone() });
@@ -142,7 +173,8 @@ pub fn plan(
             });
         }
     }
-    (actions, refused)
+    fence.extend(actions);
+    (fence, refused)
 }
 
 #[cfg(test)]
@@ -312,7 +344,7 @@ mod tests {
             ),
         ];
         for (name, vms, doms, expected) in cases {
-            let (actions, refused) = plan(1, OWNER, &vms, &doms, &acted);
+            let (actions, refused) = plan(1, OWNER, &vms, &doms, &acted, LeaseStatus::Held);
             assert_eq!(actions, expected, "case: {name}");
             assert!(refused.is_empty(), "case: {name}");
         }
@@ -327,12 +359,19 @@ mod tests {
             epoch: None,
             owner: None,
         };
-        let (actions, _) = plan(1, OWNER, &[], &[foreign], &BTreeMap::new());
+        let (actions, _) = plan(
+            1,
+            OWNER,
+            &[],
+            &[foreign],
+            &BTreeMap::new(),
+            LeaseStatus::Held,
+        );
         assert!(actions.is_empty());
         // Ours by name, but defined by another node sharing this libvirtd: left alone too.
         let mut other = dom("z", DomainState::Running, 1);
         other.owner = Some("c/2".into());
-        let (actions, _) = plan(1, OWNER, &[], &[other], &BTreeMap::new());
+        let (actions, _) = plan(1, OWNER, &[], &[other], &BTreeMap::new(), LeaseStatus::Held);
         assert!(actions.is_empty(), "{actions:?}");
     }
 
@@ -341,8 +380,167 @@ mod tests {
         let mut acted = BTreeMap::new();
         acted.insert("a".to_string(), 5);
         let vms = vec![vm("a", Some(1), 4, WantRun, VmState::Scheduled)];
-        let (actions, refused) = plan(1, OWNER, &vms, &[], &acted);
+        let (actions, refused) = plan(1, OWNER, &vms, &[], &acted, LeaseStatus::Held);
         assert!(actions.is_empty(), "{actions:?}");
         assert_eq!(refused, vec!["a".to_string()]);
+    }
+
+    fn ha(mut v: Vm) -> Vm {
+        v.ha = true;
+        v
+    }
+
+    #[test]
+    fn lease_table() {
+        let acted = BTreeMap::new();
+        let n = |s: &str| hypervisor::spec::domain_name(s);
+        use LeaseStatus::{Held, Lapsed};
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(&str, LeaseStatus, Vec<Vm>, Vec<DomainInfo>, Vec<Action>)> = vec![
+            (
+                "lapsed: a running HA VM is destroyed at once and reported stopped",
+                Lapsed,
+                vec![ha(vm("a", Some(1), 1, WantRun, VmState::Running))],
+                vec![dom("a", DomainState::Running, 1)],
+                vec![
+                    Action::Destroy { vm: "a".into() },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Stopped,
+                    },
+                ],
+            ),
+            (
+                "lapsed: every HA VM is destroyed before anything is reported",
+                Lapsed,
+                vec![
+                    ha(vm("a", Some(1), 1, WantRun, VmState::Running)),
+                    ha(vm("b", Some(1), 1, WantRun, VmState::Running)),
+                ],
+                vec![
+                    dom("a", DomainState::Running, 1),
+                    dom("b", DomainState::Running, 1),
+                ],
+                vec![
+                    Action::Destroy { vm: "a".into() },
+                    Action::Destroy { vm: "b".into() },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Stopped,
+                    },
+                    Action::Report {
+                        vm: "b".into(),
+                        epoch: 1,
+                        state: VmState::Stopped,
+                    },
+                ],
+            ),
+            (
+                "lapsed: a paused HA VM still holds its memory: destroyed",
+                Lapsed,
+                vec![ha(vm("a", Some(1), 1, WantRun, VmState::Stopped))],
+                vec![dom("a", DomainState::Paused, 1)],
+                vec![Action::Destroy { vm: "a".into() }],
+            ),
+            (
+                "lapsed: a non-HA VM keeps running (nobody restarts it elsewhere)",
+                Lapsed,
+                vec![vm("b", Some(1), 1, WantRun, VmState::Running)],
+                vec![dom("b", DomainState::Running, 1)],
+                vec![],
+            ),
+            (
+                "lapsed: a new VM is defined but not started, nor reported starting",
+                Lapsed,
+                vec![vm("c", Some(1), 1, WantRun, VmState::Scheduled)],
+                vec![],
+                vec![
+                    Action::Define {
+                        vm: "c".into(),
+                        epoch: 1,
+                    },
+                    Action::Report {
+                        vm: "c".into(),
+                        epoch: 1,
+                        state: VmState::Stopped,
+                    },
+                ],
+            ),
+            (
+                "lapsed: a fenced HA VM is not restarted",
+                Lapsed,
+                vec![ha(vm("a", Some(1), 1, WantRun, VmState::Stopped))],
+                vec![dom("a", DomainState::Shutoff, 1)],
+                vec![],
+            ),
+            (
+                "lapsed: a stop request is still honoured",
+                Lapsed,
+                vec![vm("b", Some(1), 1, WantStop, VmState::Running)],
+                vec![dom("b", DomainState::Running, 1)],
+                vec![
+                    Action::Shutdown { vm: "b".into() },
+                    Action::Report {
+                        vm: "b".into(),
+                        epoch: 1,
+                        state: VmState::Stopping,
+                    },
+                ],
+            ),
+            (
+                "held again: the fenced HA VM starts",
+                Held,
+                vec![ha(vm("a", Some(1), 1, WantRun, VmState::Stopped))],
+                vec![dom("a", DomainState::Shutoff, 1)],
+                vec![
+                    Action::Start { vm: "a".into() },
+                    Action::Report {
+                        vm: "a".into(),
+                        epoch: 1,
+                        state: VmState::Starting,
+                    },
+                ],
+            ),
+            (
+                "back after an HA restart elsewhere (higher epoch on node 2): removed here, \
+                 lease or not",
+                Held,
+                vec![ha(vm("a", Some(2), 2, WantRun, VmState::Running))],
+                vec![dom("a", DomainState::Running, 1)],
+                vec![Action::Remove { domain: n("a") }],
+            ),
+            (
+                "back, VM marked unknown while away and still placed here: state reported",
+                Held,
+                vec![vm("b", Some(1), 1, WantRun, VmState::Unknown)],
+                vec![dom("b", DomainState::Running, 1)],
+                vec![Action::Report {
+                    vm: "b".into(),
+                    epoch: 1,
+                    state: VmState::Running,
+                }],
+            ),
+        ];
+        for (name, lease, vms, doms, expected) in cases {
+            let (actions, refused) = plan(1, OWNER, &vms, &doms, &acted, lease);
+            assert_eq!(actions, expected, "case: {name}");
+            assert!(refused.is_empty(), "case: {name}");
+        }
+    }
+
+    #[test]
+    fn back_after_an_ha_restart_a_stale_replica_cannot_revive_the_vm() {
+        // The agent already defined the VM at epoch 2 (it was restarted here) and its replica
+        // lags at epoch 1: it refuses to act, whatever its lease.
+        let mut acted = BTreeMap::new();
+        acted.insert("a".to_string(), 2);
+        let vms = vec![ha(vm("a", Some(1), 1, WantRun, VmState::Running))];
+        for lease in [LeaseStatus::Held, LeaseStatus::Lapsed] {
+            let (actions, refused) = plan(1, OWNER, &vms, &[], &acted, lease);
+            assert!(actions.is_empty(), "{actions:?}");
+            assert_eq!(refused, vec!["a".to_string()]);
+        }
     }
 }

@@ -63,11 +63,18 @@ fn spawn(dir: &Path, args: &[String], tuning: &str, env: &[(String, String)]) ->
         .env("NOVACRON_LOG", "info,openraft=warn")
         // Each process gets libvirt's private in-process test driver unless a test says otherwise.
         .env("NOVACRON_LIBVIRT_URI", "test:///default")
+        // The transport's test-only partition hook; the file is absent (no fault) until a
+        // test partitions this node.
+        .env("NOVACRON_TEST_PARTITION_FILE", partition_file(dir))
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .spawn()
         .context("cannot start novacron")
+}
+
+fn partition_file(dir: &Path) -> PathBuf {
+    dir.with_extension("partition")
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, failing after `within`.
@@ -368,6 +375,56 @@ impl TestCluster {
         ];
         self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning, &self.env)?);
         Ok(())
+    }
+
+    /// The QUIC address node `i` bound, from its `node.json`.
+    pub fn peer_addr(&self, i: usize) -> Result<String> {
+        let text = std::fs::read_to_string(self.nodes[i].dir.join("node.json"))?;
+        let v: Value = serde_json::from_str(&text)?;
+        v["peer_addr"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no peer_addr in node.json of {}", self.nodes[i].name))
+    }
+
+    /// Cuts node `i` off from every other node, both ways, at the QUIC transport (its API
+    /// stays reachable from the test). Every node's partition file is written, so each side
+    /// sees its calls fail at once rather than wait for replies that never come.
+    pub fn partition(&self, i: usize) -> Result<()> {
+        let mut peers = String::new();
+        for j in (0..self.nodes.len()).filter(|j| *j != i) {
+            peers.push_str(&self.peer_addr(j)?);
+            peers.push('\n');
+            std::fs::write(
+                partition_file(&self.nodes[j].dir),
+                format!("{}\n", self.peer_addr(i)?),
+            )?;
+        }
+        std::fs::write(partition_file(&self.nodes[i].dir), peers)?;
+        Ok(())
+    }
+
+    /// Removes every partition.
+    pub fn heal(&self) -> Result<()> {
+        for n in &self.nodes {
+            match std::fs::remove_file(partition_file(&n.dir)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw Prometheus text of node `i`.
+    pub async fn metrics_text(&self, i: usize) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.nodes[i].url()))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     pub async fn metric(&self, i: usize, name: &str) -> Result<f64> {

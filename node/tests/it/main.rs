@@ -8,6 +8,7 @@ mod harness;
 mod api_cluster;
 mod cli;
 mod cluster;
+mod ha;
 mod images;
 mod join;
 mod join_race;

@@ -8,6 +8,7 @@
 //! - [`Cluster`]: the write and linearizable-read path every node uses, forwarding to the leader.
 
 mod cluster;
+pub mod fault;
 mod network;
 pub mod proto;
 mod transport;

@@ -36,6 +36,9 @@ pub struct TransportConfig {
     pub rpc_timeout: Duration,
     /// How long the server waits for a request on a newly opened stream.
     pub server_read_timeout: Duration,
+    /// Test-only fault injection: a file listing peers whose traffic is dropped both ways
+    /// (see [`super::fault`]). `None`, the default, cuts nothing.
+    pub partition_file: Option<std::path::PathBuf>,
 }
 
 impl Default for TransportConfig {
@@ -46,6 +49,7 @@ impl Default for TransportConfig {
             max_message: 64 * 1024 * 1024,
             rpc_timeout: Duration::from_secs(5),
             server_read_timeout: Duration::from_secs(30),
+            partition_file: None,
         }
     }
 }
@@ -104,6 +108,8 @@ struct Inner {
     connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// When each Raft peer last answered an RPC of ours.
     contacts: Mutex<HashMap<NodeId, Instant>>,
+    /// Test-only partition (see [`super::fault`]).
+    partition: Option<Arc<super::fault::PartitionFile>>,
 }
 
 /// The node's QUIC endpoint. Cheap to clone; clones share the endpoint and the caches.
@@ -160,9 +166,14 @@ impl Transport {
 
         let mut endpoint = quinn::Endpoint::server(server, addr).map_err(NetError::Bind)?;
         endpoint.set_default_client_config(client);
+        let partition = config
+            .partition_file
+            .clone()
+            .map(|p| Arc::new(super::fault::PartitionFile::new(p)));
         Ok(Transport {
             inner: Arc::new(Inner {
                 endpoint,
+                partition,
                 config,
                 connections: Mutex::new(HashMap::new()),
                 contacts: Mutex::new(HashMap::new()),
@@ -206,6 +217,10 @@ impl Transport {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<quinn::Connection, NetError> {
+        if self.partitioned(addr) {
+            // Nothing leaves for a partitioned peer: like a handshake that never completes.
+            return Err(NetError::Connection(quinn::ConnectionError::TimedOut));
+        }
         if let Some(c) = lock(&self.inner.connections).get(&addr) {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
@@ -222,6 +237,14 @@ impl Transport {
         // connection is closed when its last user drops it.
         lock(&self.inner.connections).insert(addr, conn.clone());
         Ok(conn)
+    }
+
+    /// Whether the test-only partition file cuts traffic with `addr`.
+    fn partitioned(&self, addr: SocketAddr) -> bool {
+        self.inner
+            .partition
+            .as_ref()
+            .is_some_and(|p| p.blocks(addr))
     }
 
     fn forget_if_dead(&self, addr: SocketAddr) {
@@ -331,6 +354,7 @@ impl Transport {
         let server = Arc::new(Server {
             raft,
             extension,
+            partition: self.inner.partition.clone(),
             config: self.inner.config.clone(),
         });
         let mut tasks = JoinSet::new();
@@ -367,6 +391,7 @@ fn remote_failure(e: PbError) -> RemoteFailure {
 struct Server {
     raft: Option<Raft>,
     extension: Arc<dyn ExtensionHandler>,
+    partition: Option<Arc<super::fault::PartitionFile>>,
     config: TransportConfig,
 }
 
@@ -423,6 +448,21 @@ impl Server {
         loop {
             tokio::select! {
                 accepted = conn.accept_bi() => match accepted {
+                    // A partitioned peer's stream is swallowed: read, never answered, held
+                    // until the caller gives up, like packets lost on the wire. (A reset
+                    // would come back at once and make the caller retry in a tight loop.)
+                    Ok((send, mut recv))
+                        if self.partition.as_ref().is_some_and(|p| p.blocks(peer)) =>
+                    {
+                        let (hold, limit) = (self.config.server_read_timeout, self.config.max_message);
+                        streams.spawn(async move {
+                            let swallow = async {
+                                let _ = recv.read_to_end(limit).await;
+                                let _ = send.stopped().await;
+                            };
+                            let _ = tokio::time::timeout(hold, swallow).await;
+                        });
+                    }
                     Ok((send, recv)) => {
                         let this = self.clone();
                         streams.spawn(async move { this.stream(peer, send, recv).await });
