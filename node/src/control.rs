@@ -63,6 +63,13 @@ impl NodeControl {
 #[async_trait]
 impl ControlPlane for NodeControl {
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
+        // Feature gate of rolling upgrades: never commit what some voter could not apply.
+        if let Err(blockers) = crate::features::gate(self, &req.command) {
+            return Err(ClusterError::FeatureUnavailable {
+                command: req.command.name().to_string(),
+                blockers,
+            });
+        }
         let start = Instant::now();
         let result = self.cluster.write(req).await;
         // Read-your-writes on the serving node: its own replica has the write before the
@@ -176,7 +183,11 @@ impl ControlPlane for NodeControl {
                     id: *id,
                     name: member.name.clone(),
                     role: if voters.contains(id) {
-                        MemberRole::Voter
+                        if crate::features::is_witness(self, *id) {
+                            MemberRole::Witness
+                        } else {
+                            MemberRole::Voter
+                        }
                     } else {
                         MemberRole::Learner
                     },
@@ -328,6 +339,35 @@ impl ControlPlane for NodeControl {
 
     fn metrics_text(&self) -> String {
         self.metrics.render()
+    }
+
+    async fn backup(&self) -> Result<api::control::BackupBlob, ClusterError> {
+        // Everything acknowledged before the request began is in the copy.
+        self.read_barrier(Consistency::Linearizable).await?;
+        let export = self.reader.export().await.map_err(internal)?;
+        let cluster_id = self
+            .reader
+            .secrets()
+            .map_err(internal)?
+            .map(|s| s.cluster_id)
+            .unwrap_or_default();
+        let body = raft::backup::BackupBody {
+            cluster_id,
+            taken_at: api::now_ms(),
+            last_applied_index: export.last_applied_index,
+            pairs: export.pairs,
+        };
+        let (bytes, sha256) = raft::backup::encode(&body).map_err(internal)?;
+        Ok(api::control::BackupBlob {
+            bytes,
+            sha256,
+            last_applied_index: body.last_applied_index,
+        })
+    }
+
+    async fn upgrade_check(&self) -> Result<api::control::UpgradeReport, ClusterError> {
+        self.read_barrier(Consistency::Linearizable).await?;
+        Ok(crate::features::upgrade_report(self))
     }
 }
 

@@ -5,11 +5,14 @@
 //! machine's VMs.
 
 pub mod agent;
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod console;
 pub mod control;
 pub mod dev;
+pub mod features;
 pub mod membership;
 pub mod metrics;
+pub mod recover;
 pub mod server;

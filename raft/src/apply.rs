@@ -11,7 +11,7 @@ use crate::codec::{self, CodecError};
 use crate::command::{Command, RejectCode, Request, Response};
 use crate::keys;
 use crate::model::{
-    ApiKey, AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, Operation,
+    ApiKey, AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, NodeTraits, Operation,
     OperationState, Tenant, User, UserSecurity, Vm, VmState,
 };
 
@@ -558,6 +558,19 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             put(tx, &keys::user_security(user_id), &sec)?;
             Ok(Response::User(user))
         }
+        Command::AdvertiseNode { id, traits } => {
+            match get::<NodeRecord>(tx, &keys::node(*id))? {
+                Some(n) if !n.removed => {}
+                _ => {
+                    return Ok(reject(
+                        RejectCode::NotFound,
+                        format!("node {id} is not a member"),
+                    ))
+                }
+            }
+            put::<NodeTraits>(tx, &keys::node_traits(*id), traits)?;
+            Ok(Response::Ok)
+        }
     }
 }
 
@@ -791,7 +804,8 @@ fn target_of(cmd: &Command, response: &Response) -> String {
         (
             Command::RemoveNode { id }
             | Command::SetNodeState { id, .. }
-            | Command::SetNodeSchedulable { id, .. },
+            | Command::SetNodeSchedulable { id, .. }
+            | Command::AdvertiseNode { id, .. },
             _,
         ) => format!("node/{id}"),
         (Command::CreateTenant { tenant }, _) => format!("tenant/{}", tenant.id),

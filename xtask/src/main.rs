@@ -6,6 +6,8 @@
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
+//! - `package`: the Debian package (`dpkg-deb` from a staged tree); `deploy-check` installs it
+//!   and validates the deployment manifests offline (a CI step).
 //! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
@@ -17,6 +19,7 @@ mod ci;
 mod dev;
 mod guest;
 mod libvirtd;
+mod package;
 mod process;
 
 use std::path::PathBuf;
@@ -46,6 +49,11 @@ enum Command {
     Chaos(chaos::ChaosArgs),
     /// Schemathesis (from PyPI) against one live node from api/openapi.json; also a CI step.
     Schemathesis,
+    /// Build the Debian package of the node (binary, systemd unit, example config).
+    Package(package::PackageArgs),
+    /// Validate the deployment manifests offline; as root, install the package and start a
+    /// single-node cluster from it. Also a CI step.
+    DeployCheck,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -68,6 +76,8 @@ fn main() -> ExitCode {
         Command::Guest => guest::ensure().map(|_| ()),
         Command::Chaos(args) => chaos::run(&args),
         Command::Schemathesis => ci::schemathesis(),
+        Command::Package(args) => package::run(&args),
+        Command::DeployCheck => package::deploy_check(),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),
