@@ -266,3 +266,120 @@ pub fn restore(opts: &RestoreOptions) -> anyhow::Result<NodeConfig> {
     config.save(dir)?;
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::model::{DesiredState, VmState};
+
+    fn secrets(id: &str) -> ClusterSecrets {
+        ClusterSecrets {
+            cluster_id: id.into(),
+            ca_cert_pem: "ca".into(),
+            ca_key_pem: "key".into(),
+            jwt_keys: vec![vec![1; 32]],
+            join_secret_sha256: "h".into(),
+            created_at: 1,
+        }
+    }
+
+    fn member(name: &str) -> Member {
+        Member {
+            name: name.into(),
+            api_addr: format!("{name}:8080"),
+            peer_addr: format!("{name}:7070"),
+        }
+    }
+
+    fn node(id: NodeId, name: &str) -> NodeRecord {
+        NodeRecord {
+            id,
+            member: member(name),
+            state: NodeState::Up,
+            schedulable: true,
+            labels: Default::default(),
+            joined_at: 1,
+            updated_at: 1,
+            removed: false,
+        }
+    }
+
+    fn rows() -> RawRows {
+        let vm = Vm {
+            id: "v1".into(),
+            name: "v".into(),
+            tenant: "t".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            disk_gib: 0,
+            image: None,
+            labels: Default::default(),
+            node: Some(2),
+            desired_state: DesiredState::Running,
+            state: VmState::Running,
+            ha: false,
+            anti_affinity_group: None,
+            epoch: 5,
+            created_at: 1,
+            updated_at: 1,
+            version: 1,
+        };
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(
+            keys::SECRETS.to_vec(),
+            codec::encode(&secrets("old")).unwrap(),
+        );
+        m.insert(keys::NEXT_NODE_ID.to_vec(), codec::encode(&4u64).unwrap());
+        for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
+            m.insert(keys::node(id), codec::encode(&node(id, name)).unwrap());
+            m.insert(keys::node_name(name), codec::encode(&id).unwrap());
+        }
+        m.insert(keys::vm("v1"), codec::encode(&vm).unwrap());
+        m.into_iter().collect()
+    }
+
+    fn raw<'a>(rows: &'a RawRows, key: &[u8]) -> Option<&'a [u8]> {
+        rows.iter()
+            .find(|(k, _)| k.as_slice() == key)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    macro_rules! get {
+        ($t:ty, $rows:expr, $key:expr) => {
+            raw($rows, $key).map(|v| codec::decode::<$t>(v).unwrap())
+        };
+    }
+
+    #[test]
+    fn restore_gives_a_fresh_id_and_removes_the_old_nodes() {
+        let (rows, id) =
+            rewrite_rows(rows(), &secrets("new"), None, &member("a"), false, 9).unwrap();
+        assert_eq!(id, 4);
+        assert_eq!(get!(u64, &rows, keys::NEXT_NODE_ID), Some(5));
+        assert_eq!(
+            get!(ClusterSecrets, &rows, keys::SECRETS)
+                .unwrap()
+                .cluster_id,
+            "new"
+        );
+        for old in 1..=3 {
+            assert!(get!(NodeRecord, &rows, &keys::node(old)).unwrap().removed);
+        }
+        // The old name now points at the new node; the others' names are free again.
+        assert_eq!(get!(u64, &rows, &keys::node_name("a")), Some(4));
+        assert_eq!(get!(u64, &rows, &keys::node_name("b")), None);
+        assert_eq!(get!(Vm, &rows, &keys::vm("v1")).unwrap().epoch, 5);
+    }
+
+    #[test]
+    fn recovery_keeps_its_id_and_fences_every_vm() {
+        let (rows, id) =
+            rewrite_rows(rows(), &secrets("old"), Some(3), &member("c"), true, 9).unwrap();
+        assert_eq!(id, 3);
+        assert_eq!(get!(u64, &rows, keys::NEXT_NODE_ID), Some(4));
+        let me = get!(NodeRecord, &rows, &keys::node(3)).unwrap();
+        assert!(!me.removed && me.state == NodeState::Up);
+        assert!(get!(NodeRecord, &rows, &keys::node(1)).unwrap().removed);
+        assert_eq!(get!(Vm, &rows, &keys::vm("v1")).unwrap().epoch, 6);
+    }
+}

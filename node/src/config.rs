@@ -101,7 +101,11 @@ pub fn example_env_file() -> String {
         for line in help.lines() {
             let _ = writeln!(out, "# {line}");
         }
-        let _ = writeln!(out, "# (flag --{})", arg.get_id());
+        let flag = arg
+            .get_long()
+            .map(str::to_string)
+            .unwrap_or_else(|| arg.get_id().to_string());
+        let _ = writeln!(out, "# (flag --{flag})");
         let _ = writeln!(out, "#{env}=");
     }
     let tuning = serde_json::to_string(&Tuning::default()).unwrap_or_default();

@@ -244,3 +244,38 @@ pub async fn advertise(ctl: Arc<NodeControl>, traits: NodeTraits, mut stop: watc
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulated_older_release_lacks_what_it_was_told_to() {
+        let old = own_traits(false, &["api_key.create".to_string()]);
+        assert!(!understands(Some(&old), "api_key.create"));
+        assert!(understands(Some(&old), "tenant.create"));
+        assert_ne!(old.release, RELEASE);
+        let new = own_traits(true, &[]);
+        assert!(new.witness && new.release == RELEASE);
+        assert!(understands(Some(&new), "node.advertise"));
+        // A node that advertised nothing is a baseline node.
+        assert!(understands(None, "tenant.create"));
+        assert!(!understands(None, "node.advertise"));
+    }
+
+    #[test]
+    fn voters_always_block_and_learners_only_while_up() {
+        let old = own_traits(false, &["api_key.create".to_string()]);
+        let seen = |voter, state| Seen {
+            id: 3,
+            name: "n3".into(),
+            voter,
+            state,
+            traits: Some(old.clone()),
+        };
+        assert!(blocks(&seen(true, NodeState::Down), "api_key.create").is_some());
+        assert!(blocks(&seen(false, NodeState::Up), "api_key.create").is_some());
+        assert!(blocks(&seen(false, NodeState::Down), "api_key.create").is_none());
+        assert!(blocks(&seen(true, NodeState::Up), "tenant.create").is_none());
+    }
+}

@@ -1298,4 +1298,48 @@ mod tests {
         let exp: u64 = get(&st, &keys::revoked_jti("j1")).unwrap().unwrap();
         assert_eq!(exp, 99);
     }
+
+    #[test]
+    fn only_members_advertise_their_traits() {
+        let st = MemState::default();
+        let traits = crate::model::NodeTraits {
+            release: "0.1.0".into(),
+            features: vec!["noop".into()],
+            witness: true,
+        };
+        let advertise = || Command::AdvertiseNode {
+            id: 1,
+            traits: traits.clone(),
+        };
+        assert!(matches!(
+            run(&st, advertise()),
+            Response::Rejected {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
+        run(
+            &st,
+            Command::RegisterNode {
+                member: crate::model::Member {
+                    name: "n1".into(),
+                    api_addr: "a".into(),
+                    peer_addr: "p".into(),
+                },
+            },
+        );
+        assert_eq!(run(&st, advertise()), Response::Ok);
+        let stored: crate::model::NodeTraits = get(&st, &keys::node_traits(1)).unwrap().unwrap();
+        assert_eq!(stored, traits);
+    }
+
+    #[test]
+    fn every_known_command_name_is_listed_once() {
+        let known = crate::command::known_commands();
+        assert!(known.contains(&Command::Noop.name()));
+        assert!(known.contains(&"node.advertise"));
+        let mut dedup = known.clone();
+        dedup.dedup();
+        assert_eq!(dedup, known);
+    }
 }

@@ -162,7 +162,8 @@ pub(crate) fn build(bin: Option<PathBuf>, out: Option<PathBuf>) -> Result<PathBu
     let deb = out.join(format!("novacron_{version}_{arch}.deb"));
     run_inherit(
         Command::new("dpkg-deb")
-            .args(["--build", "--root-owner-group"])
+            // gzip: a debug binary is large and xz takes minutes on a busy CI machine.
+            .args(["--build", "--root-owner-group", "-Zgzip"])
             .arg(&stage)
             .arg(&deb),
     )?;
