@@ -64,11 +64,16 @@ impl NodeControl {
 impl ControlPlane for NodeControl {
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
         // Feature gate of rolling upgrades: never commit what some voter could not apply.
-        if let Err(blockers) = crate::features::gate(self, &req.command) {
-            return Err(ClusterError::FeatureUnavailable {
-                command: req.command.name().to_string(),
-                blockers,
-            });
+        // A refusal is confirmed on an up-to-date replica first: this one may not have applied
+        // a member's newer advertisement yet.
+        if crate::features::gate(self, &req.command).is_err() {
+            self.read_barrier(Consistency::Linearizable).await?;
+            if let Err(blockers) = crate::features::gate(self, &req.command) {
+                return Err(ClusterError::FeatureUnavailable {
+                    command: req.command.name().to_string(),
+                    blockers,
+                });
+            }
         }
         let start = Instant::now();
         let result = self.cluster.write(req).await;
