@@ -276,10 +276,23 @@ impl ControlPlane for NodeControl {
         };
         // Non-blocking: the learner catches up once its transport is up; the membership
         // controller promotes it when it is healthy.
-        self.raft
-            .add_learner(node_id, req.member.clone(), false)
-            .await
-            .map_err(internal)?;
+        // The membership controller may be changing the membership at this moment (openraft
+        // runs one change at a time): retry for a bounded time rather than fail the join.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .raft
+                .add_learner(node_id, req.member.clone(), false)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::info!(error = %e, node_id, "adding the learner; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(internal(e)),
+            }
+        }
         tracing::info!(node = %req.member.name, node_id, "node admitted as learner");
         Ok(JoinResponse {
             node_id,

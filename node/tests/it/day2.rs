@@ -309,6 +309,20 @@ async fn feature_gate_refuses_new_command_until_upgrade() -> Result<()> {
 async fn witness_keeps_two_node_site_writable() -> Result<()> {
     let mut c = TestCluster::start(1, fast_tuning(60_000, 10_000, 1_000)).await?;
     let w = c.add_node_with(false, &["--witness"], &[]).await?;
+    // One membership change at a time, as an operator would: the witness is a voter first.
+    eventually(
+        "the witness to be a voter",
+        Duration::from_secs(60),
+        || async {
+            let v = c.status(0).await.ok()?;
+            v["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["name"] == "n2" && m["role"] == "witness")
+                .then_some(())
+        },
+    )
+    .await?;
     let d2 = c.add_node(false).await?;
     eventually(
         "two data voters and a witness",
