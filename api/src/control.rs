@@ -35,6 +35,48 @@ pub enum ClusterError {
     /// A node needed for the answer (the one hosting a VM, holding an image) cannot serve it now.
     #[error("{0}")]
     Unavailable(String),
+    /// A rolling upgrade is not finished: some member cannot apply this command type yet.
+    #[error("command type {command:?} is not understood by every voter yet: {}", blockers.join("; "))]
+    FeatureUnavailable {
+        command: String,
+        blockers: Vec<String>,
+    },
+}
+
+/// What one member advertises, as seen in the replicated state.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MemberFeatures {
+    pub id: NodeId,
+    pub name: String,
+    pub role: MemberRole,
+    /// up | suspect | down.
+    pub state: String,
+    /// The member's release, or None when it has not advertised one (a baseline node).
+    pub release: Option<String>,
+    /// Command types this node's build understands that the member does not advertise.
+    pub missing: Vec<String>,
+}
+
+/// `GET /api/v1/cluster/upgrade-check`: what stands in the way of proposing new command types
+/// or of restarting a member for an upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UpgradeReport {
+    /// The answering node's release.
+    pub release: String,
+    pub members: Vec<MemberFeatures>,
+    /// Human-readable reasons; empty when nothing blocks.
+    pub blockers: Vec<String>,
+    /// Command types refused cluster-wide until the blockers are gone.
+    pub gated_commands: Vec<String>,
+    pub ok: bool,
+}
+
+/// A consistent, checksummed copy of the replicated state (see `raft::backup`).
+#[derive(Debug, Clone)]
+pub struct BackupBlob {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+    pub last_applied_index: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -235,4 +277,18 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// Every request applied on this node from now on, in log order (the event stream's feed).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<raft::store::Applied>;
+
+    /// A consistent backup of the replicated state, as of a linearizable read point.
+    async fn backup(&self) -> Result<BackupBlob, ClusterError> {
+        Err(ClusterError::Internal(
+            "backups are not supported here".into(),
+        ))
+    }
+
+    /// The features each member advertises and what blocks an upgrade.
+    async fn upgrade_check(&self) -> Result<UpgradeReport, ClusterError> {
+        Err(ClusterError::Internal(
+            "upgrade checks are not supported here".into(),
+        ))
+    }
 }

@@ -166,6 +166,11 @@ impl ApiError {
             ApiError::Cluster(ClusterError::JoinRefused(_)) => {
                 (StatusCode::FORBIDDEN, "join_refused", "Join refused")
             }
+            ApiError::Cluster(ClusterError::FeatureUnavailable { .. }) => (
+                StatusCode::CONFLICT,
+                "feature_unavailable",
+                "Feature not available on every voter",
+            ),
             ApiError::Cluster(ClusterError::Internal(_)) | ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

@@ -83,12 +83,55 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Backups of the control plane: create from a live cluster, restore into a new one.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Leader, term, and each member's role and health.
     Status,
+    /// What each member advertises and what would block an upgrade; exits non-zero when
+    /// something blocks.
+    UpgradeCheck,
+    /// Quorum-loss recovery, offline on a stopped surviving node: makes it the only voter of
+    /// a new configuration (refused while a quorum of the old one answers).
+    Recover {
+        /// The stopped node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Confirms the rewrite of the membership.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Download a consistent, checksummed backup of the cluster state (admins; any node).
+    Create {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create, in an empty data dir, the first node of a NEW cluster holding the backup's
+    /// objects (new cluster id, CA, JWT key and join token; users and passwords kept).
+    Restore {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "node1")]
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        api_addr: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        peer_addr: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -365,6 +408,111 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot store credentials in {}", path.display()))?;
             }
             emit(conn.output, &v, |_| println!("{token}"))
+        }
+        ClientCommand::Cluster {
+            command: ClusterCommand::UpgradeCheck,
+            conn,
+        } => {
+            let api = Api::new(&conn, true)?;
+            let v = api
+                .call(reqwest::Method::GET, "/api/v1/cluster/upgrade-check", None)
+                .await?;
+            emit(conn.output, &v, |v| {
+                let rows = v["members"]
+                    .as_array()
+                    .map(|ms| {
+                        ms.iter()
+                            .map(|m| {
+                                let missing: Vec<String> = m["missing"]
+                                    .as_array()
+                                    .map(|a| a.iter().map(s).collect())
+                                    .unwrap_or_default();
+                                vec![
+                                    s(&m["name"]),
+                                    s(&m["role"]),
+                                    s(&m["state"]),
+                                    s(&m["release"]),
+                                    missing.join(","),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(&["NAME", "ROLE", "STATE", "RELEASE", "MISSING"], rows);
+                for b in v["blockers"].as_array().into_iter().flatten() {
+                    println!("blocker: {}", s(b));
+                }
+            })?;
+            if v["ok"].as_bool() == Some(true) {
+                Ok(())
+            } else {
+                bail!("the upgrade is blocked (see the blockers above)")
+            }
+        }
+        ClientCommand::Cluster {
+            command: ClusterCommand::Recover { data_dir, force },
+            conn,
+        } => {
+            let r = crate::recover::run(&data_dir, force).await?;
+            let v = serde_json::to_value(&r)?;
+            emit(conn.output, &v, |_| {
+                println!(
+                    "recovered: node {} is the only voter at index {} (term {}); removed {}; {} VMs fenced (epochs raised)",
+                    r.node_id,
+                    r.last_applied_index,
+                    r.term,
+                    r.removed_voters.join(", "),
+                    r.vms_fenced
+                );
+                println!(
+                    "start it with `novacron serve --data-dir {}`; new nodes join with its new join-token; wipe the old nodes' data dirs",
+                    data_dir.display()
+                );
+            })
+        }
+        ClientCommand::Backup {
+            command: BackupCommand::Create { out },
+            conn,
+        } => {
+            let api = Api::new(&conn, true)?;
+            let token = api.token.clone().unwrap_or_default();
+            let (index, sum) = crate::backup::create(&api.url, &token, &out).await?;
+            let v = json!({"file": out.display().to_string(), "last_applied_index": index, "sha256": sum});
+            emit(conn.output, &v, |_| {
+                println!(
+                    "backup of index {index} written to {} (sha256 {sum})",
+                    out.display()
+                )
+            })
+        }
+        ClientCommand::Backup {
+            command:
+                BackupCommand::Restore {
+                    file,
+                    data_dir,
+                    name,
+                    api_addr,
+                    peer_addr,
+                },
+            conn,
+        } => {
+            let cfg = crate::backup::restore(&crate::backup::RestoreOptions {
+                file,
+                data_dir: data_dir.clone(),
+                name,
+                api_addr,
+                peer_addr,
+            })?;
+            let v = json!({"cluster_id": cfg.cluster_id, "node_id": cfg.node_id, "api_addr": cfg.api_addr, "peer_addr": cfg.peer_addr});
+            emit(conn.output, &v, |_| {
+                println!(
+                    "new cluster {} restored into {}: start it with `novacron serve --data-dir {}`; other nodes join with {}/join-token",
+                    cfg.cluster_id,
+                    data_dir.display(),
+                    data_dir.display(),
+                    data_dir.display()
+                )
+            })
         }
         ClientCommand::Cluster {
             command: ClusterCommand::Status,

@@ -3,11 +3,125 @@
 //! A node is configured once, by `--init` or `--join`; a restart with only `--data-dir` reads
 //! everything back from here. Secrets are never in this file: the TLS key sits in `DIR/tls/`
 //! (mode 0600) and cluster secrets live in the replicated state.
+//!
+//! It also owns [`ServeArgs`], the settings of `novacron serve`: each flag can be given as an
+//! environment variable, which is how a packaged node is configured (`/etc/default/novacron`,
+//! read by the systemd unit). [`example_env_file`] renders that file, commented, from these
+//! types; `deploy/novacron.env` is its committed output and a test keeps it current.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// `novacron serve`: the flags, each also read from the environment variable it names.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where the node keeps its state (created if missing).
+    #[arg(long, env = "NOVACRON_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The node's name (default: the host name). Used only when the node is created.
+    #[arg(long, env = "NOVACRON_NAME")]
+    pub name: Option<String>,
+    /// Address of the REST API and dashboard (default 127.0.0.1:8080; stored at creation).
+    #[arg(long, env = "NOVACRON_API_ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// UDP address of the QUIC endpoint between nodes (default 127.0.0.1:7070; stored).
+    #[arg(long, env = "NOVACRON_PEER_ADDR")]
+    pub peer_addr: Option<SocketAddr>,
+    /// Create a new cluster with this node as its only voter (ignored once the node exists).
+    #[arg(long, env = "NOVACRON_INIT", conflicts_with = "join")]
+    pub init: bool,
+    /// API URL of a node of the cluster to join (ignored once the node exists).
+    #[arg(long, env = "NOVACRON_JOIN", requires = "token")]
+    pub join: Option<String>,
+    /// Join token (from DIR/join-token of the first node).
+    #[arg(long, env = "NOVACRON_JOIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Join as a witness: a voter that runs no VMs and no agent (2-node sites).
+    #[arg(long, env = "NOVACRON_WITNESS")]
+    pub witness: bool,
+    /// Raft and membership timers, as JSON (see Tuning); for tests and benchmarks.
+    #[arg(long, env = "NOVACRON_TUNING", hide = true)]
+    pub tuning: Option<String>,
+    /// libvirt connection of this node's agent (stored; default qemu:///system).
+    /// `test:///default` runs VMs on libvirt's in-process test driver.
+    #[arg(long, env = "NOVACRON_LIBVIRT_URI")]
+    pub libvirt_uri: Option<String>,
+    /// Kernel that VMs with image `tiny` boot directly (the test guest).
+    #[arg(long, env = "NOVACRON_GUEST_KERNEL")]
+    pub guest_kernel: Option<PathBuf>,
+    /// Initrd that VMs with image `tiny` boot with.
+    #[arg(long, env = "NOVACRON_GUEST_INITRD")]
+    pub guest_initrd: Option<PathBuf>,
+    /// Force the libvirt domain type (kvm or qemu) where detection cannot tell that /dev/kvm
+    /// does not really work (nested or emulated KVM).
+    #[arg(long, env = "NOVACRON_DOMAIN_TYPE", value_parser = ["kvm", "qemu"])]
+    pub domain_type: Option<String>,
+    /// Command types this node pretends not to understand, comma-separated: simulates a node
+    /// of an older release for upgrade tests.
+    #[arg(
+        long,
+        env = "NOVACRON_SIMULATE_MISSING_FEATURES",
+        value_delimiter = ',',
+        hide = true
+    )]
+    pub simulate_missing_features: Vec<String>,
+}
+
+/// The commented environment file of a packaged node (`/etc/default/novacron`), rendered from
+/// [`ServeArgs`] and the defaults of [`Tuning`], so it cannot drift from what the binary reads.
+pub fn example_env_file() -> String {
+    use clap::Args;
+    use std::fmt::Write;
+    let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut out = String::new();
+    out.push_str(
+        "# Settings of `novacron serve` for the systemd unit (EnvironmentFile=).\n\
+         # Generated from the node's configuration types; regenerate with\n\
+         # `UPDATE_EXAMPLES=1 cargo test -p node config::tests`.\n\
+         #\n\
+         # A node is created once (NOVACRON_INIT=true on the first node, NOVACRON_JOIN and\n\
+         # NOVACRON_JOIN_TOKEN on the others) and then restarts from its data directory, so\n\
+         # the creation settings may stay set. The unit passes --data-dir itself.\n",
+    );
+    for arg in cmd.get_arguments() {
+        let Some(env) = arg.get_env() else { continue };
+        let env = env.to_string_lossy();
+        if arg.is_hide_set() || env == "NOVACRON_DATA_DIR" {
+            continue;
+        }
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        out.push('\n');
+        for line in help.lines() {
+            let _ = writeln!(out, "# {line}");
+        }
+        let flag = arg
+            .get_long()
+            .map(str::to_string)
+            .unwrap_or_else(|| arg.get_id().to_string());
+        let _ = writeln!(out, "# (flag --{flag})");
+        let _ = writeln!(out, "#{env}=");
+    }
+    let tuning = serde_json::to_string(&Tuning::default()).unwrap_or_default();
+    let _ = write!(
+        out,
+        "\n# Raft and membership timers in milliseconds (defaults shown); change with care.\n\
+         #NOVACRON_TUNING={tuning}\n"
+    );
+    let _ = write!(
+        out,
+        "\n# Logging: a tracing filter, and `json` for structured logs.\n\
+         #NOVACRON_LOG=info,openraft=warn,sled=warn,quinn=warn\n\
+         #NOVACRON_LOG_FORMAT=json\n"
+    );
+    out
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,6 +170,9 @@ pub struct NodeConfig {
     /// `kvm` or `qemu` to override detection; `None` detects.
     #[serde(default)]
     pub domain_type: Option<String>,
+    /// A witness votes and runs nothing else (no agent, never schedulable).
+    #[serde(default)]
+    pub witness: bool,
 }
 
 pub fn default_libvirt_uri() -> String {
@@ -244,6 +361,7 @@ mod tests {
             guest_kernel: None,
             guest_initrd: None,
             domain_type: None,
+            witness: false,
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(NodeConfig::load(dir.path()).unwrap(), cfg);
@@ -277,5 +395,26 @@ mod tests {
             ..t
         };
         assert!(short_margin.validate().is_err());
+    }
+
+    /// The committed example config is what the binary would generate today.
+    #[test]
+    fn example_env_file_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/novacron.env");
+        let want = example_env_file();
+        if std::env::var_os("UPDATE_EXAMPLES").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "deploy/novacron.env is stale; run UPDATE_EXAMPLES=1 cargo test -p node config::tests"
+        );
+        // Every documented variable is one the binary reads.
+        for line in want.lines().filter(|l| l.starts_with("#NOVACRON_")) {
+            assert!(line.contains('='), "{line}");
+        }
+        assert!(want.contains("#NOVACRON_INIT="));
+        assert!(want.contains("#NOVACRON_WITNESS="));
     }
 }

@@ -99,6 +99,18 @@ impl NodeControl {
 #[async_trait]
 impl ControlPlane for NodeControl {
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
+        // Feature gate of rolling upgrades: never commit what some voter could not apply.
+        // A refusal is confirmed on an up-to-date replica first: this one may not have applied
+        // a member's newer advertisement yet.
+        if crate::features::gate(self, &req.command).is_err() {
+            self.read_barrier(Consistency::Linearizable).await?;
+            if let Err(blockers) = crate::features::gate(self, &req.command) {
+                return Err(ClusterError::FeatureUnavailable {
+                    command: req.command.name().to_string(),
+                    blockers,
+                });
+            }
+        }
         let start = Instant::now();
         let result = self.cluster.write(req).await;
         // Read-your-writes on the serving node: its own replica has the write before the
@@ -222,7 +234,11 @@ impl ControlPlane for NodeControl {
                     id: *id,
                     name: member.name.clone(),
                     role: if voters.contains(id) {
-                        MemberRole::Voter
+                        if crate::features::is_witness(self, *id) {
+                            MemberRole::Witness
+                        } else {
+                            MemberRole::Voter
+                        }
                     } else {
                         MemberRole::Learner
                     },
@@ -450,6 +466,35 @@ impl ControlPlane for NodeControl {
         let applied = *self.reader.applied_watch().borrow();
         text.push_str(&self.liveness.local.metrics_text(applied));
         text
+    }
+
+    async fn backup(&self) -> Result<api::control::BackupBlob, ClusterError> {
+        // Everything acknowledged before the request began is in the copy.
+        self.read_barrier(Consistency::Linearizable).await?;
+        let export = self.reader.export().await.map_err(internal)?;
+        let cluster_id = self
+            .reader
+            .secrets()
+            .map_err(internal)?
+            .map(|s| s.cluster_id)
+            .unwrap_or_default();
+        let body = raft::backup::BackupBody {
+            cluster_id,
+            taken_at: api::now_ms(),
+            last_applied_index: export.last_applied_index,
+            pairs: export.pairs,
+        };
+        let (bytes, sha256) = raft::backup::encode(&body).map_err(internal)?;
+        Ok(api::control::BackupBlob {
+            bytes,
+            sha256,
+            last_applied_index: body.last_applied_index,
+        })
+    }
+
+    async fn upgrade_check(&self) -> Result<api::control::UpgradeReport, ClusterError> {
+        self.read_barrier(Consistency::Linearizable).await?;
+        Ok(crate::features::upgrade_report(self))
     }
 }
 

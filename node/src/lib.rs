@@ -5,6 +5,7 @@
 //! machine's VMs.
 
 pub mod agent;
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod console;
@@ -13,7 +14,9 @@ pub mod dev;
 pub mod image_client;
 pub mod images;
 pub mod liveness;
+pub mod features;
 pub mod membership;
 pub mod metrics;
+pub mod recover;
 pub mod server;
 pub mod stats;

@@ -1,13 +1,13 @@
 //! The `novacron` binary: `serve` runs a node, `dev up` a local cluster, and the other
 //! subcommands are the CLI client of the REST API.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 use node::client::{ClientArgs, ClientCommand};
+use node::config::ServeArgs;
 
 #[derive(Parser)]
 #[command(
@@ -31,43 +31,6 @@ enum Command {
     },
     #[command(flatten)]
     Client(ClientCommand),
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    #[arg(long)]
-    data_dir: PathBuf,
-    #[arg(long)]
-    name: Option<String>,
-    #[arg(long)]
-    api_addr: Option<SocketAddr>,
-    #[arg(long)]
-    peer_addr: Option<SocketAddr>,
-    /// Create a new cluster with this node as its only voter.
-    #[arg(long, conflicts_with = "join")]
-    init: bool,
-    /// API URL of a node of the cluster to join.
-    #[arg(long, requires = "token")]
-    join: Option<String>,
-    /// Join token (from DIR/join-token of the first node).
-    #[arg(long, env = "NOVACRON_JOIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Raft and membership timers, as JSON (see Tuning); for tests and benchmarks.
-    #[arg(long, env = "NOVACRON_TUNING", hide = true)]
-    tuning: Option<String>,
-    /// libvirt connection of this node's agent (stored; default qemu:///system).
-    /// `test:///default` runs VMs on libvirt's in-process test driver.
-    #[arg(long, env = "NOVACRON_LIBVIRT_URI")]
-    libvirt_uri: Option<String>,
-    /// Kernel and initrd that VMs with image `tiny` boot directly (the test guest).
-    #[arg(long, env = "NOVACRON_GUEST_KERNEL")]
-    guest_kernel: Option<PathBuf>,
-    #[arg(long, env = "NOVACRON_GUEST_INITRD")]
-    guest_initrd: Option<PathBuf>,
-    /// Force the libvirt domain type (kvm or qemu) where detection cannot tell that /dev/kvm
-    /// does not really work (nested or emulated KVM).
-    #[arg(long, env = "NOVACRON_DOMAIN_TYPE", value_parser = ["kvm", "qemu"])]
-    domain_type: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +99,8 @@ fn main() -> ExitCode {
                     guest_kernel: a.guest_kernel,
                     guest_initrd: a.guest_initrd,
                     domain_type: a.domain_type,
+                    witness: a.witness,
+                    missing_features: a.simulate_missing_features,
                 };
                 node::server::serve(opts, node::server::shutdown_signal()).await
             }

@@ -51,6 +51,10 @@ pub struct ServeOptions {
     pub guest_kernel: Option<PathBuf>,
     pub guest_initrd: Option<PathBuf>,
     pub domain_type: Option<String>,
+    /// A vote-only member: runs no agent and is never schedulable.
+    pub witness: bool,
+    /// Command types to leave out of this node's advertised features (upgrade tests).
+    pub missing_features: Vec<String>,
 }
 
 /// The first node's initial secrets, kept on disk only until the cluster has committed them,
@@ -201,6 +205,12 @@ impl Node {
                 config.tuning = t;
             }
             apply_agent_options(&mut config, &opts);
+            if opts.witness && !config.witness {
+                bail!(
+                    "{} holds a data node; a witness is created with --witness --join",
+                    dir.display()
+                );
+            }
             config.save(&dir)?;
             let identity = NodeIdentity::load(&tls_dir)?;
             let listener = tokio::net::TcpListener::bind(&config.api_addr)
@@ -326,16 +336,24 @@ impl Node {
             Duration::from_secs(2),
             stop_rx.clone(),
         )));
-        tasks.push(tokio::spawn(run_agent(
-            control.clone(),
-            config.clone(),
-            images,
-            stop_rx.clone(),
-        )));
+        // A witness only votes: no agent, no VMs, and it keeps itself unschedulable.
+        if !config.witness {
+            tasks.push(tokio::spawn(run_agent(
+                control.clone(),
+                config.clone(),
+                images,
+                stop_rx.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(crate::stats::run_sampler(
             stats,
             hv,
             control.reader.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::features::advertise(
+            control.clone(),
+            crate::features::own_traits(config.witness, &opts.missing_features),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(
@@ -566,6 +584,7 @@ async fn init_new(
         guest_kernel: None,
         guest_initrd: None,
         domain_type: None,
+        witness: opts.witness,
     };
     let mut config = config;
     apply_agent_options(&mut config, opts);
@@ -695,6 +714,7 @@ async fn join_existing(
         guest_kernel: None,
         guest_initrd: None,
         domain_type: None,
+        witness: opts.witness,
     };
     let mut config = config;
     apply_agent_options(&mut config, opts);

@@ -11,7 +11,7 @@ use crate::codec::{self, CodecError};
 use crate::command::{Command, RejectCode, Request, Response};
 use crate::keys;
 use crate::model::{
-    ApiKey, AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, Operation,
+    ApiKey, AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, NodeTraits, Operation,
     OperationState, Tenant, User, UserSecurity, Vm, VmState,
 };
 
@@ -592,6 +592,19 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
                 operation: None,
             })
         }
+        Command::AdvertiseNode { id, traits } => {
+            match get::<NodeRecord>(tx, &keys::node(*id))? {
+                Some(n) if !n.removed => {}
+                _ => {
+                    return Ok(reject(
+                        RejectCode::NotFound,
+                        format!("node {id} is not a member"),
+                    ))
+                }
+            }
+            put::<NodeTraits>(tx, &keys::node_traits(*id), traits)?;
+            Ok(Response::Ok)
+        }
     }
 }
 
@@ -827,7 +840,8 @@ fn target_of(cmd: &Command, response: &Response) -> String {
         (
             Command::RemoveNode { id }
             | Command::SetNodeState { id, .. }
-            | Command::SetNodeSchedulable { id, .. },
+            | Command::SetNodeSchedulable { id, .. }
+            | Command::AdvertiseNode { id, .. },
             _,
         ) => format!("node/{id}"),
         (Command::CreateTenant { tenant }, _) => format!("tenant/{}", tenant.id),
@@ -1379,5 +1393,49 @@ mod tests {
         );
         let exp: u64 = get(&st, &keys::revoked_jti("j1")).unwrap().unwrap();
         assert_eq!(exp, 99);
+    }
+
+    #[test]
+    fn only_members_advertise_their_traits() {
+        let st = MemState::default();
+        let traits = crate::model::NodeTraits {
+            release: "0.1.0".into(),
+            features: vec!["noop".into()],
+            witness: true,
+        };
+        let advertise = || Command::AdvertiseNode {
+            id: 1,
+            traits: traits.clone(),
+        };
+        assert!(matches!(
+            run(&st, advertise()),
+            Response::Rejected {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
+        run(
+            &st,
+            Command::RegisterNode {
+                member: crate::model::Member {
+                    name: "n1".into(),
+                    api_addr: "a".into(),
+                    peer_addr: "p".into(),
+                },
+            },
+        );
+        assert_eq!(run(&st, advertise()), Response::Ok);
+        let stored: crate::model::NodeTraits = get(&st, &keys::node_traits(1)).unwrap().unwrap();
+        assert_eq!(stored, traits);
+    }
+
+    #[test]
+    fn every_known_command_name_is_listed_once() {
+        let known = crate::command::known_commands();
+        assert!(known.contains(&Command::Noop.name()));
+        assert!(known.contains(&"node.advertise"));
+        let mut dedup = known.clone();
+        dedup.dedup();
+        assert_eq!(dedup, known);
     }
 }

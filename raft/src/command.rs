@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     ApiKey, AuditEntry, ClusterSecrets, DesiredState, Member, Millis, NodeId, NodeRecord,
-    NodeState, Operation, OperationState, Quota, Role, Tenant, User, Vm, VmState,
+    NodeState, NodeTraits, Operation, OperationState, Quota, Role, Tenant, User, Vm, VmState,
 };
 
 /// What a client (or a controller) asks the replicated state machine to do.
@@ -214,6 +214,12 @@ pub enum Command {
         epoch: u64,
         reason: String,
     },
+    /// A node states its release, the command types it understands and whether it is a
+    /// witness. New command types are proposed only once every voter advertises them.
+    AdvertiseNode {
+        id: NodeId,
+        traits: NodeTraits,
+    },
 }
 
 impl Command {
@@ -252,8 +258,58 @@ impl Command {
             Command::ImageStored { .. } => "image.stored",
             Command::DeleteImage { .. } => "image.delete",
             Command::MarkVmUnknown { .. } => "vm.mark_unknown",
+            Command::AdvertiseNode { .. } => "node.advertise",
         }
     }
+}
+
+/// Command types every node understood before nodes advertised their features: a node that
+/// has advertised nothing is taken to understand exactly these.
+pub const BASELINE_COMMANDS: &[&str] = &[
+    "noop",
+    "cluster.init",
+    "node.register",
+    "node.remove",
+    "node.set_state",
+    "node.set_schedulable",
+    "cluster.rotate_jwt_key",
+    "tenant.create",
+    "tenant.update",
+    "tenant.delete",
+    "user.create",
+    "user.update",
+    "user.delete",
+    "vm.create",
+    "vm.set_desired",
+    "vm.delete",
+    "vm.place",
+    "vm.report",
+    "vm.purge",
+    "operation.finish",
+    "audit",
+    "api_key.create",
+    "api_key.revoke",
+    "auth.logout",
+    "user.totp_enroll",
+    "user.totp_confirm",
+    "user.totp_use",
+    "user.require_totp",
+];
+
+/// Command types added since the baseline. A new `Command` variant adds its name here, so
+/// that nodes advertise it and the write path proposes it only once every voter has it.
+pub const ADDED_COMMANDS: &[&str] = &["node.advertise"];
+
+/// Every command type this build understands: what the node advertises.
+pub fn known_commands() -> Vec<&'static str> {
+    let mut all: Vec<&'static str> = BASELINE_COMMANDS
+        .iter()
+        .chain(ADDED_COMMANDS)
+        .copied()
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// Why `apply` refused a command. Refusals are deterministic: every replica refuses alike,

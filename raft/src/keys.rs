@@ -74,3 +74,10 @@ pub fn revoked_jti(jti: &str) -> Vec<u8> {
 pub fn user_security(id: &str) -> Vec<u8> {
     join("us/", id)
 }
+
+pub const NODE_TRAITS_PREFIX: &[u8] = b"nf/";
+
+/// What node `id` advertised about itself (release, features, witness).
+pub fn node_traits(id: u64) -> Vec<u8> {
+    join("nf/", &format!("{id:020}"))
+}

@@ -4,6 +4,7 @@
 //! This crate never talks to a hypervisor and never reads a clock inside `apply`.
 
 pub mod apply;
+pub mod backup;
 pub mod codec;
 pub mod command;
 pub mod image;

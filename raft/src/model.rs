@@ -458,3 +458,26 @@ pub struct UserSecurity {
     /// The last TOTP time step accepted; a code is accepted at most once (RFC 6238 §5.2).
     pub totp_last_step: u64,
 }
+
+/// What a node says about itself: its release, the command types it understands (the feature
+/// gates of rolling upgrades) and whether it is a witness (a vote-only member that runs no VMs).
+/// Written by the node itself through [`crate::Command::AdvertiseNode`] when it starts.
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct NodeTraits {
+    /// The node's release (its binary's version).
+    pub release: String,
+    /// Names of the command types it can apply (`Command::name`), sorted.
+    pub features: Vec<String>,
+    pub witness: bool,
+}

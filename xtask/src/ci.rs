@@ -3,7 +3,8 @@
 //! Steps: Debian prerequisites (only as root), `cargo fmt --check`, clippy with `-D warnings`,
 //! a system libvirtd for the tests that need one, then the tests (nextest when installed) in the
 //! dev profile only, so CI compiles the workspace once, then schemathesis against one live node
-//! from the committed OpenAPI document.
+//! from the committed OpenAPI document, then the deployment check (manifests validated offline,
+//! the Debian package installed and started).
 
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +27,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "socat",
     "busybox-static",
+    // The deployment check polls the packaged node over HTTP.
+    "curl",
     "nftables",
     "etcd-server",
     // Headless browser tests of the dashboard.
@@ -122,6 +125,7 @@ pub(crate) fn run(args: &CiArgs) -> Result<()> {
 
     // After the tests, so a broken build or a failing unit shows first.
     steps.push(("schemathesis", Box::new(schemathesis)));
+    steps.push(("deploy", Box::new(crate::package::deploy_check)));
 
     for (name, step) in &steps {
         println!("==> ci step: {name}");

@@ -11,6 +11,8 @@
 //!   (seeds of the deterministic simulation) and `long` (one scenario per fault class, 5 nodes).
 //! - `axe`: fetch the pinned axe-core the dashboard's accessibility tests inject.
 //! - `bench web`: every dashboard page's server time on a 3-node cluster with 1,000 VMs.
+//! - `package`: the Debian package (`dpkg-deb` from a staged tree); `deploy-check` installs it
+//!   and validates the deployment manifests offline (a CI step).
 //!
 //! xtask depends on no crate of ours on purpose: it must build in seconds and keep working while
 //! the product does not compile.
@@ -22,6 +24,7 @@ mod ci;
 mod dev;
 mod guest;
 mod libvirtd;
+mod package;
 mod process;
 
 use std::path::PathBuf;
@@ -53,6 +56,11 @@ enum Command {
     Axe,
     /// Schemathesis (from PyPI) against one live node from api/openapi.json; also a CI step.
     Schemathesis,
+    /// Build the Debian package of the node (binary, systemd unit, example config).
+    Package(package::PackageArgs),
+    /// Validate the deployment manifests offline; as root, install the package and start a
+    /// single-node cluster from it. Also a CI step.
+    DeployCheck,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -80,6 +88,8 @@ fn main() -> ExitCode {
         Command::Chaos(args) => chaos::run(&args),
         Command::Axe => axe::ensure().map(|_| ()),
         Command::Schemathesis => ci::schemathesis(),
+        Command::Package(args) => package::run(&args),
+        Command::DeployCheck => package::deploy_check(),
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),

@@ -4,6 +4,7 @@ pub(crate) mod api_keys;
 mod audit;
 mod auth;
 mod cluster;
+mod day2;
 mod events;
 mod extract;
 mod health;
@@ -51,6 +52,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(cluster::status))
         .routes(routes!(cluster::rotate_jwt_key))
         .routes(routes!(cluster::join))
+        .routes(routes!(day2::backup))
+        .routes(routes!(day2::upgrade_check))
         .routes(routes!(tenants::list, tenants::create))
         .routes(routes!(nodes::list))
         .routes(routes!(nodes::remove))

@@ -140,6 +140,17 @@ impl TestCluster {
 
     /// Starts one more node (the first with `--init`) and waits until it is ready.
     pub async fn add_node(&mut self, init: bool) -> Result<usize> {
+        self.add_node_with(init, &[], &[]).await
+    }
+
+    /// Like [`TestCluster::add_node`], with extra `serve` arguments and environment for this
+    /// node only.
+    pub async fn add_node_with(
+        &mut self,
+        init: bool,
+        extra_args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Result<usize> {
         let i = self.nodes.len();
         let name = format!("n{}", i + 1);
         let dir = self.root.path().join(&name);
@@ -160,8 +171,15 @@ impl TestCluster {
             let url = self.any_running_url()?;
             args.extend(["--join".into(), url, "--token".into(), self.join_token()?]);
         }
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        let mut env = self.env.clone();
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         std::fs::create_dir_all(self.root.path())?;
-        let child = spawn(&dir, &args, &self.tuning, &self.env)?;
+        let child = spawn(&dir, &args, &self.tuning, &env)?;
         let api = self.wait_config(&dir).await?;
         self.nodes.push(TestNode {
             name,
@@ -425,6 +443,42 @@ impl TestCluster {
             .await?
             .text()
             .await?)
+    }
+
+    /// Starts a node from a data dir prepared outside the harness (a restored backup), as
+    /// node `name`, and waits until it is ready.
+    pub async fn adopt(&mut self, name: &str, dir: PathBuf) -> Result<usize> {
+        let i = self.nodes.len();
+        let args = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+        ];
+        let child = spawn(&dir, &args, &self.tuning, &self.env)?;
+        let api = self.wait_config(&dir).await?;
+        self.nodes.push(TestNode {
+            name: name.to_string(),
+            dir,
+            api,
+            child: Some(child),
+        });
+        self.wait_ready(i).await?;
+        Ok(i)
+    }
+
+    /// An empty cluster (no node yet) whose nodes live under a fresh temporary directory.
+    pub fn empty(tuning: String) -> Result<TestCluster> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(TestCluster {
+            root: tempfile::tempdir()?,
+            nodes: Vec::new(),
+            tuning,
+            env: Vec::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            token: None,
+        })
     }
 
     pub async fn metric(&self, i: usize, name: &str) -> Result<f64> {

@@ -8,6 +8,7 @@ mod harness;
 mod api_cluster;
 mod cli;
 mod cluster;
+mod day2;
 mod ha;
 mod images;
 mod join;

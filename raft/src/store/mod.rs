@@ -11,12 +11,14 @@
 //!
 //! [`Store`] hands out the three views openraft and the rest of the node need:
 //! [`LogStore`] (`RaftLogStorage`), [`StateMachine`] (`RaftStateMachine`) and [`StateReader`]
-//! (local reads for the API and the controllers). This module does not decide when to snapshot
+//! (local reads for the API and the controllers). `seed` adds whole-state export and offline
+//! re-seeding (backup, restore, recovery). This module does not decide when to snapshot
 //! or purge; openraft does, from its config.
 
 mod encoding;
 mod log;
 mod reader;
+mod seed;
 mod state_machine;
 
 use std::path::Path;
@@ -32,6 +34,7 @@ use crate::NodeId;
 
 pub use self::log::LogStore;
 pub use self::reader::{digest_of, Applied, RawRows, StateReader};
+pub use self::seed::StateExport;
 pub use self::state_machine::{SnapshotBuilder, StateMachine};
 
 /// How many applied entries the event channel buffers for slow subscribers before they lag.

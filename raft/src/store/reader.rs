@@ -32,7 +32,7 @@ pub struct Applied {
 /// Reads the local replica. Cheap to clone; clones share the database.
 #[derive(Debug, Clone)]
 pub struct StateReader {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 /// The digest of a replicated key space: sha256 over every (key, value) pair in key order,

@@ -95,7 +95,7 @@ pub(crate) fn read_last_applied(state: &sled::Tree) -> Result<Option<StoredLogId
     }
 }
 
-fn read_membership(state: &sled::Tree) -> Result<Membership, StoreError> {
+pub(crate) fn read_membership(state: &sled::Tree) -> Result<Membership, StoreError> {
     match state.get(state_keys::MEMBERSHIP)? {
         Some(bytes) => membership_from_json(&codec::decode::<String>(&bytes)?),
         None => Ok(Membership::default()),
@@ -103,7 +103,10 @@ fn read_membership(state: &sled::Tree) -> Result<Membership, StoreError> {
 }
 
 /// Applies one entry in one sled transaction and returns its response.
-fn apply_entry(state: &sled::Tree, entry: &Entry<TypeConfig>) -> Result<Response, StoreError> {
+pub(crate) fn apply_entry(
+    state: &sled::Tree,
+    entry: &Entry<TypeConfig>,
+) -> Result<Response, StoreError> {
     let last_applied = codec::encode(&StoredLogId::from(&entry.log_id))?;
     let membership = match &entry.payload {
         EntryPayload::Membership(m) => {
@@ -167,7 +170,7 @@ impl StateMachine {
 }
 
 /// Records `meta` and `data` as the current snapshot, both in one batch.
-fn save_current_snapshot(
+pub(crate) fn save_current_snapshot(
     inner: &Inner,
     meta: &SnapshotMeta<NodeId, Member>,
     data: &[u8],
