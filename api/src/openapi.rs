@@ -135,6 +135,10 @@ pub mod schemas {
         pub target: String,
         pub state: OperationState,
         pub error: Option<String>,
+        /// What the work produced; for `vm.migrate`: `{phase, source, target, mode: live|handoff,
+        /// total_ms, downtime_ms, bytes, reason}`.
+        #[schema(value_type = Option<Object>)]
+        pub result: Option<serde_json::Value>,
         pub created_at: u64,
         pub updated_at: u64,
     }

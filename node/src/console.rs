@@ -2,7 +2,9 @@
 //! node that runs it, over a mutually authenticated QUIC tunnel.
 //!
 //! Tunnel protocol: the caller writes one line `console <vm id>\n`; the hosting node checks the
-//! VM is placed on it, then copies the console's bytes until either side closes.
+//! VM is placed on it, then copies the console's bytes until either side closes. A line
+//! `migrate <source node id>\n` opens a migration tunnel instead (see `migration::tunnel`), and
+//! extension RPCs named `migration.*` are the target's side of a migration.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +30,8 @@ pub struct NodeExtensions {
     pub me: NodeId,
     pub reader: StateReader,
     pub hv: SharedHypervisor,
+    /// Present once the node takes part in migrations.
+    pub migration: Option<crate::migration::SharedEnv>,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -65,6 +69,10 @@ impl ExtensionHandler for NodeExtensions {
                         .map_err(|e| ExtensionError::Refused(e.to_string()))?;
                     Ok(Vec::new())
                 }
+                other if other.starts_with("migration.") => match &self.migration {
+                    Some(env) => crate::migration::executor::handle(env, other, body).await,
+                    None => Err(ExtensionError::UnknownKind(other.to_string())),
+                },
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }
         })
@@ -79,6 +87,7 @@ impl ExtensionHandler for NodeExtensions {
         let me = self.me;
         let reader = self.reader.clone();
         let hv = self.hv.clone();
+        let migration = self.migration.clone();
         Box::pin(async move {
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
@@ -89,11 +98,17 @@ impl ExtensionHandler for NodeExtensions {
                     _ => return,
                 }
             }
-            let Some(vm_id) = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|l| l.strip_prefix("console "))
-                .map(str::to_string)
-            else {
+            let text = std::str::from_utf8(&line).unwrap_or_default();
+            if let Some(source) = text.strip_prefix("migrate ") {
+                match (source.trim().parse(), migration) {
+                    (Ok(source), Some(env)) => {
+                        crate::migration::tunnel::serve_target(env, source, send, recv).await
+                    }
+                    _ => tracing::warn!(%peer, "refused a migration tunnel"),
+                }
+                return;
+            }
+            let Some(vm_id) = text.strip_prefix("console ").map(str::to_string) else {
                 tracing::warn!(%peer, "malformed tunnel request");
                 return;
             };

@@ -10,6 +10,8 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod dev;
+pub mod hosts;
 pub mod membership;
 pub mod metrics;
+pub mod migration;
 pub mod server;

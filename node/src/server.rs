@@ -209,6 +209,27 @@ impl Node {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let hv: crate::console::SharedHypervisor = Arc::default();
+        let migration = Arc::new(crate::migration::MigrationEnv {
+            me: config.node_id,
+            cluster_id: config.cluster_id.clone(),
+            data_dir: dir.clone(),
+            reader: reader.clone(),
+            transport: transport.clone(),
+            cluster: cluster.clone(),
+            hv: hv.clone(),
+            agent: agent_config(&config),
+            live: !config.libvirt_uri.starts_with("test:"),
+            libvirt_socket: crate::migration::libvirt_socket_of(&config.libvirt_uri),
+        });
+        tasks.push(tokio::spawn(crate::migration::tunnel::serve_local(
+            migration.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::migration::controller::run(
+            migration.clone(),
+            raft.clone(),
+            stop_rx.clone(),
+        )));
 
         {
             let transport = transport.clone();
@@ -218,6 +239,7 @@ impl Node {
                 me: config.node_id,
                 reader: reader.clone(),
                 hv: hv.clone(),
+                migration: Some(migration.clone()),
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -252,6 +274,7 @@ impl Node {
         tasks.push(tokio::spawn(run_agent(
             control.clone(),
             config.clone(),
+            migration,
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(
@@ -344,7 +367,20 @@ fn apply_agent_options(config: &mut NodeConfig, opts: &ServeOptions) {
 }
 
 /// Connects to libvirt (retrying while it is down) and runs the agent until shutdown.
-async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::Receiver<bool>) {
+fn agent_config(config: &NodeConfig) -> crate::agent::AgentConfig {
+    crate::agent::AgentConfig {
+        guest_kernel: config.guest_kernel.clone(),
+        guest_initrd: config.guest_initrd.clone(),
+        ..Default::default()
+    }
+}
+
+async fn run_agent(
+    ctl: Arc<NodeControl>,
+    config: NodeConfig,
+    migration: crate::migration::SharedEnv,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     let hv = loop {
         let mut lv = hypervisor::LibvirtConfig::new(config.libvirt_uri.clone());
@@ -368,11 +404,7 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
     tracing::info!(uri = %config.libvirt_uri, "agent connected to libvirt");
     let hv: Arc<dyn hypervisor::Hypervisor> = Arc::new(hv);
     let _ = ctl.hv.set(hv.clone());
-    let agent_config = crate::agent::AgentConfig {
-        guest_kernel: config.guest_kernel.clone(),
-        guest_initrd: config.guest_initrd.clone(),
-        ..Default::default()
-    };
+    let agent_config = agent_config(&config);
     let agent = crate::agent::Agent::new(
         ctl.id,
         format!("{}/{}", config.cluster_id, ctl.id),
@@ -380,7 +412,8 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
         ctl.reader.clone(),
         ctl.cluster.clone(),
         agent_config,
-    );
+    )
+    .with_migration(migration);
     agent.run(stop).await;
 }
 

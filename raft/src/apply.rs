@@ -35,7 +35,7 @@ pub enum ApplyError {
     Codec(#[from] CodecError),
 }
 
-fn get<T>(tx: &dyn StateTx, key: &[u8]) -> Result<Option<T>, ApplyError>
+pub(crate) fn get<T>(tx: &dyn StateTx, key: &[u8]) -> Result<Option<T>, ApplyError>
 where
     T: rkyv::Archive,
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
@@ -47,7 +47,7 @@ where
     }
 }
 
-fn put<T>(tx: &dyn StateTx, key: &[u8], value: &T) -> Result<(), ApplyError>
+pub(crate) fn put<T>(tx: &dyn StateTx, key: &[u8], value: &T) -> Result<(), ApplyError>
 where
     T: for<'a> rkyv::Serialize<
         rkyv::api::high::HighSerializer<
@@ -60,7 +60,7 @@ where
     tx.put(key, codec::encode(value)?)
 }
 
-fn reject(code: RejectCode, message: impl Into<String>) -> Response {
+pub(crate) fn reject(code: RejectCode, message: impl Into<String>) -> Response {
     Response::Rejected {
         code,
         message: message.into(),
@@ -558,6 +558,13 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             put(tx, &keys::user_security(user_id), &sec)?;
             Ok(Response::User(user))
         }
+        Command::RequestMigration {
+            migration,
+            operation,
+        } => crate::migration::apply_request(tx, migration, operation, at),
+        Command::AdvanceMigration { id, from, to } => {
+            crate::migration::apply_advance(tx, id, *from, to, at)
+        }
     }
 }
 
@@ -610,7 +617,11 @@ fn load_vm(
     Ok(Ok(vm))
 }
 
-fn new_operation(tx: &dyn StateTx, op: &Operation, at: u64) -> Result<Operation, ApplyError> {
+pub(crate) fn new_operation(
+    tx: &dyn StateTx,
+    op: &Operation,
+    at: u64,
+) -> Result<Operation, ApplyError> {
     let mut op = op.clone();
     op.created_at = at;
     op.updated_at = at;

@@ -74,3 +74,14 @@ pub fn revoked_jti(jti: &str) -> Vec<u8> {
 pub fn user_security(id: &str) -> Vec<u8> {
     join("us/", id)
 }
+
+/// Migrations (`g/` is the migration controller's): every migration by id (its operation id).
+pub const MIGRATION_PREFIX: &[u8] = b"g/m/";
+
+pub fn migration(id: &str) -> Vec<u8> {
+    join("g/m/", id)
+}
+/// The migration in progress of a VM, if any (value: the migration id).
+pub fn active_migration(vm_id: &str) -> Vec<u8> {
+    join("g/v/", vm_id)
+}

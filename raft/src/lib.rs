@@ -7,6 +7,7 @@ pub mod apply;
 pub mod codec;
 pub mod command;
 pub mod keys;
+pub mod migration;
 pub mod model;
 pub mod net;
 pub mod store;

@@ -6,6 +6,7 @@ mod auth;
 mod cluster;
 mod events;
 mod health;
+mod migrations;
 mod nodes;
 mod tenants;
 pub(crate) mod users;
@@ -59,6 +60,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::reboot))
         .routes(routes!(vms::console))
         .routes(routes!(vms::get_operation))
+        .routes(routes!(migrations::migrate))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))
         .routes(routes!(tenants::get_one, tenants::update, tenants::delete));

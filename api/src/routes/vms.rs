@@ -125,7 +125,7 @@ fn validate(body: &CreateVm) -> ApiResult<()> {
     Ok(())
 }
 
-fn operation(kind: &str, tenant: &str, vm_id: &str) -> Operation {
+pub(crate) fn operation(kind: &str, tenant: &str, vm_id: &str) -> Operation {
     Operation {
         id: uuid::Uuid::new_v4().to_string(),
         kind: kind.into(),
@@ -186,7 +186,7 @@ fn place(state: &AppState, placement: &Placement) -> ApiResult<Option<NodeId>> {
     Ok(tied.choose(&mut rand::thread_rng()).copied())
 }
 
-fn accepted(resp: RaftResponse) -> ApiResult<Response> {
+pub(crate) fn accepted(resp: RaftResponse) -> ApiResult<Response> {
     match resp {
         RaftResponse::Vm {
             vm,
@@ -251,7 +251,7 @@ pub(crate) async fn create(
     accepted(resp)
 }
 
-fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
+pub(crate) fn load(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Vm> {
     let not_found = || ApiError::NotFound(format!("vm {id}"));
     let bytes = state.cp.get(&keys::vm(id))?.ok_or_else(not_found)?;
     let vm: Vm = decode(&bytes)?;
@@ -495,7 +495,7 @@ pub(crate) async fn get_operation(
     caller: Caller,
     Path(id): Path<String>,
     Query(read): Query<ReadParams>,
-) -> ApiResult<Json<Operation>> {
+) -> ApiResult<Json<OperationView>> {
     state.cp.read_barrier(read.consistency).await?;
     let not_found = || ApiError::NotFound(format!("operation {id}"));
     let bytes = state.cp.get(&keys::operation(&id))?.ok_or_else(not_found)?;
@@ -503,7 +503,17 @@ pub(crate) async fn get_operation(
     if !caller.sees_tenant(&op.tenant) {
         return Err(not_found());
     }
-    Ok(Json(op))
+    let result = crate::routes::migrations::result_of(&state, &op)?;
+    Ok(Json(OperationView { op, result }))
+}
+
+/// An operation with what it produced (a migration's phase, mode, times and bytes).
+#[derive(Debug, Serialize)]
+pub(crate) struct OperationView {
+    #[serde(flatten)]
+    op: Operation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<serde_json::Value>,
 }
 
 /// `GET /api/v1/vms/{id}/console`: the serial console as a streamed body (bytes as they come).
