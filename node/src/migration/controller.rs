@@ -18,6 +18,15 @@ use super::executor::{ABORT, PROBE};
 use super::{active, SharedEnv};
 
 const TICK: Duration = Duration::from_millis(300);
+/// A drain does not ask again for a VM whose last drain migration is younger than this, so a
+/// VM that cannot move (no target) does not produce a stream of failed operations.
+const DRAIN_RETRY: Duration = Duration::from_secs(15);
+
+/// What the controller remembers between ticks (nothing of it is needed for correctness).
+#[derive(Default)]
+struct Memory {
+    drain_requested: BTreeMap<String, std::time::Instant>,
+}
 
 /// The node a migration goes to when none was asked for: an up, schedulable node other than the
 /// source, not holding a VM of the same anti-affinity group, with the fewest VMs (counting those
@@ -61,6 +70,7 @@ pub fn choose_target(
 pub async fn run(env: SharedEnv, raft: raft::Raft, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut memory = Memory::default();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -69,7 +79,7 @@ pub async fn run(env: SharedEnv, raft: raft::Raft, mut shutdown: watch::Receiver
         if raft.metrics().borrow().current_leader != Some(env.me) {
             continue;
         }
-        if let Err(e) = tick(&env).await {
+        if let Err(e) = tick(&env, &mut memory).await {
             tracing::debug!(error = %e, "migration controller tick failed");
         }
     }
@@ -92,7 +102,7 @@ fn advance(m: &Migration, to: PhaseChange) -> Command {
     }
 }
 
-async fn tick(env: &SharedEnv) -> Result<(), String> {
+async fn tick(env: &SharedEnv, memory: &mut Memory) -> Result<(), String> {
     let reader = &env.reader;
     let nodes = reader.nodes().map_err(|e| e.to_string())?;
     let vms = reader.vms().map_err(|e| e.to_string())?;
@@ -108,6 +118,16 @@ async fn tick(env: &SharedEnv) -> Result<(), String> {
                 && v.desired_state == DesiredState::Running
                 && !migrating_vms.contains(v.id.as_str())
         }) {
+            let recent = memory
+                .drain_requested
+                .get(&vm.id)
+                .is_some_and(|t| t.elapsed() < DRAIN_RETRY);
+            if recent {
+                continue;
+            }
+            memory
+                .drain_requested
+                .insert(vm.id.clone(), std::time::Instant::now());
             let id = uuid::Uuid::new_v4().to_string();
             let cmd = Command::RequestMigration {
                 migration: Migration {
@@ -144,6 +164,10 @@ async fn tick(env: &SharedEnv) -> Result<(), String> {
             propose(env, cmd).await?;
         }
     }
+
+    memory
+        .drain_requested
+        .retain(|_, t| t.elapsed() < DRAIN_RETRY);
 
     // One transfer at a time per source node: libvirt and the machine stay responsive and a
     // drain proceeds VM by VM.

@@ -11,6 +11,8 @@ mod cluster;
 mod join;
 mod layering;
 mod membership;
+mod migration;
+mod real_migration;
 mod real_vm;
 mod snapshot;
 mod vms;
