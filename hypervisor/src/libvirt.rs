@@ -551,7 +551,15 @@ impl Hypervisor for LibvirtHypervisor {
         name: &str,
     ) -> Result<Option<MigrationReport>, HypervisorError> {
         self.with_domain(name, |dom| {
-            let stats = dom.job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED)?;
+            // virt 0.5's `job_stats` is only sound when libvirt returns at least one parameter
+            // (it builds a Vec from the returned pointer, null when there are none), so it is
+            // called only here, on the destination of a migration that just succeeded, where
+            // libvirt keeps the completed job's statistics; KEEP_COMPLETED keeps them for a
+            // repeated question. Progress uses the always-sound `job_info`.
+            let stats = dom.job_stats(
+                virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED
+                    | virt::sys::VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED,
+            )?;
             if stats.time_elapsed.is_none() && stats.downtime.is_none() {
                 return Ok(None);
             }
@@ -578,7 +586,7 @@ impl Hypervisor for LibvirtHypervisor {
 
 /// The progress of the domain's current job, `None` when no job runs (not started yet, or over).
 fn job_progress(dom: &Domain) -> Option<MigrationProgress> {
-    let stats = dom.job_stats(0).ok()?;
+    let stats = dom.job_info().ok()?;
     if stats.r#type == virt::sys::VIR_DOMAIN_JOB_NONE as i32 {
         return None;
     }

@@ -103,7 +103,7 @@ async fn live(env: &SharedEnv, hv: &dyn Hypervisor, m: &Migration) -> Result<Tra
     let mut report = hv
         .migrate(&name, &req, None)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("live migration to node {target} failed: {e}"))?;
     // Downtime is only known on the destination, once the job completed there.
     if let Ok(addr) = env.peer_addr(target).await {
         if let Ok(body) = env
@@ -268,14 +268,19 @@ pub async fn handle(env: &SharedEnv, kind: &str, body: Vec<u8>) -> Result<Vec<u8
             Ok(Vec::new())
         }
         STATS => {
-            // Asked right after the switch: the migration may already be terminal, so look
-            // the record up directly rather than among the active ones.
+            // Asked by the source right after libvirt's job succeeded, before it commits.
             let m = env
                 .reader
                 .get::<Migration>(&raft::keys::migration(&id))
                 .map_err(|e| refuse(e.to_string()))?
-                .filter(|m| m.target == Some(env.me))
-                .ok_or_else(|| refuse(format!("no migration {id} to this node")))?;
+                .filter(|m| m.target == Some(env.me) && m.phase == MigrationPhase::Migrating)
+                .ok_or_else(|| refuse(format!("no migration {id} to this node is finishing")))?;
+            // libvirt's statistics of the completed job exist once the guest arrived (see
+            // `completed_migration`); asking before would find none.
+            match hv.state(&name(&m)).await {
+                Ok(Some(s)) if s.is_active() => {}
+                _ => return Err(refuse("the guest has not arrived".into())),
+            }
             let report = hv
                 .completed_migration(&name(&m))
                 .await

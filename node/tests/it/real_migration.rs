@@ -182,9 +182,17 @@ async fn a_killed_tunnel_leaves_the_guest_running_on_the_source_only() -> anyhow
     };
     let _turn = daemon_turn();
     let c = cluster(&env, 2).await?;
-    let n1 = node_id(&c, "n1").await?;
-    let id = create_on(&c, "n1", "cut", Some("tiny")).await?;
-    let (before, _) = next_tick(&c, 0, &id).await?;
+    let r = killed_tunnel(&c).await;
+    if r.is_err() {
+        c.dump_logs();
+    }
+    r
+}
+
+async fn killed_tunnel(c: &TestCluster) -> anyhow::Result<()> {
+    let n1 = node_id(c, "n1").await?;
+    let id = create_on(c, "n1", "cut", Some("tiny")).await?;
+    let (before, _) = next_tick(c, 0, &id).await?;
     // A slow transfer (1 MiB/s) so the tunnel is cut while memory is being copied.
     let op_id = migrate(
         &c,
@@ -196,15 +204,15 @@ async fn a_killed_tunnel_leaves_the_guest_running_on_the_source_only() -> anyhow
     let pid = eventually(
         "the tunnel command to run",
         Duration::from_secs(60),
-        || async { tunnel_process(&c, 0) },
+        || async { tunnel_process(c, 0) },
     )
     .await?;
     eventually(
         "memory to be in flight",
         Duration::from_secs(60),
         || async {
-            let o = op(&c, 0, &op_id).await?;
-            (o["result"]["phase"] == "migrating" && domstate(&c, 1, &id) != "absent").then_some(())
+            let o = op(c, 0, &op_id).await?;
+            (o["result"]["phase"] == "migrating" && domstate(c, 1, &id) != "absent").then_some(())
         },
     )
     .await?;
@@ -212,23 +220,23 @@ async fn a_killed_tunnel_leaves_the_guest_running_on_the_source_only() -> anyhow
         .args(["-KILL", &pid.to_string()])
         .status()?;
     assert!(status.success());
-    let done = wait_op(&c, 0, &op_id).await?;
+    let done = wait_op(c, 0, &op_id).await?;
     println!("after the tunnel was killed: {done}");
     assert_eq!(done["state"], "failed", "{done}");
     assert!(
         done["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{done}"
     );
-    let v = vm(&c, 0, &id).await.unwrap();
+    let v = vm(c, 0, &id).await.unwrap();
     assert_eq!(v["node"], n1, "{v}");
     eventually(
         "no debris on the target",
         Duration::from_secs(60),
-        || async { (domstate(&c, 1, &id) == "absent").then_some(()) },
+        || async { (domstate(c, 1, &id) == "absent").then_some(()) },
     )
     .await?;
-    assert_eq!(running_on(&c, &id), vec![0]);
-    let (after, _) = next_tick(&c, 0, &id).await?;
+    assert_eq!(running_on(c, &id), vec![0]);
+    let (after, _) = next_tick(c, 0, &id).await?;
     assert!(
         after > before,
         "the guest did not keep running: {after} <= {before}"
