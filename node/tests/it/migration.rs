@@ -10,8 +10,12 @@ use crate::harness::{eventually, fast_tuning, TestCluster};
 use crate::vms::{vm, wait_op, wait_state};
 
 pub async fn node_id(c: &TestCluster, name: &str) -> anyhow::Result<u64> {
+    node_id_via(c, 0, name).await
+}
+
+pub async fn node_id_via(c: &TestCluster, via: usize, name: &str) -> anyhow::Result<u64> {
     let (s, v) = c
-        .request(0, reqwest::Method::GET, "/api/v1/nodes", None)
+        .request(via, reqwest::Method::GET, "/api/v1/nodes", None)
         .await?;
     anyhow::ensure!(s == 200, "nodes: HTTP {s} {v}");
     v.as_array()

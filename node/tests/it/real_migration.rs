@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, fast_tuning, TestCluster};
-use crate::migration::{create_on, migrate, node_id};
+use crate::migration::{create_on, migrate, node_id, node_id_via};
 use crate::real_vm::{daemon_turn, real_env, RealEnv};
 use crate::vms::{vm, wait_op};
 
@@ -261,7 +261,7 @@ async fn a_leader_killed_mid_migration_leaves_the_guest_on_exactly_one_node() ->
         &c,
         source,
         &id,
-        json!({"target_node": tname, "bandwidth_mib_s": 2}),
+        json!({"target_node": tname, "bandwidth_mib_s": 8}),
     )
     .await?;
     eventually("the transfer to start", Duration::from_secs(60), || async {
@@ -290,7 +290,7 @@ async fn a_leader_killed_mid_migration_leaves_the_guest_on_exactly_one_node() ->
     };
     assert_eq!(
         v["node"],
-        node_id(&c, &c.nodes[placed].name).await.unwrap_or(0),
+        node_id_via(&c, source, &c.nodes[placed].name).await?,
         "{v}"
     );
     // The guest runs on exactly the node the cluster placed it on, and stays there.
