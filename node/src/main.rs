@@ -81,6 +81,9 @@ enum DevCommand {
         /// Where the nodes keep their data (default: a fresh temporary directory).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Use libvirt's test driver even where each node could get its own libvirt host.
+        #[arg(long)]
+        test_driver: bool,
     },
 }
 
@@ -174,10 +177,11 @@ fn main() -> ExitCode {
                         nodes,
                         base_port,
                         data_dir,
+                        test_driver,
                     },
             } => {
                 init_tracing();
-                node::dev::up(nodes, base_port, data_dir).await
+                node::dev::up(nodes, base_port, data_dir, test_driver).await
             }
             Command::Client(c) => node::client::run(ClientArgs::from_env(), c).await,
         }

@@ -27,6 +27,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "socat",
     "busybox-static",
     "nftables",
+    // Network namespaces and the bridge of the separate libvirt hosts (migration tests, dev up).
+    "iproute2",
     "etcd-server",
     // Headless browser tests of the dashboard.
     "chromium",

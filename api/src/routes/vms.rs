@@ -487,7 +487,7 @@ pub(crate) async fn delete(
     tag = "vms",
     summary = "Get an operation",
     params(("id" = String, Path, description = "operation id"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
-    responses((status = 200, description = "the operation", body = crate::openapi::schemas::Operation)),
+    responses((status = 200, description = "the operation", body = crate::openapi::schemas::OperationView)),
     security(("bearer" = []))
 )]
 pub(crate) async fn get_operation(
