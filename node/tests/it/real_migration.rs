@@ -195,7 +195,7 @@ async fn killed_tunnel(c: &TestCluster) -> anyhow::Result<()> {
     let (before, _) = next_tick(c, 0, &id).await?;
     // A slow transfer (1 MiB/s) so the tunnel is cut while memory is being copied.
     let op_id = migrate(
-        &c,
+        c,
         0,
         &id,
         json!({"target_node": "n2", "bandwidth_mib_s": 1}),
