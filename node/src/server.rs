@@ -220,6 +220,7 @@ impl Node {
             agent: agent_config(&config),
             live: !config.libvirt_uri.starts_with("test:"),
             libvirt_socket: crate::migration::libvirt_socket_of(&config.libvirt_uri),
+            metrics: Default::default(),
         });
         tasks.push(tokio::spawn(crate::migration::tunnel::serve_local(
             migration.clone(),
@@ -263,6 +264,9 @@ impl Node {
             hv,
         });
         control.metrics.register(Box::new(store.append_histogram()));
+        for c in migration.metrics.collectors() {
+            control.metrics.register(c);
+        }
 
         if config.init_pending {
             finish_init(&control, &dir, &config).await?;

@@ -286,7 +286,11 @@ pub(crate) fn apply_advance(
         PhaseChange::Migrating => {
             // The guest must still be where and what it was when the migration was asked for.
             match &mut vm {
-                Some(v) if v.epoch == m.source_epoch && v.node == Some(m.source) => {
+                Some(v)
+                    if v.epoch == m.source_epoch
+                        && v.node == Some(m.source)
+                        && v.state != VmState::Deleting =>
+                {
                     v.state = VmState::Migrating;
                     v.updated_at = at;
                     v.version += 1;
@@ -319,7 +323,10 @@ pub(crate) fn apply_advance(
                 if v.epoch == m.source_epoch && v.node == Some(m.source) {
                     v.node = Some(target);
                     v.epoch = m.source_epoch + 1;
-                    v.state = VmState::Running;
+                    // A delete that came in meanwhile is carried out by the new owner.
+                    if v.state != VmState::Deleting {
+                        v.state = VmState::Running;
+                    }
                     v.updated_at = at;
                     v.version += 1;
                     put(tx, &keys::vm(&v.id), v)?;

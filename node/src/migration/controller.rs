@@ -185,6 +185,7 @@ async fn tick(env: &SharedEnv, memory: &mut Memory) -> Result<(), String> {
                     Some(v) if v.node != Some(m.source) || v.epoch != m.source_epoch => {
                         Some("the VM was moved or changed meanwhile")
                     }
+                    Some(v) if v.state == VmState::Deleting => Some("the VM is being deleted"),
                     Some(v) if v.desired_state != DesiredState::Running => {
                         Some("the VM is being stopped")
                     }

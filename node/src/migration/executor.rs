@@ -55,6 +55,38 @@ pub async fn run(env: SharedEnv, hv: std::sync::Arc<dyn Hypervisor>, m: Migratio
     } else {
         handoff(&env, hv.as_ref(), &m, &vm).await
     };
+    let mode_name = |m: MigrationMode| match m {
+        MigrationMode::Live => "live",
+        MigrationMode::Handoff => "handoff",
+    };
+    let metrics = &env.metrics;
+    match &outcome {
+        Ok(t) => {
+            let mode = mode_name(t.mode);
+            metrics
+                .outcomes
+                .with_label_values(&["succeeded", mode])
+                .inc();
+            metrics
+                .total_seconds
+                .with_label_values(&[mode])
+                .observe(t.report.total_ms as f64 / 1000.0);
+            if let Some(d) = t.report.downtime_ms {
+                metrics
+                    .downtime_seconds
+                    .with_label_values(&[mode])
+                    .observe(d as f64 / 1000.0);
+            }
+            metrics
+                .bytes
+                .with_label_values(&[mode])
+                .inc_by(t.report.bytes);
+        }
+        Err(_) => {
+            let mode = if env.live { "live" } else { "handoff" };
+            metrics.outcomes.with_label_values(&["failed", mode]).inc();
+        }
+    }
     let change = match outcome {
         Ok(t) => {
             tracing::info!(vm = %m.vm_id, mode = ?t.mode, total_ms = t.report.total_ms,

@@ -8,6 +8,7 @@
 
 pub mod controller;
 pub mod executor;
+pub mod metrics;
 pub mod tunnel;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +46,7 @@ pub struct MigrationEnv {
     pub live: bool,
     /// The local libvirtd's socket, where incoming migration tunnels are spliced.
     pub libvirt_socket: PathBuf,
+    pub metrics: metrics::MigrationMetrics,
 }
 
 impl MigrationEnv {

@@ -77,6 +77,14 @@ async fn a_vm_moves_by_handoff_on_the_test_driver() -> anyhow::Result<()> {
     assert_eq!(done["result"]["target"], n2);
     let after = wait_state(&c, 0, &id, "running").await?;
     assert_eq!(after["node"], n2, "{after}");
+    // The source counted it.
+    let counted = c
+        .metric(
+            0,
+            "novacron_migrations_total{mode=\"handoff\",outcome=\"succeeded\"}",
+        )
+        .await?;
+    assert_eq!(counted, 1.0);
     // The owner switch is a new placement: the fencing token moved on by exactly one.
     assert_eq!(
         after["epoch"].as_u64().unwrap(),
@@ -144,5 +152,41 @@ async fn drain_moves_every_vm_off_the_node_and_none_onto_a_drained_one() -> anyh
         let v = vm(&c, 0, id).await.unwrap();
         assert_ne!(v["node"], n3, "moved onto a drained node: {v}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_migrates_a_vm_and_waits_for_a_drain() -> anyhow::Result<()> {
+    let c = TestCluster::start(3, fast_tuning(60_000, 10_000, 1_000)).await?;
+    let (n1, n3) = (node_id(&c, "n1").await?, node_id(&c, "n3").await?);
+    let a = create_on(&c, "n1", "cli-a", None).await?;
+    let b = create_on(&c, "n2", "cli-b", None).await?;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(crate::harness::BIN)
+            .args(args)
+            .env("NOVACRON_URL", c.nodes[1].url())
+            .env("NOVACRON_TOKEN", c.token.as_deref().unwrap())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["vm", "migrate", &a, "--to", "n3"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("succeeded") && out.contains("handoff"),
+        "{out}"
+    );
+    assert_eq!(vm(&c, 0, &a).await.unwrap()["node"], n3);
+
+    // `node drain` returns once nothing runs on the node any more, and says how it went.
+    let (ok, out, err) = cli(&["node", "drain", "n2"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("0 running VM(s) left"), "{out}");
+    let v = wait_state(&c, 0, &b, "running").await?;
+    assert!(v["node"] == n1 || v["node"] == n3, "{v}");
     Ok(())
 }
