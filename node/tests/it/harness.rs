@@ -208,7 +208,14 @@ impl TestCluster {
         }
         std::fs::create_dir_all(self.root.path())?;
         let child = spawn(&dir, &args, &self.tuning, &self.env, self.host(i))?;
-        let api = self.wait_config(&dir).await?;
+        let api = match self.wait_config(&dir).await {
+            Ok(api) => api,
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+                eprintln!("==== {name} did not start; its log ====\n{log}");
+                return Err(e);
+            }
+        };
         self.nodes.push(TestNode {
             name,
             dir,

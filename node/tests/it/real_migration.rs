@@ -351,3 +351,71 @@ async fn draining_a_node_moves_all_its_guests_live() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_leader_killed_mid_migration_is_rolled_back_by_the_new_leader(
+) -> anyhow::Result<()> {
+    let test = "a_source_leader_killed_mid_migration_is_rolled_back_by_the_new_leader";
+    let Some(env) = hosts_env(test) else {
+        return Ok(());
+    };
+    let _turn = daemon_turn();
+    let mut c = cluster(&env, 3).await?;
+    let leader = c.wait_leader(0, None).await?;
+    let (source, target) = (leader, (leader + 1) % 3);
+    let other = (leader + 2) % 3;
+    let (sname, tname) = (c.nodes[source].name.clone(), c.nodes[target].name.clone());
+    let id = create_on(&c, &sname, "orphan", Some("tiny")).await?;
+    let op_id = migrate(
+        &c,
+        other,
+        &id,
+        json!({"target_node": tname, "bandwidth_mib_s": 1}),
+    )
+    .await?;
+    eventually(
+        "memory to be in flight",
+        Duration::from_secs(60),
+        || async {
+            let o = op(&c, other, &op_id).await?;
+            (o["result"]["phase"] == "migrating" && domstate(&c, target, &id) != "absent")
+                .then_some(())
+        },
+    )
+    .await?;
+    // The source node (also the leader) dies: its tunnel goes with it, libvirt's job fails and
+    // the guest stays on the source host, where the dead node's libvirtd keeps it running.
+    c.kill(source)?;
+    let done = eventually(
+        "the new leader to settle the migration",
+        Duration::from_secs(120),
+        || async {
+            let o = op(&c, other, &op_id).await?;
+            (o["state"] == "succeeded" || o["state"] == "failed").then_some(o)
+        },
+    )
+    .await?;
+    println!("outcome with the source dead: {done}");
+    assert_eq!(done["state"], "failed", "{done}");
+    eventually(
+        "no debris on the target",
+        Duration::from_secs(60),
+        || async { (domstate(&c, target, &id) == "absent").then_some(()) },
+    )
+    .await?;
+    assert_eq!(running_on(&c, &id), vec![source]);
+    // The source node comes back and keeps its guest; still exactly one copy.
+    c.restart(source).await?;
+    c.wait_ready(source).await?;
+    let v = vm(&c, other, &id).await.unwrap();
+    assert_eq!(v["node"], node_id_via(&c, other, &sname).await?, "{v}");
+    // The restarted node serves the console once its agent reconnected to libvirt.
+    eventually(
+        "the guest to tick again",
+        Duration::from_secs(120),
+        || async { next_tick(&c, other, &id).await.ok() },
+    )
+    .await?;
+    assert_eq!(running_on(&c, &id), vec![source]);
+    Ok(())
+}
