@@ -211,8 +211,26 @@ impl HostSet {
         run(Command::new("ip").args(["addr", "add", &format!("{gateway}/24"), "dev", &bridge]))?;
         run(Command::new("ip").args(["link", "set", &bridge, "up"]))?;
         for i in 0..n {
-            let host = set.start_host(&tag, subnet, i)?;
-            set.hosts.push(host);
+            match set.start_host(&tag, subnet, i) {
+                Ok(host) => set.hosts.push(host),
+                Err(e) => {
+                    // The hosts already started go with `set`; this one's pieces go here.
+                    let root = set.root.join(format!("nchost{}", i + 1));
+                    if let Some(pid) =
+                        std::fs::read_to_string(root.join("run").join("libvirtd.pid"))
+                            .ok()
+                            .and_then(|p| p.trim().parse::<u32>().ok())
+                    {
+                        let _ = run(Command::new("kill").arg(pid.to_string()));
+                    }
+                    let _ = run(Command::new("ip").args([
+                        "netns",
+                        "del",
+                        &format!("nc{tag}h{}", i + 1),
+                    ]));
+                    return Err(e);
+                }
+            }
         }
         Ok(set)
     }

@@ -237,19 +237,19 @@ impl Agent {
             if m.source != self.me || m.phase != raft::migration::MigrationPhase::Migrating {
                 continue;
             }
-            let Some(vm) = vms.iter().find(|v| v.id == m.vm_id) else {
+            if !vms.iter().any(|v| v.id == m.vm_id) {
                 continue;
-            };
+            }
             {
                 let mut running = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
                 if !running.insert(m.id.clone()) {
                     continue;
                 }
             }
-            let (env, hv, m, vm) = (env.clone(), self.hv.clone(), m.clone(), vm.clone());
+            let (env, hv, m) = (env.clone(), self.hv.clone(), m.clone());
             // The id stays in the set after the transfer: if committing its outcome failed,
             // running it again would act on a guest that may already have left.
-            tokio::spawn(crate::migration::executor::run(env, hv, m, vm));
+            tokio::spawn(crate::migration::executor::run(env, hv, m));
         }
     }
 

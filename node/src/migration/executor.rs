@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use hypervisor::{Hypervisor, MigrateFlags, MigrateRequest, MigrationReport};
 use raft::migration::{Migration, MigrationMode, MigrationPhase, PhaseChange};
-use raft::model::Vm;
 use raft::net::ExtensionError;
 use raft::Command;
 
@@ -32,7 +31,7 @@ struct Transferred {
 
 /// Performs the transfer of migration `m` (phase `Migrating`, this node its source) and commits
 /// its outcome: `Switching` when the guest runs on the target, `RolledBack` otherwise.
-pub async fn run(env: SharedEnv, hv: std::sync::Arc<dyn Hypervisor>, m: Migration, vm: Vm) {
+pub async fn run(env: SharedEnv, hv: std::sync::Arc<dyn Hypervisor>, m: Migration) {
     let started = Instant::now();
     let name = hypervisor::spec::domain_name(&m.vm_id);
     let here = matches!(hv.state(&name).await, Ok(Some(s)) if s.is_active());
@@ -53,7 +52,7 @@ pub async fn run(env: SharedEnv, hv: std::sync::Arc<dyn Hypervisor>, m: Migratio
     } else if env.live {
         live(&env, hv.as_ref(), &m).await
     } else {
-        handoff(&env, hv.as_ref(), &m, &vm).await
+        handoff(&env, hv.as_ref(), &m).await
     };
     let mode_name = |m: MigrationMode| match m {
         MigrationMode::Live => "live",
@@ -183,7 +182,6 @@ async fn handoff(
     env: &SharedEnv,
     hv: &dyn Hypervisor,
     m: &Migration,
-    _vm: &Vm,
 ) -> Result<Transferred, String> {
     let started = Instant::now();
     call(env, m, PREPARE).await?;
@@ -225,6 +223,14 @@ async fn handoff(
 pub async fn handle(env: &SharedEnv, kind: &str, body: Vec<u8>) -> Result<Vec<u8>, ExtensionError> {
     let refuse = |m: String| ExtensionError::Refused(m);
     let id = String::from_utf8(body).map_err(|_| refuse("bad migration id".into()))?;
+    // The caller acted on a phase its replica applied; give ours the chance to catch up.
+    if kind == PREPARE {
+        super::caught_up(&env.reader, |ms| {
+            ms.iter()
+                .any(|m| m.id == id && m.phase == MigrationPhase::Migrating)
+        })
+        .await;
+    }
     let m = active(&env.reader)
         .map_err(|e| refuse(e.to_string()))?
         .into_iter()

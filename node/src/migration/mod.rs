@@ -104,6 +104,26 @@ pub fn active(reader: &StateReader) -> Result<Vec<Migration>, StoreError> {
     Ok(out)
 }
 
+/// How long a node waits for its replica to catch up with a phase another node already acted
+/// on (the source applied `Migrating` and calls the target, whose replica may lag behind).
+pub const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until `cond` holds on the local replica, re-checking after every applied entry, for at
+/// most [`CATCH_UP`].
+pub async fn caught_up(reader: &StateReader, mut cond: impl FnMut(&[Migration]) -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    let mut applied = reader.applied_watch();
+    loop {
+        if active(reader).is_ok_and(|ms| cond(&ms)) {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return false,
+            r = applied.changed() => if r.is_err() { return false },
+        }
+    }
+}
+
 /// The libvirt socket a `qemu:///system` (or `qemu+unix:///system?socket=...`) URI reaches.
 pub fn libvirt_socket_of(uri: &str) -> PathBuf {
     uri.split_once("socket=")

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use super::{active, SharedEnv, SOCKET, TUNNEL_PREFIX};
+use super::{SharedEnv, SOCKET, TUNNEL_PREFIX};
 
 const MAX_LINE: usize = 128;
 
@@ -76,13 +76,15 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut R) -> Option<String> {
     None
 }
 
-/// Whether the replica holds a migration in phase `Migrating` from `source` to `target`.
-fn migrating(env: &SharedEnv, source: NodeId, target: NodeId) -> bool {
-    active(&env.reader).is_ok_and(|ms| {
+/// Whether the replica holds (or, within a short catch-up, comes to hold) a migration in phase
+/// `Migrating` from `source` to `target`.
+async fn migrating(env: &SharedEnv, source: NodeId, target: NodeId) -> bool {
+    super::caught_up(&env.reader, |ms| {
         ms.iter().any(|m| {
             m.phase == MigrationPhase::Migrating && m.source == source && m.target == Some(target)
         })
     })
+    .await
 }
 
 /// Serves the local tunnel socket until `shutdown` fires.
@@ -126,7 +128,7 @@ async fn forward(env: SharedEnv, mut conn: UnixStream) -> Result<(), TunnelError
         .await
         .and_then(|l| l.trim().parse().ok())
         .ok_or_else(|| TunnelError::Refused("malformed tunnel request".into()))?;
-    if !migrating(&env, env.me, target) {
+    if !migrating(&env, env.me, target).await {
         return Err(TunnelError::Refused(format!(
             "no migration from this node to node {target} is in progress"
         )));
@@ -153,7 +155,7 @@ pub async fn serve_target(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
-    if !migrating(&env, source, env.me) {
+    if !migrating(&env, source, env.me).await {
         tracing::warn!(source, "refusing a migration tunnel no migration asked for");
         return;
     }
