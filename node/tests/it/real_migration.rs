@@ -67,17 +67,20 @@ fn running_on(c: &TestCluster, id: &str) -> Vec<usize> {
 /// connecting; returns N and when it arrived. A console stream cut short (the hosting node
 /// changed, or a previous reader's stream was just taken over) is opened again.
 async fn next_tick(c: &TestCluster, via: usize, id: &str) -> anyhow::Result<(u64, Instant)> {
-    let mut last = None;
-    for _ in 0..5 {
-        match next_tick_once(c, via, id).await {
-            Ok(t) => return Ok(t),
-            Err(e) => {
-                println!("console read ended early ({e:#}); reading again");
-                last = Some(e);
+    eventually(
+        "a tick on the console",
+        Duration::from_secs(180),
+        || async {
+            match next_tick_once(c, via, id).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    println!("console read ended early ({e:#}); reading again");
+                    None
+                }
             }
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no console")))
+        },
+    )
+    .await
 }
 
 async fn next_tick_once(c: &TestCluster, via: usize, id: &str) -> anyhow::Result<(u64, Instant)> {
