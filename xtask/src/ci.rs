@@ -3,7 +3,9 @@
 //! Steps: Debian prerequisites (only as root), `cargo fmt --check`, clippy with `-D warnings`,
 //! a system libvirtd for the tests that need one, then the tests (nextest when installed) in the
 //! dev profile only, so CI compiles the workspace once, then schemathesis against one live node
-//! from the committed OpenAPI document.
+//! from the committed OpenAPI document. As root, the live-migration tests
+//! (`node/tests/it/real_migration.rs`) start their own libvirt hosts in namespaces next to the
+//! system libvirtd; they read the same guest variables as the real-VM tests.
 
 use std::path::Path;
 use std::process::Command;
