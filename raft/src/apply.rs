@@ -318,6 +318,14 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
                 Ok(vm) => vm,
                 Err(r) => return Ok(r),
             };
+            // A guest between hosts is the migration's until it is settled (done or rolled
+            // back); a re-placement now would issue the epoch the migrated domain carries.
+            if crate::migration::in_flight(tx, id)? {
+                return Ok(reject(
+                    RejectCode::Invalid,
+                    "the VM is migrating; it can be placed once the migration is settled",
+                ));
+            }
             if let Some(n) = node {
                 match get::<NodeRecord>(tx, &keys::node(*n))? {
                     Some(rec) if !rec.removed => {}

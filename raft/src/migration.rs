@@ -169,6 +169,14 @@ fn allowed(from: MigrationPhase, to: MigrationPhase) -> bool {
     )
 }
 
+/// Whether VM `vm_id` has a migration whose guest may be between hosts.
+pub(crate) fn in_flight(tx: &dyn StateTx, vm_id: &str) -> Result<bool, ApplyError> {
+    let Some(id) = get::<String>(tx, &keys::active_migration(vm_id))? else {
+        return Ok(false);
+    };
+    Ok(get::<Migration>(tx, &keys::migration(&id))?.is_some_and(|m| m.phase.in_flight()))
+}
+
 fn usable_target(tx: &dyn StateTx, id: NodeId) -> Result<bool, ApplyError> {
     Ok(matches!(get::<NodeRecord>(tx, &keys::node(id))?, Some(n) if !n.removed))
 }
@@ -511,6 +519,19 @@ mod tests {
             (vm.state, vm.node, vm.epoch),
             (VmState::Migrating, Some(1), 3)
         );
+        // Nothing else may re-place the VM while its guest is between hosts.
+        let place = Command::PlaceVm {
+            id: "vm1".into(),
+            node: Some(2),
+            expected_version: None,
+        };
+        assert!(matches!(
+            run(&s, 5, place),
+            Response::Rejected {
+                code: RejectCode::Invalid,
+                ..
+            }
+        ));
         // Switching cannot be rolled back: the guest already runs on the target.
         run(
             &s,
