@@ -141,6 +141,24 @@ pub mod schemas {
         pub updated_at: u64,
     }
 
+    /// An operation as `GET /operations/{id}` shows it: with what the work produced.
+    #[derive(ToSchema)]
+    pub struct OperationView {
+        pub id: String,
+        pub kind: String,
+        pub tenant: String,
+        /// `vm/<id>` and the like.
+        pub target: String,
+        pub state: OperationState,
+        pub error: Option<String>,
+        /// For `vm.migrate`: `{phase, source, target, mode: live|handoff, reason, total_ms,
+        /// downtime_ms, bytes}`; absent for other kinds.
+        #[schema(value_type = Option<Object>)]
+        pub result: Option<serde_json::Value>,
+        pub created_at: u64,
+        pub updated_at: u64,
+    }
+
     /// One hash-chained record of a mutating call or login.
     #[derive(ToSchema)]
     pub struct AuditEntry {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::HypervisorError;
+use crate::migrate::{MigrateRequest, MigrationProgress, MigrationReport};
 use crate::spec::{DomainType, VmSpec};
 
 /// What the hypervisor says a domain is doing.
@@ -153,4 +154,22 @@ pub trait Hypervisor: Send + Sync {
     async fn capabilities(&self) -> Result<Capabilities, HypervisorError>;
     /// The serial console of a running domain.
     async fn console(&self, name: &str) -> Result<ConsoleStream, HypervisorError>;
+    /// Migrates a running domain to another host as `req` says, returning once libvirt's job
+    /// ended. While it runs, the job's progress is sent on `progress` (if given). On failure
+    /// libvirt leaves the domain running here and nothing on the destination.
+    async fn migrate(
+        &self,
+        name: &str,
+        req: &MigrateRequest,
+        progress: Option<tokio::sync::watch::Sender<MigrationProgress>>,
+    ) -> Result<MigrationReport, HypervisorError>;
+    /// On the destination of a finished migration: libvirt's statistics of the completed job
+    /// (downtime, total time, bytes), `None` when it kept none.
+    async fn completed_migration(
+        &self,
+        name: &str,
+    ) -> Result<Option<MigrationReport>, HypervisorError>;
+    /// Starts a defined domain with its vCPUs paused (the receiving half of a hand-off between
+    /// hosts that cannot migrate live); `resume` lets it run.
+    async fn start_paused(&self, name: &str) -> Result<(), HypervisorError>;
 }

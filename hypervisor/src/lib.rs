@@ -8,6 +8,7 @@ pub mod api;
 pub mod error;
 pub mod images;
 pub mod libvirt;
+pub mod migrate;
 pub mod spec;
 pub mod xml;
 
@@ -17,6 +18,7 @@ pub use api::{
 pub use error::HypervisorError;
 pub use images::{ImageError, ImageInfo, ImageStore};
 pub use libvirt::{LibvirtConfig, LibvirtHypervisor};
+pub use migrate::{MigrateFlags, MigrateRequest, MigrationProgress, MigrationReport};
 pub use spec::{
     domain_name, vm_id_of, DirectBoot, DiskFormat, DiskSpec, DomainType, NicSource, NicSpec, VmSpec,
 };

@@ -208,6 +208,16 @@ pub enum VmCommand {
     Delete {
         id: String,
     },
+    /// Move a running VM to another node, live; waits and prints the outcome.
+    Migrate {
+        id: String,
+        /// Target node (name or id); omitted: the cluster chooses.
+        #[arg(long)]
+        to: Option<String>,
+        /// Cap the transfer's bandwidth, MiB/s.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -740,6 +750,48 @@ async fn vm(command: VmCommand, conn: Conn) -> anyhow::Result<()> {
         VmCommand::Start { id } => op(&api, &conn, &action(&id, "start")).await,
         VmCommand::Stop { id } => op(&api, &conn, &action(&id, "stop")).await,
         VmCommand::Reboot { id } => op(&api, &conn, &action(&id, "reboot")).await,
+        VmCommand::Migrate { id, to, bandwidth } => {
+            let mut body = serde_json::Map::new();
+            if let Some(t) = to {
+                body.insert("target_node".into(), Value::String(t));
+            }
+            if let Some(b) = bandwidth {
+                body.insert("bandwidth_mib_s".into(), Value::from(b));
+            }
+            let v = api
+                .call(
+                    reqwest::Method::POST,
+                    &action(&id, "migrate"),
+                    Some(Value::Object(body)),
+                )
+                .await?;
+            let op_id = s(&v["operation"]["id"]);
+            if conn.output != Output::Json {
+                println!("operation {op_id}: migrating");
+            }
+            let done = wait_operation(&api, &op_id, std::time::Duration::from_secs(600)).await?;
+            emit(conn.output, &done, |o| {
+                let r = &o["result"];
+                println!(
+                    "{}: {} -> node {} ({}), total {} ms, downtime {} ms, {} bytes{}",
+                    s(&o["state"]),
+                    s(&r["source"]),
+                    s(&r["target"]),
+                    s(&r["mode"]),
+                    s(&r["total_ms"]),
+                    s(&r["downtime_ms"]),
+                    s(&r["bytes"]),
+                    o["error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                )
+            })?;
+            if done["state"] != "succeeded" {
+                anyhow::bail!("migration failed: {}", s(&done["error"]));
+            }
+            Ok(())
+        }
         VmCommand::Delete { id } => {
             let v = api
                 .call(reqwest::Method::DELETE, &format!("/api/v1/vms/{id}"), None)
@@ -748,6 +800,78 @@ async fn vm(command: VmCommand, conn: Conn) -> anyhow::Result<()> {
                 println!("operation {}", s(&v["operation"]["id"]))
             })
         }
+    }
+}
+
+/// Polls an operation until it succeeded or failed.
+async fn wait_operation(api: &Api, id: &str, within: std::time::Duration) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let o = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/operations/{id}"),
+                None,
+            )
+            .await?;
+        if o["state"] == "succeeded" || o["state"] == "failed" {
+            return Ok(o);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("operation {id} did not finish within {within:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until no running VM is left on node `id`, printing each change of the count.
+async fn wait_drained(
+    api: &Api,
+    conn: &Conn,
+    id: u64,
+    within: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    let mut last = None;
+    loop {
+        let mut left = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = "/api/v1/vms?limit=500".to_string();
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let page = api.call(reqwest::Method::GET, &path, None).await?;
+            for vm in page["items"].as_array().into_iter().flatten() {
+                if vm["node"].as_u64() == Some(id)
+                    && matches!(vm["state"].as_str(), Some("running" | "migrating"))
+                {
+                    left.push(s(&vm["name"]));
+                }
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        if last != Some(left.len()) && conn.output != Output::Json {
+            println!(
+                "node {id}: {} running VM(s) left {}",
+                left.len(),
+                left.join(" ")
+            );
+        }
+        last = Some(left.len());
+        if left.is_empty() {
+            if conn.output == Output::Json {
+                println!("{}", serde_json::json!({"node": id, "drained": true}));
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("node {id} still runs {} VM(s) after {within:?}", left.len());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 
@@ -803,13 +927,15 @@ async fn node(command: NodeCommand, conn: Conn) -> anyhow::Result<()> {
             })
         }
         NodeCommand::Drain { node } => {
-            api.call(
-                reqwest::Method::POST,
-                &format!("/api/v1/nodes/{node}/drain"),
-                None,
-            )
-            .await?;
-            Ok(())
+            let rec = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/nodes/{node}/drain"),
+                    None,
+                )
+                .await?;
+            let id = rec["id"].as_u64().unwrap_or_default();
+            wait_drained(&api, &conn, id, std::time::Duration::from_secs(1800)).await
         }
         NodeCommand::Undrain { node } => {
             api.call(

@@ -4,6 +4,8 @@
 //! Tunnel protocol: the caller writes one line `console <vm id>\n`; the hosting node checks the
 //! VM is placed on it, then copies the console's bytes until either side closes. A line
 //! `image <id> <offset>\n` fetches image bytes instead (see `images`).
+//! `migrate <source node id>\n` opens a migration tunnel instead (see `migration::tunnel`), and
+//! extension RPCs named `migration.*` are the target's side of a migration.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub struct NodeExtensions {
     pub images: Arc<crate::images::NodeImages>,
     /// Answers heartbeats (while this node leads).
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// Present once the node takes part in migrations.
+    pub migration: Option<crate::migration::SharedEnv>,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -103,6 +107,10 @@ impl ExtensionHandler for NodeExtensions {
                     serde_json::to_vec(&self.liveness.handle(hb))
                         .map_err(|e| ExtensionError::Refused(e.to_string()))
                 }
+                other if other.starts_with("migration.") => match &self.migration {
+                    Some(env) => crate::migration::executor::handle(env, other, body).await,
+                    None => Err(ExtensionError::UnknownKind(other.to_string())),
+                },
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }
         })
@@ -118,6 +126,7 @@ impl ExtensionHandler for NodeExtensions {
         let reader = self.reader.clone();
         let hv = self.hv.clone();
         let images = self.images.clone();
+        let migration = self.migration.clone();
         Box::pin(async move {
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
@@ -128,18 +137,21 @@ impl ExtensionHandler for NodeExtensions {
                     _ => return,
                 }
             }
-            if let Some(request) = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|l| l.strip_prefix("image "))
-            {
+            let text = std::str::from_utf8(&line).unwrap_or_default();
+            if let Some(request) = text.strip_prefix("image ") {
                 images.serve_fetch(request, send).await;
                 return;
             }
-            let Some(vm_id) = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|l| l.strip_prefix("console "))
-                .map(str::to_string)
-            else {
+            if let Some(source) = text.strip_prefix("migrate ") {
+                match (source.trim().parse(), migration) {
+                    (Ok(source), Some(env)) => {
+                        crate::migration::tunnel::serve_target(env, source, send, recv).await
+                    }
+                    _ => tracing::warn!(%peer, "refused a migration tunnel"),
+                }
+                return;
+            }
+            let Some(vm_id) = text.strip_prefix("console ").map(str::to_string) else {
                 tracing::warn!(%peer, "malformed tunnel request");
                 return;
             };

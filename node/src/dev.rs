@@ -1,7 +1,13 @@
-//! `novacron dev up`: a local N-node cluster on loopback, as child processes of this binary.
+//! `novacron dev up`: a local N-node cluster, as child processes of this binary.
 //!
 //! Node i serves its API on `base_port + i` and QUIC on `base_port + 100 + i`. The first node
 //! creates the cluster; the others join it with its token. Ctrl-C stops them all.
+//!
+//! Run as root on a machine with libvirt and QEMU, each node gets its own libvirt host (its own
+//! libvirtd in its own network, mount and UTS namespaces, see `hosts`) and runs real VMs that
+//! can migrate live between nodes; the nodes then listen on the hosts' bridge addresses.
+//! Elsewhere (or with `--test-driver`) the nodes listen on loopback and use libvirt's test
+//! driver. It says which.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,13 +21,24 @@ use tokio::process::{Child, Command};
 /// driver, whose VMs are simulated.
 const DEV_LIBVIRT_URI: &str = "test:///default";
 
-fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+/// Inside a node's own libvirt host this reaches that host's libvirtd.
+const HOST_LIBVIRT_URI: &str = "qemu:///system";
+
+fn spawn(
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+    host: Option<&crate::hosts::Host>,
+) -> anyhow::Result<Child> {
     let out =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
-    Command::new(exe)
-        .args(args)
-        .env("NOVACRON_LIBVIRT_URI", DEV_LIBVIRT_URI)
+    let (mut cmd, uri) = match host {
+        Some(h) => (h.tokio_command(exe), HOST_LIBVIRT_URI),
+        None => (Command::new(exe), DEV_LIBVIRT_URI),
+    };
+    cmd.args(args)
+        .env("NOVACRON_LIBVIRT_URI", uri)
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .kill_on_drop(true)
@@ -46,7 +63,12 @@ async fn wait_ready(http: &reqwest::Client, url: &str, within: Duration) -> anyh
     }
 }
 
-pub async fn up(nodes: usize, base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn up(
+    nodes: usize,
+    base_port: u16,
+    data_dir: Option<PathBuf>,
+    test_driver: bool,
+) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 9 {
         bail!("--nodes must be between 1 and 9");
     }
@@ -62,9 +84,36 @@ pub async fn up(nodes: usize, base_port: u16, data_dir: Option<PathBuf>) -> anyh
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
+    // Declared before the children so they are dropped (killed) before their hosts go.
+    let hosts = if test_driver {
+        None
+    } else {
+        match crate::hosts::available() {
+            Ok(()) => {
+                println!(
+                    "starting {nodes} libvirt hosts (one libvirtd per node, own namespaces)..."
+                );
+                Some(
+                    crate::hosts::HostSet::start(&root.join("hosts"), nodes)
+                        .context("cannot start the per-node libvirt hosts")?,
+                )
+            }
+            Err(e) => {
+                println!("per-node libvirt hosts unavailable ({e}); using libvirt's test driver");
+                None
+            }
+        }
+    };
     let mut children = Vec::new();
-    let api = |i: usize| format!("127.0.0.1:{}", base_port as usize + i);
-    let peer = |i: usize| format!("127.0.0.1:{}", base_port as usize + 100 + i);
+    let ip = |i: usize| {
+        hosts
+            .as_ref()
+            .and_then(|h| h.hosts.get(i))
+            .map(|h| h.addr.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into())
+    };
+    let api = |i: usize| format!("{}:{}", ip(i), base_port as usize + i);
+    let peer = |i: usize| format!("{}:{}", ip(i), base_port as usize + 100 + i);
     for i in 0..nodes {
         let dir = root.join(format!("node{}", i + 1));
         let mut args = vec![
@@ -94,7 +143,8 @@ pub async fn up(nodes: usize, base_port: u16, data_dir: Option<PathBuf>) -> anyh
             }
         }
         let log = root.join(format!("node{}.log", i + 1));
-        children.push(spawn(&exe, &args, &log)?);
+        let host = hosts.as_ref().and_then(|h| h.hosts.get(i));
+        children.push(spawn(&exe, &args, &log, host)?);
         wait_ready(
             &http,
             &format!("http://{}/readyz", api(i)),
@@ -105,10 +155,18 @@ pub async fn up(nodes: usize, base_port: u16, data_dir: Option<PathBuf>) -> anyh
     }
     let password = std::fs::read_to_string(root.join("node1").join("admin-password"))
         .unwrap_or_else(|_| "(see node1/admin-password)".into());
-    println!(
-        "NovaCron dev cluster of {nodes} nodes is up; VMs run on libvirt's test driver \
-         ({DEV_LIBVIRT_URI}, simulated guests, one private hypervisor per node)."
-    );
+    if hosts.is_some() {
+        println!(
+            "NovaCron dev cluster of {nodes} nodes is up; each node runs inside its own libvirt \
+             host (own libvirtd, network and mount namespace): real VMs under QEMU that migrate \
+             live between nodes. Set NOVACRON_GUEST_KERNEL/NOVACRON_GUEST_INITRD for image \"tiny\"."
+        );
+    } else {
+        println!(
+            "NovaCron dev cluster of {nodes} nodes is up; VMs run on libvirt's test driver \
+             ({DEV_LIBVIRT_URI}, simulated guests, one private hypervisor per node)."
+        );
+    }
     println!("  dashboard and API: http://{}/", api(0));
     for i in 1..nodes {
         println!("  also:              http://{}/", api(i));

@@ -44,6 +44,9 @@ enum DevCommand {
         /// Where the nodes keep their data (default: a fresh temporary directory).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Use libvirt's test driver even where each node could get its own libvirt host.
+        #[arg(long)]
+        test_driver: bool,
     },
 }
 
@@ -62,9 +65,38 @@ fn init_tracing() {
     }
 }
 
+fn tunnel_command(peer: u64, socket: std::path::PathBuf) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("novacron tunnel: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Whatever goes to stderr shows up in libvirt's error for the migration.
+    match runtime.block_on(node::migration::tunnel::run_command(peer, socket)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("novacron tunnel to node {peer}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // One TLS provider for quinn, reqwest and rustls (see ARCHITECTURE.md).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // libvirt runs us as its migration transport through a symlink naming the target node; it
+    // passes no arguments, so argv[0] is all there is.
+    if let Some((peer, socket)) = std::env::args()
+        .next()
+        .and_then(|a| node::migration::tunnel::tunnel_invocation(&a))
+    {
+        return tunnel_command(peer, socket);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -110,10 +142,11 @@ fn main() -> ExitCode {
                         nodes,
                         base_port,
                         data_dir,
+                        test_driver,
                     },
             } => {
                 init_tracing();
-                node::dev::up(nodes, base_port, data_dir).await
+                node::dev::up(nodes, base_port, data_dir, test_driver).await
             }
             Command::Client(c) => node::client::run(ClientArgs::from_env(), c).await,
         }

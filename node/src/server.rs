@@ -285,6 +285,28 @@ impl Node {
             raft.clone(),
             crate::liveness::Timers::from_tuning(&config.tuning),
         ));
+        let migration = Arc::new(crate::migration::MigrationEnv {
+            me: config.node_id,
+            cluster_id: config.cluster_id.clone(),
+            data_dir: dir.clone(),
+            reader: reader.clone(),
+            transport: transport.clone(),
+            cluster: cluster.clone(),
+            hv: hv.clone(),
+            agent: agent_config(&config),
+            live: !config.libvirt_uri.starts_with("test:"),
+            libvirt_socket: crate::migration::libvirt_socket_of(&config.libvirt_uri),
+            metrics: Default::default(),
+        });
+        tasks.push(tokio::spawn(crate::migration::tunnel::serve_local(
+            migration.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::migration::controller::run(
+            migration.clone(),
+            raft.clone(),
+            stop_rx.clone(),
+        )));
 
         {
             let transport = transport.clone();
@@ -297,6 +319,7 @@ impl Node {
                 stats: stats.clone(),
                 images: images.clone(),
                 liveness: liveness.clone(),
+                migration: Some(migration.clone()),
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -323,6 +346,9 @@ impl Node {
             liveness,
         });
         control.metrics.register(Box::new(store.append_histogram()));
+        for c in migration.metrics.collectors() {
+            control.metrics.register(c);
+        }
 
         if config.init_pending {
             finish_init(&control, &dir, &config).await?;
@@ -342,6 +368,7 @@ impl Node {
                 control.clone(),
                 config.clone(),
                 images,
+                migration,
                 stop_rx.clone(),
             )));
         }
@@ -457,11 +484,21 @@ fn apply_agent_options(config: &mut NodeConfig, opts: &ServeOptions) {
     }
 }
 
+/// What the agent needs of the node's configuration (also the migration target's domain specs).
+fn agent_config(config: &NodeConfig) -> crate::agent::AgentConfig {
+    crate::agent::AgentConfig {
+        guest_kernel: config.guest_kernel.clone(),
+        guest_initrd: config.guest_initrd.clone(),
+        ..Default::default()
+    }
+}
+
 /// Connects to libvirt (retrying while it is down) and runs the agent until shutdown.
 async fn run_agent(
     ctl: Arc<NodeControl>,
     config: NodeConfig,
     images: Arc<crate::images::NodeImages>,
+    migration: crate::migration::SharedEnv,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -487,12 +524,8 @@ async fn run_agent(
     tracing::info!(uri = %config.libvirt_uri, "agent connected to libvirt");
     let hv: Arc<dyn hypervisor::Hypervisor> = Arc::new(hv);
     let _ = ctl.hv.set(hv.clone());
-    let agent_config = crate::agent::AgentConfig {
-        guest_kernel: config.guest_kernel.clone(),
-        guest_initrd: config.guest_initrd.clone(),
-        images: Some(images),
-        ..Default::default()
-    };
+    let mut agent_config = agent_config(&config);
+    agent_config.images = Some(images);
     let agent = crate::agent::Agent::new(
         ctl.id,
         format!("{}/{}", config.cluster_id, ctl.id),
@@ -501,7 +534,8 @@ async fn run_agent(
         ctl.cluster.clone(),
         agent_config,
         ctl.liveness.clone(),
-    );
+    )
+    .with_migration(migration);
     agent.run(stop).await;
 }
 

@@ -321,6 +321,14 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
                 Ok(vm) => vm,
                 Err(r) => return Ok(r),
             };
+            // A guest between hosts is the migration's until it is settled (done or rolled
+            // back); a re-placement now would issue the epoch the migrated domain carries.
+            if crate::migration::in_flight(tx, id)? {
+                return Ok(reject(
+                    RejectCode::Invalid,
+                    "the VM is migrating; it can be placed once the migration is settled",
+                ));
+            }
             if let Some(n) = node {
                 match get::<NodeRecord>(tx, &keys::node(*n))? {
                     Some(rec) if !rec.removed => {}
@@ -605,6 +613,13 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             put::<NodeTraits>(tx, &keys::node_traits(*id), traits)?;
             Ok(Response::Ok)
         }
+        Command::RequestMigration {
+            migration,
+            operation,
+        } => crate::migration::apply_request(tx, migration, operation, at),
+        Command::AdvanceMigration { id, from, to } => {
+            crate::migration::apply_advance(tx, id, *from, to, at)
+        }
     }
 }
 
@@ -657,7 +672,11 @@ fn load_vm(
     Ok(Ok(vm))
 }
 
-fn new_operation(tx: &dyn StateTx, op: &Operation, at: u64) -> Result<Operation, ApplyError> {
+pub(crate) fn new_operation(
+    tx: &dyn StateTx,
+    op: &Operation,
+    at: u64,
+) -> Result<Operation, ApplyError> {
     let mut op = op.clone();
     op.created_at = at;
     op.updated_at = at;

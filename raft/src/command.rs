@@ -220,6 +220,20 @@ pub enum Command {
         id: NodeId,
         traits: NodeTraits,
     },
+    /// Starts a migration of a running VM (by a user, or by the leader draining a node). The
+    /// source is the VM's node at apply time; one migration per VM at a time.
+    RequestMigration {
+        migration: crate::migration::Migration,
+        operation: Operation,
+    },
+    /// Moves a migration from phase `from` to the next phase (a compare-and-set on the phase, so
+    /// a stale controller or agent cannot move it twice). Reaching `Done` switches the VM's
+    /// owner to the target and bumps its epoch; `Done` and `RolledBack` finish the operation.
+    AdvanceMigration {
+        id: String,
+        from: crate::migration::MigrationPhase,
+        to: crate::migration::PhaseChange,
+    },
 }
 
 impl Command {
@@ -259,6 +273,8 @@ impl Command {
             Command::DeleteImage { .. } => "image.delete",
             Command::MarkVmUnknown { .. } => "vm.mark_unknown",
             Command::AdvertiseNode { .. } => "node.advertise",
+            Command::RequestMigration { .. } => "vm.migrate",
+            Command::AdvanceMigration { .. } => "vm.migration_phase",
         }
     }
 }

@@ -81,3 +81,14 @@ pub const NODE_TRAITS_PREFIX: &[u8] = b"nf/";
 pub fn node_traits(id: u64) -> Vec<u8> {
     join("nf/", &format!("{id:020}"))
 }
+
+/// Migrations (`g/` is the migration controller's): every migration by id (its operation id).
+pub const MIGRATION_PREFIX: &[u8] = b"g/m/";
+
+pub fn migration(id: &str) -> Vec<u8> {
+    join("g/m/", id)
+}
+/// The migration in progress of a VM, if any (value: the migration id).
+pub fn active_migration(vm_id: &str) -> Vec<u8> {
+    join("g/v/", vm_id)
+}

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod command;
 pub mod image;
 pub mod keys;
+pub mod migration;
 pub mod model;
 pub mod net;
 pub mod store;

@@ -4,7 +4,9 @@
 //! a system libvirtd for the tests that need one, then the tests (nextest when installed) in the
 //! dev profile only, so CI compiles the workspace once, then schemathesis against one live node
 //! from the committed OpenAPI document, then the deployment check (manifests validated offline,
-//! the Debian package installed and started).
+//! the Debian package installed and started). As root, the live-migration tests
+//! (`node/tests/it/real_migration.rs`) start their own libvirt hosts in namespaces next to the
+//! system libvirtd; they read the same guest variables as the real-VM tests.
 
 use std::path::Path;
 use std::process::Command;
@@ -30,6 +32,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The deployment check polls the packaged node over HTTP.
     "curl",
     "nftables",
+    // Network namespaces and the bridge of the separate libvirt hosts (migration tests, dev up).
+    "iproute2",
     "etcd-server",
     // Headless browser tests of the dashboard.
     "chromium",

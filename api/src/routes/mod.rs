@@ -9,6 +9,7 @@ mod events;
 mod extract;
 mod health;
 mod images;
+mod migrations;
 mod nodes;
 mod objects;
 mod tenants;
@@ -71,6 +72,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(images::upload_status, images::upload_chunk))
         .routes(routes!(images::finish))
         .routes(routes!(vms::get_operation))
+        .routes(routes!(migrations::migrate))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))
         .routes(routes!(tenants::get_one, tenants::update, tenants::delete));

@@ -130,7 +130,7 @@ fn validate(body: &CreateVm) -> ApiResult<()> {
     Ok(())
 }
 
-fn operation(kind: &str, tenant: &str, vm_id: &str) -> Operation {
+pub(crate) fn operation(kind: &str, tenant: &str, vm_id: &str) -> Operation {
     Operation {
         id: uuid::Uuid::new_v4().to_string(),
         kind: kind.into(),
@@ -191,7 +191,7 @@ fn place(state: &AppState, placement: &Placement) -> ApiResult<Option<NodeId>> {
     Ok(tied.choose(&mut rand::thread_rng()).copied())
 }
 
-fn accepted(resp: RaftResponse) -> ApiResult<Response> {
+pub(crate) fn accepted(resp: RaftResponse) -> ApiResult<Response> {
     match resp {
         RaftResponse::Vm {
             vm,
@@ -510,7 +510,7 @@ pub(crate) async fn delete(
     tag = "vms",
     summary = "Get an operation",
     params(("id" = String, Path, description = "operation id"), ("consistency" = Option<crate::Consistency>, Query, description = "linearizable (default) or stale: how fresh the read must be")),
-    responses((status = 200, description = "the operation", body = crate::openapi::schemas::Operation)),
+    responses((status = 200, description = "the operation", body = crate::openapi::schemas::OperationView)),
     security(("bearer" = []))
 )]
 pub(crate) async fn get_operation(
@@ -518,7 +518,7 @@ pub(crate) async fn get_operation(
     caller: Caller,
     Path(id): Path<String>,
     ApiQuery(read): ApiQuery<ReadParams>,
-) -> ApiResult<Json<Operation>> {
+) -> ApiResult<Json<OperationView>> {
     state.cp.read_barrier(read.consistency).await?;
     let op = objects::load_visible(
         &state,
@@ -527,7 +527,17 @@ pub(crate) async fn get_operation(
         &id,
         |op: &Operation| caller.sees_tenant(&op.tenant),
     )?;
-    Ok(Json(op))
+    let result = crate::routes::migrations::result_of(&state, &op)?;
+    Ok(Json(OperationView { op, result }))
+}
+
+/// An operation with what it produced (a migration's phase, mode, times and bytes).
+#[derive(Debug, Serialize)]
+pub(crate) struct OperationView {
+    #[serde(flatten)]
+    op: Operation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<serde_json::Value>,
 }
 
 /// `GET /api/v1/vms/{id}/console`: the serial console as a streamed body (bytes as they come).

@@ -25,6 +25,36 @@ use tokio::sync::watch;
 use plan::Action;
 
 use crate::liveness::{Capacity, LeaseStatus, Liveness, ObservedDomain};
+/// The domain spec of `vm` as node `owner` defines it.
+pub fn build_spec(
+    vm: &Vm,
+    owner: &str,
+    domain_type: DomainType,
+    config: &AgentConfig,
+) -> Result<VmSpec, AgentError> {
+    let uuid = uuid::Uuid::parse_str(&vm.id).map_err(|_| AgentError::BadId(vm.id.clone()))?;
+    let boot = match (&vm.image, &config.guest_kernel) {
+        (Some(img), Some(kernel)) if img == "tiny" => Some(DirectBoot {
+            kernel: kernel.clone(),
+            initrd: config.guest_initrd.clone(),
+            cmdline: Some("console=ttyS0 panic=-1".into()),
+        }),
+        _ => None,
+    };
+    Ok(VmSpec {
+        vm_id: vm.id.clone(),
+        uuid,
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        domain_type,
+        boot,
+        disks: vec![],
+        nics: vec![],
+        serial_console: true,
+        epoch: vm.epoch,
+        owner: owner.to_string(),
+    })
+}
 
 /// How this node runs guests.
 #[derive(Debug, Clone)]
@@ -84,6 +114,9 @@ pub struct Agent {
     /// Highest epoch acted on per VM (fencing against a lagging replica).
     acted: BTreeMap<String, u64>,
     domain_type: Option<DomainType>,
+    migration: Option<crate::migration::SharedEnv>,
+    /// Migrations whose transfer this agent is running (by migration id).
+    transfers: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Agent {
@@ -106,6 +139,8 @@ impl Agent {
             liveness,
             acted: BTreeMap::new(),
             domain_type: None,
+            migration: None,
+            transfers: Arc::default(),
         }
     }
 
@@ -161,28 +196,13 @@ impl Agent {
     }
 
     fn spec(&self, vm: &Vm, domain_type: DomainType) -> Result<VmSpec, AgentError> {
-        let uuid = uuid::Uuid::parse_str(&vm.id).map_err(|_| AgentError::BadId(vm.id.clone()))?;
-        let boot = match (&vm.image, &self.config.guest_kernel) {
-            (Some(img), Some(kernel)) if img == "tiny" => Some(DirectBoot {
-                kernel: kernel.clone(),
-                initrd: self.config.guest_initrd.clone(),
-                cmdline: Some("console=ttyS0 panic=-1".into()),
-            }),
-            _ => None,
-        };
-        Ok(VmSpec {
-            vm_id: vm.id.clone(),
-            uuid,
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
-            domain_type,
-            boot,
-            disks: vec![],
-            nics: vec![],
-            serial_console: true,
-            epoch: vm.epoch,
-            owner: self.owner.clone(),
-        })
+        build_spec(vm, &self.owner, domain_type, &self.config)
+    }
+
+    /// Lets this agent take part in migrations (as source: it runs the transfers).
+    pub fn with_migration(mut self, env: crate::migration::SharedEnv) -> Self {
+        self.migration = Some(env);
+        self
     }
 
     async fn report(&self, command: Command) -> Result<Response, AgentError> {
@@ -259,9 +279,26 @@ impl Agent {
             .into_iter()
             .map(|(_, v)| v)
             .collect();
-        let domains = self.hv.list().await?;
+        let mut domains = self.hv.list().await?;
         self.publish(&vms, &domains);
         let lease = self.lease_status();
+        // A VM whose guest may be between hosts belongs to its migration: the source must not
+        // restart a guest that left, the target must not remove one that arrived before the
+        // owner switch. Both sides drop it from the plan until the migration is over.
+        let mut vms = vms;
+        let in_flight: BTreeMap<String, raft::migration::Migration> =
+            crate::migration::active(&self.reader)?
+                .into_iter()
+                .filter(|m| m.phase.in_flight())
+                .map(|m| (m.vm_id.clone(), m))
+                .collect();
+        if !in_flight.is_empty() {
+            self.start_transfers(&in_flight, &vms);
+            vms.retain(|v| !in_flight.contains_key(&v.id));
+            domains.retain(|d| {
+                hypervisor::spec::vm_id_of(&d.name).is_none_or(|id| !in_flight.contains_key(id))
+            });
+        }
         let (actions, refused) =
             plan::plan(self.me, &self.owner, &vms, &domains, &self.acted, lease);
         if lease == LeaseStatus::Lapsed
@@ -294,6 +331,35 @@ impl Agent {
             }
         }
         self.finish_operations(&vms).await
+    }
+
+    /// Starts the transfer of every `Migrating` migration from this node not yet running.
+    fn start_transfers(
+        &self,
+        in_flight: &BTreeMap<String, raft::migration::Migration>,
+        vms: &[Vm],
+    ) {
+        let Some(env) = &self.migration else {
+            return;
+        };
+        for m in in_flight.values() {
+            if m.source != self.me || m.phase != raft::migration::MigrationPhase::Migrating {
+                continue;
+            }
+            if !vms.iter().any(|v| v.id == m.vm_id) {
+                continue;
+            }
+            {
+                let mut running = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+                if !running.insert(m.id.clone()) {
+                    continue;
+                }
+            }
+            let (env, hv, m) = (env.clone(), self.hv.clone(), m.clone());
+            // The id stays in the set after the transfer: if committing its outcome failed,
+            // running it again would act on a guest that may already have left.
+            tokio::spawn(crate::migration::executor::run(env, hv, m));
+        }
     }
 
     async fn act(

@@ -50,15 +50,27 @@ pub struct TestCluster {
     pub env: Vec<(String, String)>,
     pub http: reqwest::Client,
     pub token: Option<String>,
+    /// Separate libvirt hosts, node i on host i (see `node::hosts`); dropped after the nodes.
+    pub hosts: Option<node::hosts::HostSet>,
 }
 
-fn spawn(dir: &Path, args: &[String], tuning: &str, env: &[(String, String)]) -> Result<Child> {
+fn spawn(
+    dir: &Path,
+    args: &[String],
+    tuning: &str,
+    env: &[(String, String)],
+    host: Option<&node::hosts::Host>,
+) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.with_extension("log"))?;
-    Command::new(BIN)
-        .args(args)
+    // On separate libvirt hosts the node runs inside its host's namespaces.
+    let mut cmd = match host {
+        Some(h) => h.command(BIN),
+        None => Command::new(BIN),
+    };
+    cmd.args(args)
         .env("NOVACRON_TUNING", tuning)
         .env("NOVACRON_LOG", "info,openraft=warn")
         // Each process gets libvirt's private in-process test driver unless a test says otherwise.
@@ -120,6 +132,7 @@ impl TestCluster {
             env,
             http,
             token: None,
+            hosts: None,
         };
         c.add_node(true).await?;
         let password = std::fs::read_to_string(c.nodes[0].dir.join("admin-password"))?;
@@ -128,6 +141,42 @@ impl TestCluster {
             c.add_node(false).await?;
         }
         Ok(c)
+    }
+
+    /// `n` nodes, each inside its own libvirt host (network, mount and UTS namespaces with its
+    /// own libvirtd), talking over a bridge. `env` is given to every node.
+    pub async fn start_on_hosts(
+        n: usize,
+        tuning: String,
+        env: Vec<(String, String)>,
+    ) -> Result<TestCluster> {
+        let root = tempfile::tempdir()?;
+        let hosts = node::hosts::HostSet::start(&root.path().join("hosts"), n)?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut c = TestCluster {
+            root,
+            nodes: Vec::new(),
+            tuning,
+            env,
+            http,
+            token: None,
+            hosts: Some(hosts),
+        };
+        c.add_node(true).await?;
+        let password = std::fs::read_to_string(c.nodes[0].dir.join("admin-password"))?;
+        c.token = Some(c.login(0, "admin", password.trim()).await?);
+        for _ in 1..n {
+            c.add_node(false).await?;
+        }
+        Ok(c)
+    }
+
+    /// The libvirt host of node `i`, when the cluster runs on separate hosts.
+    pub fn host(&self, i: usize) -> Option<&node::hosts::Host> {
+        self.hosts.as_ref().and_then(|h| h.hosts.get(i))
     }
 
     pub fn join_token(&self) -> Result<String> {
@@ -154,6 +203,10 @@ impl TestCluster {
         let i = self.nodes.len();
         let name = format!("n{}", i + 1);
         let dir = self.root.path().join(&name);
+        let ip = self
+            .host(i)
+            .map(|h| h.addr.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into());
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
@@ -161,9 +214,9 @@ impl TestCluster {
             "--name".into(),
             name.clone(),
             "--api-addr".into(),
-            "127.0.0.1:0".into(),
+            format!("{ip}:0"),
             "--peer-addr".into(),
-            "127.0.0.1:0".into(),
+            format!("{ip}:0"),
         ];
         if init {
             args.push("--init".into());
@@ -179,8 +232,15 @@ impl TestCluster {
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         std::fs::create_dir_all(self.root.path())?;
-        let child = spawn(&dir, &args, &self.tuning, &env)?;
-        let api = self.wait_config(&dir).await?;
+        let child = spawn(&dir, &args, &self.tuning, &env, self.host(i))?;
+        let api = match self.wait_config(&dir).await {
+            Ok(api) => api,
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+                eprintln!("==== {name} did not start; its log ====\n{log}");
+                return Err(e);
+            }
+        };
         self.nodes.push(TestNode {
             name,
             dir,
@@ -391,7 +451,7 @@ impl TestCluster {
             "--data-dir".into(),
             dir.display().to_string(),
         ];
-        self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning, &self.env)?);
+        self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning, &self.env, self.host(i))?);
         Ok(())
     }
 
@@ -454,7 +514,7 @@ impl TestCluster {
             "--data-dir".into(),
             dir.display().to_string(),
         ];
-        let child = spawn(&dir, &args, &self.tuning, &self.env)?;
+        let child = spawn(&dir, &args, &self.tuning, &self.env, None)?;
         let api = self.wait_config(&dir).await?;
         self.nodes.push(TestNode {
             name: name.to_string(),
@@ -478,6 +538,7 @@ impl TestCluster {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             token: None,
+            hosts: None,
         })
     }
 

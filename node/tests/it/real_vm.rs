@@ -11,14 +11,14 @@ use serde_json::json;
 use crate::harness::{eventually, fast_tuning, TestCluster};
 use crate::vms::{wait_op, wait_state};
 
-struct RealEnv {
-    uri: String,
-    kernel: String,
-    initrd: String,
-    marker: String,
+pub(crate) struct RealEnv {
+    pub uri: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub marker: String,
 }
 
-fn real_env(test: &str) -> Option<RealEnv> {
+pub(crate) fn real_env(test: &str) -> Option<RealEnv> {
     let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     match (
         get("NOVACRON_LIBVIRT_URI"),
@@ -41,7 +41,7 @@ fn real_env(test: &str) -> Option<RealEnv> {
 }
 
 /// One system libvirtd is shared by every real test, across test processes.
-fn daemon_turn() -> std::fs::File {
+pub(crate) fn daemon_turn() -> std::fs::File {
     let path = std::env::temp_dir().join("novacron-libvirtd.lock");
     let f = std::fs::File::create(path).unwrap();
     f.lock().unwrap();
