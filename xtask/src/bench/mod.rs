@@ -12,8 +12,8 @@ mod load;
 mod member;
 mod novacron;
 mod report;
-pub(crate) mod web;
 mod vm;
+pub(crate) mod web;
 
 pub(crate) use vm::{run_vm, VmArgs};
 
