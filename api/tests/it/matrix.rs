@@ -537,6 +537,31 @@ async fn paginated_lists_refuse_bad_queries_as_problems() {
     report(failures);
 }
 
+/// Every read that takes a `consistency` refuses an unknown one as a problem, not as the
+/// framework's plain text (lists are covered above; this reaches single objects too).
+#[tokio::test]
+async fn reads_refuse_an_unknown_consistency_as_a_problem() {
+    let (w, tw) = world().await;
+    let mut failures = Vec::new();
+    let mut reads = 0;
+    for r in table()
+        .iter()
+        .filter(|r| r.method == "GET" && has_query_param(r.method, r.path, "consistency"))
+    {
+        reads += 1;
+        let path = format!("{}?consistency=eventual", w.fill(&tw, r.path));
+        let reply = send(&w.t, "GET", &path, Some(&w.admin), &Payload::None).await;
+        check(
+            &mut failures,
+            &format!("GET {path}"),
+            &reply,
+            "400:validation_failed",
+        );
+    }
+    assert!(reads >= 8, "only {reads} reads take a consistency?");
+    report(failures);
+}
+
 /// Deleting an empty tenant succeeds (the table's target holds objects, so it answers 409).
 #[tokio::test]
 async fn admin_deletes_an_empty_tenant() {
