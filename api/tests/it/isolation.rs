@@ -48,6 +48,14 @@ async fn snapshot(t: &TestApi, admin: &str, a: &TenantWorld) -> Vec<Value> {
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text);
         out.push(r.body);
     }
+    // A migration changes nothing of the VM until it runs: its record is the change to see.
+    let migrations: Vec<String> =
+        t.cp.scan(raft::keys::MIGRATION_PREFIX, None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+            .collect();
+    out.push(json!(migrations));
     out
 }
 
