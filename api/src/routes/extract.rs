@@ -2,7 +2,7 @@
 //! answers problem+json with a stable code like every other error, not the framework's text.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
@@ -32,8 +32,23 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        let axum::Json(value) = <axum::Json<T> as FromRequest<S>>::from_request(req, state).await?;
         Ok(ApiJson(value))
+    }
+}
+
+/// An optional body (`Option<ApiJson<T>>`): absent when the request has no content type; a
+/// body that is there must be valid JSON of the right shape, as with [`ApiJson`].
+impl<S, T> OptionalFromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let value = <axum::Json<T> as OptionalFromRequest<S>>::from_request(req, state).await?;
+        Ok(value.map(|axum::Json(v)| ApiJson(v)))
     }
 }
 

@@ -8,7 +8,7 @@
 //! image usable. Images belong to a tenant: another tenant's image answers 404.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::{ApiJson, ApiQuery};
 use crate::routes::tenants::validate_name;
 use crate::routes::{decode, idempotency_key, propose, ReadParams};
 use crate::AppState;
@@ -170,7 +171,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Json(body): Json<CreateImage>,
+    ApiJson(body): ApiJson<CreateImage>,
 ) -> ApiResult<Response> {
     caller.require(Role::Operator)?;
     validate_name("image", &body.name)?;
@@ -222,7 +223,7 @@ pub(crate) async fn create(
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(read): Query<ReadParams>,
+    ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Json<Page>> {
     state.cp.read_barrier(read.consistency).await?;
     let mut items = Vec::new();
@@ -248,7 +249,7 @@ pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(read): Query<ReadParams>,
+    ApiQuery(read): ApiQuery<ReadParams>,
 ) -> ApiResult<Json<ImageView>> {
     state.cp.read_barrier(read.consistency).await?;
     Ok(Json(load(&state, &caller, &id)?.into()))
@@ -268,12 +269,13 @@ pub(crate) async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    caller.require(Role::Operator)?;
     state
         .cp
         .read_barrier(crate::Consistency::Linearizable)
         .await?;
+    // Visibility first: another tenant's image answers 404 whatever the caller's role.
     let image = load(&state, &caller, &id)?;
+    caller.require(Role::Operator)?;
     // VMs' overlays are built on the image's file: refuse while one refers to it. A VM created
     // concurrently with this check can still slip through; its node then fails to fetch the
     // image and reports the VM failed.
@@ -359,8 +361,9 @@ pub(crate) async fn upload_chunk(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<UploadStatus>> {
-    caller.require(Role::Operator)?;
+    // Visibility first: another tenant's image answers 404 whatever the caller's role.
     let image = load(&state, &caller, &id)?;
+    caller.require(Role::Operator)?;
     if image.state != ImageState::Uploading {
         return Err(ApiError::Conflict(format!(
             "image {id} is already complete"
@@ -410,14 +413,15 @@ pub(crate) async fn finish(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Json(body): Json<FinishUpload>,
+    ApiJson(body): ApiJson<FinishUpload>,
 ) -> ApiResult<Json<ImageView>> {
-    caller.require(Role::Operator)?;
     state
         .cp
         .read_barrier(crate::Consistency::Linearizable)
         .await?;
+    // Visibility first: another tenant's image answers 404 whatever the caller's role.
     let image = load(&state, &caller, &id)?;
+    caller.require(Role::Operator)?;
     if image.state == ImageState::Ready {
         return Ok(Json(image.into()));
     }

@@ -6,7 +6,6 @@
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::Json;
 use raft::migration::{Migration, MigrationPhase};
 use raft::model::{NodeRecord, Operation, Role};
 use raft::{keys, Command};
@@ -14,6 +13,7 @@ use serde::Deserialize;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::ApiJson;
 use crate::routes::vms::{accepted, load, operation};
 use crate::routes::{decode, idempotency_key, propose};
 use crate::AppState;
@@ -47,11 +47,12 @@ pub(crate) async fn migrate(
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Option<Json<MigrateBody>>,
+    body: Option<ApiJson<MigrateBody>>,
 ) -> ApiResult<Response> {
-    caller.require(Role::Operator)?;
-    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let body = body.map(|ApiJson(b)| b).unwrap_or_default();
+    // Visibility first: another tenant's VM answers 404 whatever the caller's role.
     let vm = load(&state, &caller, &id)?;
+    caller.require(Role::Operator)?;
     let requested_target = match &body.target_node {
         None => None,
         Some(name) => Some(node_id(&state, name)?),

@@ -2,7 +2,7 @@
 //! network), served by any node. The series lives only on the node hosting the VM; the control
 //! plane fetches it from there. Visibility follows the VM: another tenant's VM answers 404.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::Json;
 use raft::model::Role;
 use serde::Deserialize;
@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::control::VmMetrics;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::extract::ApiQuery;
 use crate::routes::vms::load;
 use crate::routes::ReadParams;
 use crate::AppState;
@@ -36,7 +37,7 @@ pub(crate) async fn get_metrics(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(p): Query<MetricsParams>,
+    ApiQuery(p): ApiQuery<MetricsParams>,
 ) -> ApiResult<Json<VmMetrics>> {
     caller.require(Role::Viewer)?;
     state.cp.read_barrier(p.read.consistency).await?;

@@ -173,6 +173,40 @@ impl ControlPlane for FakeCluster {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<raft::store::Applied> {
         self.applied.subscribe()
     }
+    async fn backup(&self) -> Result<api::control::BackupBlob, ClusterError> {
+        // The whole state in the real file format, as a node's export would give it.
+        let st = self.state.lock().unwrap();
+        let last_applied_index = *self.index.lock().unwrap();
+        let pairs = st
+            .map
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let body = raft::backup::BackupBody {
+            cluster_id: "fake".into(),
+            taken_at: api::now_ms(),
+            last_applied_index,
+            pairs,
+        };
+        let (bytes, sha256) =
+            raft::backup::encode(&body).map_err(|e| ClusterError::Internal(e.to_string()))?;
+        Ok(api::control::BackupBlob {
+            bytes,
+            sha256,
+            last_applied_index,
+        })
+    }
+    async fn upgrade_check(&self) -> Result<api::control::UpgradeReport, ClusterError> {
+        // One node of the current release: nothing blocks.
+        Ok(api::control::UpgradeReport {
+            release: env!("CARGO_PKG_VERSION").into(),
+            members: vec![],
+            blockers: vec![],
+            gated_commands: vec![],
+            ok: true,
+        })
+    }
 }
 
 pub struct TestApi {

@@ -1,5 +1,5 @@
 //! A prepared world for the route tables of `matrix` and `isolation`: tenants holding one object
-//! of every kind, a caller of every role, the served route list (from the generated OpenAPI
+//! of every kind (users, keys, a running VM, images), a caller of every role, the served route list (from the generated OpenAPI
 //! document) and a request helper that sends raw bodies and does not wait on event streams.
 
 use std::collections::BTreeSet;
@@ -50,6 +50,11 @@ pub enum Payload {
     Json(Value),
     /// Bytes sent as they are, with this content type.
     Raw(&'static str, &'static str),
+    /// One chunk of an image upload: `application/octet-stream` with its `Content-Range`.
+    Chunk {
+        range: String,
+        bytes: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -92,6 +97,11 @@ pub async fn send(
         Payload::Raw(ct, bytes) => req
             .header("content-type", *ct)
             .body(Body::from(*bytes))
+            .unwrap(),
+        Payload::Chunk { range, bytes } => req
+            .header("content-type", "application/octet-stream")
+            .header("content-range", range.as_str())
+            .body(Body::from(bytes.clone()))
             .unwrap(),
     };
     let resp = t.app.clone().oneshot(req).await.unwrap();
@@ -142,6 +152,10 @@ pub struct TenantWorld {
     pub operator_key_id: String,
     pub vm_id: String,
     pub operation_id: String,
+    /// An image whose bytes are all uploaded but which is not finished yet; no VM uses it.
+    pub image_id: String,
+    /// An image whose upload lacks its last [`LAST_CHUNK`] bytes.
+    pub upload_id: String,
 }
 
 impl TenantWorld {
@@ -166,6 +180,8 @@ impl TenantWorld {
             self.operator_key_id.clone(),
             self.vm_id.clone(),
             self.operation_id.clone(),
+            self.image_id.clone(),
+            self.upload_id.clone(),
         ]
     }
 
@@ -183,6 +199,10 @@ impl TenantWorld {
             "vms" => Some(self.vm_id.clone()),
             "operations" => Some(self.operation_id.clone()),
             "api-keys" => Some(self.operator_key_id.clone()),
+            // Chunks go to the unfinished upload; finishing, reading and deleting address the
+            // complete one, so each of these routes can succeed.
+            "images" if path.ends_with("/upload") => Some(self.upload_id.clone()),
+            "images" => Some(self.image_id.clone()),
             "nodes" => None,
             other => panic!("no object of kind {other:?} for {path}: add one to the world"),
         }
@@ -217,6 +237,15 @@ impl World {
             };
             ids.push(n.id);
         }
+        // Every VM of the fake reports this series, so metrics routes answer with data.
+        *t.cp.samples.lock().unwrap() = (1..=3)
+            .map(|i| api::control::VmSample {
+                at_ms: i * 1_000,
+                vcpus: 1,
+                cpu_time_ns: i * 1_000_000,
+                ..Default::default()
+            })
+            .collect();
         World {
             t,
             admin,
@@ -225,7 +254,8 @@ impl World {
         }
     }
 
-    /// Fills a new tenant with users of each role, API keys, a running VM and its operation.
+    /// Fills a new tenant with users of each role, API keys, a running VM and its operation,
+    /// and two images (see [`TenantWorld::image_id`] and [`TenantWorld::upload_id`]).
     pub async fn tenant(&self, prefix: &str) -> TenantWorld {
         let t = &self.t;
         let name = format!("{prefix}-tenant");
@@ -309,6 +339,8 @@ impl World {
             .await
             .unwrap();
         assert!(!matches!(r, Response::Rejected { .. }), "{r:?}");
+        let image_id = self.image(prefix, "image", &operator, 0).await;
+        let upload_id = self.image(prefix, "upload", &operator, LAST_CHUNK).await;
         TenantWorld {
             prefix: prefix.into(),
             id,
@@ -324,7 +356,39 @@ impl World {
             operator_key_id,
             vm_id,
             operation_id,
+            image_id,
+            upload_id,
         }
+    }
+
+    /// Creates the image `{prefix}-{name}` as `operator` and uploads all of its bytes but the
+    /// last `missing` through the API; returns its id.
+    async fn image(&self, prefix: &str, name: &str, operator: &str, missing: usize) -> String {
+        let bytes = image_bytes(prefix);
+        let (s, v) = self
+            .t
+            .call(
+                "POST",
+                "/api/v1/images",
+                Some(operator),
+                Some(json!({
+                    "name": format!("{prefix}-{name}"), "size_bytes": bytes.len(),
+                    "sha256": image_sha256(prefix),
+                })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let end = bytes.len() - missing;
+        let chunk = Payload::Chunk {
+            range: format!("bytes 0-{}/{}", end - 1, bytes.len()),
+            bytes: bytes[..end].to_vec(),
+        };
+        let path = format!("/api/v1/images/{id}/upload");
+        let r = send(&self.t, "PUT", &path, Some(operator), &chunk).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["offset"], json!(end), "{}", r.text);
+        id
     }
 
     /// `path` with its `{id}` replaced by the object of `tenant` it names (nodes: the empty one).
@@ -336,6 +400,30 @@ impl World {
             .target(path)
             .unwrap_or_else(|| self.empty_node.to_string());
         path.replace("{id}", &id)
+    }
+}
+
+/// How many bytes the upload of [`TenantWorld::upload_id`] lacks.
+pub const LAST_CHUNK: usize = 4;
+
+/// The content of a tenant's images; it carries the prefix, so a leak of it shows.
+pub fn image_bytes(prefix: &str) -> Vec<u8> {
+    format!("{prefix}-image-bytes").into_bytes()
+}
+
+/// The hex SHA-256 of [`image_bytes`].
+pub fn image_sha256(prefix: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(image_bytes(prefix)))
+}
+
+/// The chunk that completes the upload of a tenant's [`TenantWorld::upload_id`].
+pub fn last_chunk(tenant: &TenantWorld) -> Payload {
+    let bytes = image_bytes(&tenant.prefix);
+    let start = bytes.len() - LAST_CHUNK;
+    Payload::Chunk {
+        range: format!("bytes {start}-{}/{}", bytes.len() - 1, bytes.len()),
+        bytes: bytes[start..].to_vec(),
     }
 }
 
