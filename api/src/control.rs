@@ -32,6 +32,10 @@ pub enum ClusterError {
     JoinRefused(String),
     #[error("internal cluster failure: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not supported here: {0}")]
+    Unsupported(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -132,6 +136,18 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// The node's own Prometheus text (Raft metrics), appended to the API's.
     fn metrics_text(&self) -> String;
+
+    /// Runs the scheduler on the leader's view without changing anything: where would these
+    /// VMs go, or where would a drained node's VMs go.
+    async fn simulate(
+        &self,
+        req: crate::scheduler::SimulateRequest,
+    ) -> Result<crate::scheduler::SimulateResult, ClusterError> {
+        let _ = req;
+        Err(ClusterError::Unsupported(
+            "this control plane has no scheduler".into(),
+        ))
+    }
 
     /// Every request applied on this node from now on, in log order (the event stream's feed).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<raft::store::Applied>;

@@ -110,6 +110,14 @@ impl ApiError {
             ApiError::Cluster(ClusterError::JoinRefused(_)) => {
                 (StatusCode::FORBIDDEN, "join_refused", "Join refused")
             }
+            ApiError::Cluster(ClusterError::Invalid(_)) => (
+                StatusCode::BAD_REQUEST,
+                "validation_failed",
+                "Invalid request",
+            ),
+            ApiError::Cluster(ClusterError::Unsupported(_)) => {
+                (StatusCode::NOT_IMPLEMENTED, "unsupported", "Not supported")
+            }
             ApiError::Cluster(ClusterError::Internal(_)) | ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

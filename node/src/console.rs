@@ -23,11 +23,17 @@ const MAX_REQUEST: usize = 256;
 /// Extension RPC: "answer once you have applied this index" (8 bytes, big-endian).
 pub const WAIT_APPLIED: &str = "wait-applied";
 
+/// Extension RPC: run a scheduler simulation on this node's (the leader's) replica; JSON
+/// `SimulateRequest` in, JSON `SimulateResult` out.
+pub const SIMULATE: &str = "scheduler-simulate";
+
 /// Serves console tunnels (and, later, other node-to-node streams).
 pub struct NodeExtensions {
     pub me: NodeId,
     pub reader: StateReader,
     pub hv: SharedHypervisor,
+    /// The scheduler policy used for simulations asked of this node.
+    pub policy: crate::scheduler::Policy,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -64,6 +70,13 @@ impl ExtensionHandler for NodeExtensions {
                         .await
                         .map_err(|e| ExtensionError::Refused(e.to_string()))?;
                     Ok(Vec::new())
+                }
+                SIMULATE => {
+                    let req: api::scheduler::SimulateRequest = serde_json::from_slice(&body)
+                        .map_err(|e| ExtensionError::Refused(e.to_string()))?;
+                    let result = crate::placement::simulate(&self.reader, self.policy, &req)
+                        .map_err(|e| ExtensionError::Refused(e.to_string()))?;
+                    serde_json::to_vec(&result).map_err(|e| ExtensionError::Refused(e.to_string()))
                 }
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }

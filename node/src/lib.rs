@@ -5,6 +5,7 @@
 //! machine's VMs.
 
 pub mod agent;
+pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod console;
@@ -12,4 +13,6 @@ pub mod control;
 pub mod dev;
 pub mod membership;
 pub mod metrics;
+pub mod placement;
+pub mod scheduler;
 pub mod server;

@@ -68,6 +68,15 @@ struct ServeArgs {
     /// does not really work (nested or emulated KVM).
     #[arg(long, env = "NOVACRON_DOMAIN_TYPE", value_parser = ["kvm", "qemu"])]
     domain_type: Option<String>,
+    /// vCPUs the scheduler may book per physical CPU while this node leads.
+    #[arg(long, env = "NOVACRON_CPU_OVERCOMMIT", default_value_t = 4.0)]
+    cpu_overcommit: f64,
+    /// Memory the scheduler may book per MiB of RAM while this node leads.
+    #[arg(long, env = "NOVACRON_MEMORY_OVERCOMMIT", default_value_t = 1.0)]
+    memory_overcommit: f64,
+    /// spread (emptiest node first) or pack (fullest node that fits first).
+    #[arg(long, env = "NOVACRON_SCHEDULER_STRATEGY", default_value = "spread", value_parser = ["spread", "pack"])]
+    strategy: String,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +145,20 @@ fn main() -> ExitCode {
                     guest_kernel: a.guest_kernel,
                     guest_initrd: a.guest_initrd,
                     domain_type: a.domain_type,
+                    placement: Some(node::placement::PlacementConfig {
+                        policy: node::scheduler::Policy {
+                            cpu_overcommit: a.cpu_overcommit,
+                            memory_overcommit: a.memory_overcommit,
+                            strategy: if a.strategy == "pack" {
+                                node::scheduler::Strategy::Pack
+                            } else {
+                                node::scheduler::Strategy::Spread
+                            },
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    }),
+                    no_placement_controller: false,
                 };
                 node::server::serve(opts, node::server::shutdown_signal()).await
             }

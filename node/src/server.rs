@@ -48,6 +48,10 @@ pub struct ServeOptions {
     pub guest_kernel: Option<PathBuf>,
     pub guest_initrd: Option<PathBuf>,
     pub domain_type: Option<String>,
+    /// Scheduler settings (default: spread, CPU overcommit 4, no memory overcommit).
+    pub placement: Option<crate::placement::PlacementConfig>,
+    /// Leaves VMs unplaced (the scheduler benchmark drives placement passes itself).
+    pub no_placement_controller: bool,
 }
 
 /// The first node's initial secrets, kept on disk only until the cluster has committed them,
@@ -209,6 +213,7 @@ impl Node {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let hv: crate::console::SharedHypervisor = Arc::default();
+        let placement = opts.placement.unwrap_or_default();
 
         {
             let transport = transport.clone();
@@ -218,6 +223,7 @@ impl Node {
                 me: config.node_id,
                 reader: reader.clone(),
                 hv: hv.clone(),
+                policy: placement.policy,
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -239,6 +245,7 @@ impl Node {
             metrics: RaftMetrics::new(),
             started: Instant::now(),
             hv,
+            placement,
         });
         control.metrics.register(Box::new(store.append_histogram()));
 
@@ -252,12 +259,20 @@ impl Node {
         tasks.push(tokio::spawn(run_agent(
             control.clone(),
             config.clone(),
+            dir.clone(),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(
             control.clone(),
             stop_rx.clone(),
         )));
+        if !opts.no_placement_controller {
+            tasks.push(tokio::spawn(crate::placement::run(
+                control.clone(),
+                placement,
+                stop_rx.clone(),
+            )));
+        }
         {
             let control = control.clone();
             let mut stop = stop_rx.clone();
@@ -344,7 +359,12 @@ fn apply_agent_options(config: &mut NodeConfig, opts: &ServeOptions) {
 }
 
 /// Connects to libvirt (retrying while it is down) and runs the agent until shutdown.
-async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::Receiver<bool>) {
+async fn run_agent(
+    ctl: Arc<NodeControl>,
+    config: NodeConfig,
+    data_dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     let hv = loop {
         let mut lv = hypervisor::LibvirtConfig::new(config.libvirt_uri.clone());
@@ -368,6 +388,13 @@ async fn run_agent(ctl: Arc<NodeControl>, config: NodeConfig, mut stop: watch::R
     tracing::info!(uri = %config.libvirt_uri, "agent connected to libvirt");
     let hv: Arc<dyn hypervisor::Hypervisor> = Arc::new(hv);
     let _ = ctl.hv.set(hv.clone());
+    // The capacity reporter ends with the node (it watches `stop`).
+    tokio::spawn(crate::capacity::run(
+        ctl.clone(),
+        hv.clone(),
+        data_dir,
+        stop.clone(),
+    ));
     let agent_config = crate::agent::AgentConfig {
         guest_kernel: config.guest_kernel.clone(),
         guest_initrd: config.guest_initrd.clone(),

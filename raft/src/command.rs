@@ -10,6 +10,7 @@ use crate::model::{
     ApiKey, AuditEntry, ClusterSecrets, DesiredState, Member, Millis, NodeId, NodeRecord,
     NodeState, Operation, OperationState, Quota, Role, Tenant, User, Vm, VmState,
 };
+use crate::placement::{NodeCapacity, PlacementEntry, PlacementOutcome};
 
 /// What a client (or a controller) asks the replicated state machine to do.
 #[derive(
@@ -194,6 +195,17 @@ pub enum Command {
         user_id: String,
         require: bool,
     },
+    /// A node's agent reports what its host can hold (at start and when it changes).
+    ReportNodeCapacity {
+        id: NodeId,
+        capacity: NodeCapacity,
+    },
+    /// The leader's scheduler commits many placements at once. Each entry is checked on its
+    /// own (compare-and-set on the VM's version) and bumps the VM's epoch; a stale entry is
+    /// refused without failing the others. Every entry's explanation is stored under `p/`.
+    PlaceBatch {
+        placements: Vec<PlacementEntry>,
+    },
 }
 
 impl Command {
@@ -228,6 +240,8 @@ impl Command {
             Command::ConfirmTotp { .. } => "user.totp_confirm",
             Command::UseTotpStep { .. } => "user.totp_use",
             Command::SetRequireTotp { .. } => "user.require_totp",
+            Command::ReportNodeCapacity { .. } => "node.report_capacity",
+            Command::PlaceBatch { .. } => "vm.place_batch",
         }
     }
 }
@@ -274,6 +288,9 @@ impl RejectCode {
 }
 
 /// The outcome of applying one log entry.
+// Responses live briefly (one per applied entry); boxing the node record would only add an
+// allocation to every node change.
+#[allow(clippy::large_enum_variant)]
 #[derive(
     Debug,
     Clone,
@@ -301,4 +318,6 @@ pub enum Response {
         message: String,
     },
     ApiKey(ApiKey),
+    /// The outcome of each entry of a `PlaceBatch`, in order.
+    Placements(Vec<PlacementOutcome>),
 }

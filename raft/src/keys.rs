@@ -74,3 +74,10 @@ pub fn revoked_jti(jti: &str) -> Vec<u8> {
 pub fn user_security(id: &str) -> Vec<u8> {
     join("us/", id)
 }
+
+/// The scheduler's explanation of a VM's last placement decision.
+pub const PLACEMENT_PREFIX: &[u8] = b"p/";
+
+pub fn placement(vm_id: &str) -> Vec<u8> {
+    join("p/", vm_id)
+}

@@ -9,6 +9,7 @@ pub mod command;
 pub mod keys;
 pub mod model;
 pub mod net;
+pub mod placement;
 pub mod store;
 pub mod tls;
 

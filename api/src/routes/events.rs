@@ -42,6 +42,9 @@ fn view(a: &Applied) -> Option<(String, bool, Value)> {
         RaftResponse::Operation(op) => (op.tenant.clone(), false, json!(op)),
         RaftResponse::ApiKey(k) => (k.tenant.clone(), true, json!(ApiKeyView::from(k.clone()))),
         RaftResponse::Node(n) => (SYSTEM_TENANT.to_string(), false, json!(n)),
+        // A batch spans tenants, so only administrators see it whole; each tenant sees its
+        // VMs change when their agents report them.
+        RaftResponse::Placements(p) => (SYSTEM_TENANT.to_string(), false, json!(p)),
         RaftResponse::Ok | RaftResponse::Rejected { .. } => return None,
     };
     Some(v)

@@ -7,6 +7,7 @@ mod cluster;
 mod events;
 mod health;
 mod nodes;
+mod scheduler;
 mod tenants;
 pub(crate) mod users;
 mod vms;
@@ -59,6 +60,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::reboot))
         .routes(routes!(vms::console))
         .routes(routes!(vms::get_operation))
+        .routes(routes!(scheduler::placement))
+        .routes(routes!(scheduler::simulate))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))
         .routes(routes!(tenants::get_one, tenants::update, tenants::delete));

@@ -161,6 +161,7 @@ fn mirror_schemas_match_the_model() {
             created_at: 0,
             updated_at: 0,
             version: 0,
+            placement: Default::default(),
         },
     );
     assert_mirrors(
@@ -201,6 +202,7 @@ fn mirror_schemas_match_the_model() {
         joined_at: 0,
         updated_at: 0,
         removed: false,
+        capacity: None,
     };
     assert_mirrors(&doc, "NodeRecord", &node);
     let mut view = serde_json::to_value(&node).unwrap();

@@ -12,5 +12,6 @@ mod join;
 mod layering;
 mod membership;
 mod real_vm;
+mod scheduler;
 mod snapshot;
 mod vms;
