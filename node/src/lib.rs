@@ -5,6 +5,7 @@
 //! machine's VMs.
 
 pub mod agent;
+pub mod bench;
 pub mod capacity;
 pub mod client;
 pub mod config;

@@ -29,6 +29,19 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Scheduler throughput, alone and committed through a 3-node cluster in this process;
+    /// prints JSON (what `cargo xtask bench scheduler` runs).
+    #[command(hide = true)]
+    BenchScheduler {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -172,6 +185,22 @@ fn main() -> ExitCode {
             } => {
                 init_tracing();
                 node::dev::up(nodes, base_port, data_dir).await
+            }
+            Command::BenchScheduler {
+                nodes,
+                vms,
+                batch,
+                concurrency,
+            } => {
+                let report = node::bench::run(node::bench::BenchArgs {
+                    nodes,
+                    vms,
+                    batch,
+                    concurrency,
+                })
+                .await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
             }
             Command::Client(c) => node::client::run(ClientArgs::from_env(), c).await,
         }

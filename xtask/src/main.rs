@@ -5,6 +5,7 @@
 //! - `guest`: build the tiny test guest from Debian packages.
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
+//! - `bench scheduler`: placements per second, alone and committed through Raft.
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
 //! - `chaos`: the fast chaos tier (kill, pause, partition, loss) on a real 3-node cluster.
 //!
@@ -57,6 +58,8 @@ enum Command {
 enum BenchCommand {
     /// Durable writes and leader failover of a 3-node NovaCron cluster, with etcd as the anchor.
     Raft(bench::RaftArgs),
+    /// Placements per second: the scheduler alone, and committed through a 3-node cluster.
+    Scheduler(bench::SchedulerArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: BenchCommand::Raft(args),
         } => bench::run_raft(&args),
+        Command::Bench {
+            which: BenchCommand::Scheduler(args),
+        } => bench::run_scheduler(&args),
     };
     // One line with the cause chain; returning the error from main would print a backtrace too
     // whenever RUST_BACKTRACE is set, burying the message.

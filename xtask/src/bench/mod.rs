@@ -12,6 +12,9 @@ mod load;
 mod member;
 mod novacron;
 mod report;
+mod scheduler;
+
+pub(crate) use scheduler::{run as run_scheduler, SchedulerArgs};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -183,6 +186,14 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // The scheduler's section belongs to `bench scheduler`; keep it across this rewrite.
+    let markdown = match std::fs::read_to_string(&out) {
+        Ok(old) => match old.find(scheduler::SECTION) {
+            Some(start) => scheduler::replace_section(&markdown, &old[start..]),
+            None => markdown,
+        },
+        Err(_) => markdown,
+    };
     std::fs::write(&out, &markdown).with_context(|| format!("writing {}", out.display()))?;
     println!("{markdown}");
     println!("written to {}", out.display());
