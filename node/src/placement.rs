@@ -123,9 +123,11 @@ pub async fn run_pass(
     vms.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     let (placed, pending) = split(&vms);
     let print = fingerprint(&nodes, &placed);
+    let waiting: std::collections::HashSet<&str> =
+        pending.iter().map(|(v, _)| v.id.as_str()).collect();
     memory
         .unfit
-        .retain(|id, (_, p)| *p == print && pending.iter().any(|(v, _)| v.id == *id));
+        .retain(|id, (_, p)| *p == print && waiting.contains(id.as_str()));
     let todo: Vec<(VmDemand, u64)> = pending
         .into_iter()
         .filter(|(vm, version)| memory.unfit.get(&vm.id).is_none_or(|(v, _)| v != version))
