@@ -298,11 +298,9 @@ pub fn simulate_on(
             }
             let (stay, go): (Vec<_>, Vec<_>) = placed.into_iter().partition(|(_, n)| *n != id);
             placed = stay;
-            for (mut vm, from) in go {
-                // A VM pinned to the drained node can go nowhere else; say so.
-                vm.constraints.node = vm.constraints.node.filter(|n| *n != id);
-                moving.push((vm, Some(from)));
-            }
+            // A VM pinned to the drained node keeps its pin: it can go nowhere else, and its
+            // explanation says so (required node elsewhere, the node itself drained).
+            moving.extend(go.into_iter().map(|(vm, from)| (vm, Some(from))));
         }
     }
     let mut sched = Scheduler::new(views, loads, placed.iter().map(|(v, n)| (v, *n)), policy);
@@ -325,4 +323,115 @@ pub fn simulate_on(
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::scheduler::SimulatedVm;
+    use raft::model::{DesiredState, Member, NodeState};
+    use raft::placement::NodeCapacity;
+
+    fn node(id: NodeId) -> NodeRecord {
+        NodeRecord {
+            id,
+            member: Member {
+                name: format!("n{id}"),
+                api_addr: String::new(),
+                peer_addr: String::new(),
+            },
+            state: NodeState::Up,
+            schedulable: true,
+            labels: Default::default(),
+            joined_at: 0,
+            updated_at: 0,
+            removed: false,
+            capacity: Some(NodeCapacity {
+                vcpus: 4,
+                memory_mib: 4096,
+                disk_gib: None,
+            }),
+        }
+    }
+
+    fn vm(id: &str, node: Option<NodeId>, pin: Option<NodeId>) -> Vm {
+        Vm {
+            id: id.into(),
+            name: id.into(),
+            tenant: "t".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib: 0,
+            image: None,
+            labels: Default::default(),
+            node,
+            desired_state: DesiredState::Running,
+            state: VmState::Running,
+            ha: false,
+            anti_affinity_group: None,
+            epoch: 1,
+            created_at: 0,
+            updated_at: 0,
+            version: 1,
+            placement: raft::placement::PlacementConstraints {
+                node: pin,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_drain_moves_what_can_move_and_reports_what_cannot() {
+        let nodes = [node(1), node(2), node(3)];
+        let vms = [
+            vm("a", Some(1), None),
+            vm("b", Some(1), Some(1)),
+            vm("c", Some(2), None),
+        ];
+        let req = SimulateRequest::Drain { node: "n1".into() };
+        let r = simulate_on(&nodes, &vms, &BTreeMap::new(), Policy::default(), &req).unwrap();
+        assert_eq!(r.placed.len(), 1);
+        assert_eq!(r.placed[0].vm, "a");
+        assert_eq!(r.placed[0].from_name.as_deref(), Some("n1"));
+        // "c" books node 2, so spread sends "a" to node 3.
+        assert_eq!(r.placed[0].to, Some(3));
+        assert_eq!(r.unplaced.len(), 1);
+        let pinned = &r.unplaced[0].explanation;
+        assert_eq!(pinned.filtered.get("required_node"), Some(&2));
+        assert_eq!(pinned.filtered.get("unschedulable"), Some(&1));
+        let unknown = SimulateRequest::Drain { node: "n9".into() };
+        assert!(matches!(
+            simulate_on(&nodes, &vms, &BTreeMap::new(), Policy::default(), &unknown),
+            Err(PlacementError::UnknownNode(_))
+        ));
+    }
+
+    #[test]
+    fn a_create_simulation_books_each_vm_before_the_next() {
+        let nodes = [node(1)];
+        let new = |name: &str| SimulatedVm {
+            name: Some(name.into()),
+            tenant: None,
+            vcpus: 8,
+            memory_mib: 1024,
+            disk_gib: None,
+            node: None,
+            node_selector: None,
+            anti_affinity_group: None,
+            affinity_group: None,
+        };
+        let policy = Policy {
+            cpu_overcommit: 4.0,
+            ..Policy::default()
+        };
+        // 4 CPUs at 4.0 take 16 vCPUs: two VMs of 8 fit, the third does not.
+        let req = SimulateRequest::Create {
+            vms: vec![new("x"), new("y"), new("z")],
+        };
+        let r = simulate_on(&nodes, &[], &BTreeMap::new(), policy, &req).unwrap();
+        let placed: Vec<&str> = r.placed.iter().map(|p| p.vm.as_str()).collect();
+        assert_eq!(placed, ["x", "y"]);
+        assert_eq!(r.unplaced[0].vm, "z");
+        assert_eq!(r.unplaced[0].explanation.filtered.get("cpu"), Some(&1));
+    }
 }
