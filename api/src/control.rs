@@ -41,6 +41,10 @@ pub enum ClusterError {
         command: String,
         blockers: Vec<String>,
     },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not supported here: {0}")]
+    Unsupported(String),
 }
 
 /// What one member advertises, as seen in the replicated state.
@@ -274,6 +278,18 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// The node's own Prometheus text (Raft metrics), appended to the API's.
     fn metrics_text(&self) -> String;
+
+    /// Runs the scheduler on the leader's view without changing anything: where would these
+    /// VMs go, or where would a drained node's VMs go.
+    async fn simulate(
+        &self,
+        req: crate::scheduler::SimulateRequest,
+    ) -> Result<crate::scheduler::SimulateResult, ClusterError> {
+        let _ = req;
+        Err(ClusterError::Unsupported(
+            "this control plane has no scheduler".into(),
+        ))
+    }
 
     /// Every request applied on this node from now on, in log order (the event stream's feed).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<raft::store::Applied>;

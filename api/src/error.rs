@@ -171,6 +171,14 @@ impl ApiError {
                 "feature_unavailable",
                 "Feature not available on every voter",
             ),
+            ApiError::Cluster(ClusterError::Invalid(_)) => (
+                StatusCode::BAD_REQUEST,
+                "validation_failed",
+                "Invalid request",
+            ),
+            ApiError::Cluster(ClusterError::Unsupported(_)) => {
+                (StatusCode::NOT_IMPLEMENTED, "unsupported", "Not supported")
+            }
             ApiError::Cluster(ClusterError::Internal(_)) | ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

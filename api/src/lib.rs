@@ -12,6 +12,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 mod routes;
+pub mod scheduler;
 pub mod totp;
 
 use std::sync::Arc;

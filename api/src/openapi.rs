@@ -125,6 +125,42 @@ pub mod schemas {
         pub created_at: u64,
         pub updated_at: u64,
         pub version: u64,
+        pub placement: PlacementConstraints,
+    }
+
+    /// What a VM asks of its node besides room (the scheduler enforces it).
+    #[derive(ToSchema)]
+    pub struct PlacementConstraints {
+        /// The node the VM must run on.
+        pub node: Option<u64>,
+        pub node_selector: BTreeMap<String, String>,
+        /// VMs of the same tenant and affinity group run on the same node.
+        pub affinity_group: Option<String>,
+    }
+
+    /// What a node can hold, as its agent reported.
+    #[derive(ToSchema)]
+    pub struct NodeCapacity {
+        pub vcpus: u32,
+        pub memory_mib: u64,
+        /// Size of the filesystem holding VM disks; null when unknown (not checked).
+        pub disk_gib: Option<u64>,
+    }
+
+    /// The filter that refused a node.
+    #[derive(ToSchema)]
+    #[schema(rename_all = "snake_case")]
+    pub enum FilterKind {
+        NodeNotUp,
+        Unschedulable,
+        CapacityUnknown,
+        RequiredNode,
+        NodeSelector,
+        Cpu,
+        Memory,
+        Disk,
+        AntiAffinity,
+        Affinity,
     }
 
     /// Long work: finishes when the node's agent has done it.
@@ -192,6 +228,8 @@ pub mod schemas {
         pub joined_at: u64,
         pub updated_at: u64,
         pub removed: bool,
+        /// Null until the node's agent reported it.
+        pub capacity: Option<NodeCapacity>,
     }
 
     /// A node with what is placed on it.
@@ -205,6 +243,7 @@ pub mod schemas {
         pub joined_at: u64,
         pub updated_at: u64,
         pub removed: bool,
+        pub capacity: Option<NodeCapacity>,
         pub vms: u64,
         pub vcpus_used: u64,
         pub memory_mib_used: u64,

@@ -183,6 +183,7 @@ pub(crate) fn rewrite_rows(
             joined_at: now,
             updated_at: now,
             removed: false,
+            capacity: None,
         },
     };
     map.insert(keys::node(id), codec::encode(&mine)?);
@@ -301,6 +302,7 @@ mod tests {
             joined_at: 1,
             updated_at: 1,
             removed: false,
+            capacity: None,
         }
     }
 
@@ -319,6 +321,7 @@ mod tests {
             state: VmState::Running,
             ha: false,
             anti_affinity_group: None,
+            placement: Default::default(),
             epoch: 5,
             created_at: 1,
             updated_at: 1,

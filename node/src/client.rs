@@ -196,6 +196,10 @@ pub enum VmCommand {
     Show {
         id: String,
     },
+    /// Why the VM is on its node (or on none): each node's verdict.
+    Explain {
+        id: String,
+    },
     Start {
         id: String,
     },
@@ -383,6 +387,50 @@ fn s(v: &Value) -> String {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+/// A placement explanation for people: the decision, the counts, then one row per node.
+fn print_explanation(v: &Value) {
+    match v["chosen"].as_u64() {
+        Some(id) => println!(
+            "placed on {} (node {id}), strategy {}",
+            s(&v["chosen_name"]),
+            s(&v["strategy"])
+        ),
+        None => println!("does not fit on any node (strategy {})", s(&v["strategy"])),
+    }
+    let filtered: Vec<String> = v["filtered"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, c)| format!("{k}: {c}")).collect())
+        .unwrap_or_default();
+    println!(
+        "{} nodes considered, {} eligible{}{}",
+        s(&v["nodes_considered"]),
+        s(&v["eligible"]),
+        if filtered.is_empty() {
+            ""
+        } else {
+            "; filtered by "
+        },
+        filtered.join(", ")
+    );
+    let rows: Vec<Vec<String>> = v["verdicts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|x| {
+            let why = match x["verdict"].as_str() {
+                Some("scored") => format!("score {}", s(&x["score"])),
+                _ => format!("{}: {}", s(&x["filter"]), s(&x["detail"])),
+            };
+            vec![s(&x["node"]), s(&x["node_name"]), s(&x["verdict"]), why]
+        })
+        .collect();
+    print_table(&["NODE", "NAME", "VERDICT", "WHY"], rows);
+    if v["truncated"].as_u64().unwrap_or(0) > 0 {
+        println!("({} more nodes not listed)", s(&v["truncated"]));
     }
 }
 
@@ -746,6 +794,16 @@ async fn vm(command: VmCommand, conn: Conn) -> anyhow::Result<()> {
             emit(conn.output, &v, |v| {
                 println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
             })
+        }
+        VmCommand::Explain { id } => {
+            let v = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/vms/{id}/placement"),
+                    None,
+                )
+                .await?;
+            emit(conn.output, &v, print_explanation)
         }
         VmCommand::Start { id } => op(&api, &conn, &action(&id, "start")).await,
         VmCommand::Stop { id } => op(&api, &conn, &action(&id, "stop")).await,

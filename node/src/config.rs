@@ -59,6 +59,15 @@ pub struct ServeArgs {
     /// does not really work (nested or emulated KVM).
     #[arg(long, env = "NOVACRON_DOMAIN_TYPE", value_parser = ["kvm", "qemu"])]
     pub domain_type: Option<String>,
+    /// vCPUs the scheduler may book per physical CPU while this node leads.
+    #[arg(long, env = "NOVACRON_CPU_OVERCOMMIT", default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Memory the scheduler may book per MiB of RAM while this node leads.
+    #[arg(long, env = "NOVACRON_MEMORY_OVERCOMMIT", default_value_t = 1.0)]
+    pub memory_overcommit: f64,
+    /// spread (emptiest node first) or pack (fullest node that fits first).
+    #[arg(long, env = "NOVACRON_SCHEDULER_STRATEGY", default_value = "spread", value_parser = ["spread", "pack"])]
+    pub strategy: String,
     /// Command types this node pretends not to understand, comma-separated: simulates a node
     /// of an older release for upgrade tests.
     #[arg(

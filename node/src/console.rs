@@ -36,6 +36,9 @@ pub struct VmMetricsRequest {
     pub vm_id: String,
     pub since_ms: Option<u64>,
 }
+/// Extension RPC: run a scheduler simulation on this node's (the leader's) replica; JSON
+/// `SimulateRequest` in, JSON `SimulateResult` out.
+pub const SIMULATE: &str = "scheduler-simulate";
 
 /// Serves console tunnels (and, later, other node-to-node streams).
 pub struct NodeExtensions {
@@ -48,6 +51,8 @@ pub struct NodeExtensions {
     pub liveness: Arc<crate::liveness::Liveness>,
     /// Present once the node takes part in migrations.
     pub migration: Option<crate::migration::SharedEnv>,
+    /// The scheduler policy used for simulations asked of this node.
+    pub policy: crate::scheduler::Policy,
 }
 
 /// The local console of `vm_id` as a stream of chunks.
@@ -111,6 +116,13 @@ impl ExtensionHandler for NodeExtensions {
                     Some(env) => crate::migration::executor::handle(env, other, body).await,
                     None => Err(ExtensionError::UnknownKind(other.to_string())),
                 },
+                SIMULATE => {
+                    let req: api::scheduler::SimulateRequest = serde_json::from_slice(&body)
+                        .map_err(|e| ExtensionError::Refused(e.to_string()))?;
+                    let result = crate::placement::simulate(&self.reader, self.policy, &req)
+                        .map_err(|e| ExtensionError::Refused(e.to_string()))?;
+                    serde_json::to_vec(&result).map_err(|e| ExtensionError::Refused(e.to_string()))
+                }
                 other => Err(ExtensionError::UnknownKind(other.to_string())),
             }
         })

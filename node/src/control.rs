@@ -30,6 +30,8 @@ pub struct NodeControl {
     pub images: Arc<crate::images::NodeImages>,
     /// Heartbeats, leases and the leader's verdict on each node.
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// The scheduler settings this node uses while it leads.
+    pub placement: crate::placement::PlacementConfig,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -495,6 +497,49 @@ impl ControlPlane for NodeControl {
     async fn upgrade_check(&self) -> Result<api::control::UpgradeReport, ClusterError> {
         self.read_barrier(Consistency::Linearizable).await?;
         Ok(crate::features::upgrade_report(self))
+    }
+
+    async fn simulate(
+        &self,
+        req: api::scheduler::SimulateRequest,
+    ) -> Result<api::scheduler::SimulateResult, ClusterError> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader.ok_or(ClusterError::NoLeader)?;
+        if leader == self.id {
+            return crate::placement::simulate(&self.reader, self.placement.policy, &req).map_err(
+                |e| match e {
+                    crate::placement::PlacementError::UnknownNode(_) => {
+                        ClusterError::Invalid(e.to_string())
+                    }
+                    other => internal(other),
+                },
+            );
+        }
+        // The leader's view: it has every committed placement and the nodes' loads.
+        let member = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()
+            .ok_or(ClusterError::NoLeader)?;
+        let addr = raft::net::Transport::resolve(&member.peer_addr)
+            .await
+            .map_err(internal)?;
+        let body = serde_json::to_vec(&req).map_err(internal)?;
+        let answer = self
+            .transport
+            .call_extension(addr, crate::console::SIMULATE, body)
+            .await
+            .map_err(|e| {
+                // The leader refuses an unknown node in words; anything else is a failure.
+                let message = e.to_string();
+                if message.contains("does not exist") {
+                    ClusterError::Invalid(message)
+                } else {
+                    internal(message)
+                }
+            })?;
+        serde_json::from_slice(&answer).map_err(internal)
     }
 }
 

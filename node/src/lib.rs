@@ -6,6 +6,8 @@
 
 pub mod agent;
 pub mod backup;
+pub mod bench;
+pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod console;
@@ -19,6 +21,8 @@ pub mod liveness;
 pub mod membership;
 pub mod metrics;
 pub mod migration;
+pub mod placement;
 pub mod recover;
+pub mod scheduler;
 pub mod server;
 pub mod stats;

@@ -926,6 +926,7 @@ mod tests {
             joined_at: 0,
             updated_at: 0,
             removed: false,
+            capacity: None,
         }
     }
 
@@ -944,6 +945,7 @@ mod tests {
             state,
             ha,
             anti_affinity_group: None,
+            placement: Default::default(),
             epoch: 3,
             created_at: 0,
             updated_at: 0,

@@ -29,6 +29,19 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Scheduler throughput, alone and committed through a 3-node cluster in this process;
+    /// prints JSON (what `cargo xtask bench scheduler` runs).
+    #[command(hide = true)]
+    BenchScheduler {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -133,6 +146,20 @@ fn main() -> ExitCode {
                     domain_type: a.domain_type,
                     witness: a.witness,
                     missing_features: a.simulate_missing_features,
+                    placement: Some(node::placement::PlacementConfig {
+                        policy: node::scheduler::Policy {
+                            cpu_overcommit: a.cpu_overcommit,
+                            memory_overcommit: a.memory_overcommit,
+                            strategy: if a.strategy == "pack" {
+                                node::scheduler::Strategy::Pack
+                            } else {
+                                node::scheduler::Strategy::Spread
+                            },
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    }),
+                    no_placement_controller: false,
                 };
                 node::server::serve(opts, node::server::shutdown_signal()).await
             }
@@ -147,6 +174,22 @@ fn main() -> ExitCode {
             } => {
                 init_tracing();
                 node::dev::up(nodes, base_port, data_dir, test_driver).await
+            }
+            Command::BenchScheduler {
+                nodes,
+                vms,
+                batch,
+                concurrency,
+            } => {
+                let report = node::bench::run(node::bench::BenchArgs {
+                    nodes,
+                    vms,
+                    batch,
+                    concurrency,
+                })
+                .await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
             }
             Command::Client(c) => node::client::run(ClientArgs::from_env(), c).await,
         }

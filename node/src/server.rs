@@ -55,6 +55,10 @@ pub struct ServeOptions {
     pub witness: bool,
     /// Command types to leave out of this node's advertised features (upgrade tests).
     pub missing_features: Vec<String>,
+    /// Scheduler settings (default: spread, CPU overcommit 4, no memory overcommit).
+    pub placement: Option<crate::placement::PlacementConfig>,
+    /// Leaves VMs unplaced (the scheduler benchmark drives placement passes itself).
+    pub no_placement_controller: bool,
 }
 
 /// The first node's initial secrets, kept on disk only until the cluster has committed them,
@@ -307,6 +311,7 @@ impl Node {
             raft.clone(),
             stop_rx.clone(),
         )));
+        let placement = opts.placement.unwrap_or_default();
 
         {
             let transport = transport.clone();
@@ -320,6 +325,7 @@ impl Node {
                 images: images.clone(),
                 liveness: liveness.clone(),
                 migration: Some(migration.clone()),
+                policy: placement.policy,
             });
             tasks.push(tokio::spawn(async move {
                 transport
@@ -344,6 +350,7 @@ impl Node {
             stats: stats.clone(),
             images: images.clone(),
             liveness,
+            placement,
         });
         control.metrics.register(Box::new(store.append_histogram()));
         for c in migration.metrics.collectors() {
@@ -369,6 +376,7 @@ impl Node {
                 config.clone(),
                 images,
                 migration,
+                dir.clone(),
                 stop_rx.clone(),
             )));
         }
@@ -399,6 +407,13 @@ impl Node {
             control.clone(),
             stop_rx.clone(),
         )));
+        if !opts.no_placement_controller {
+            tasks.push(tokio::spawn(crate::placement::run(
+                control.clone(),
+                placement,
+                stop_rx.clone(),
+            )));
+        }
         {
             let control = control.clone();
             let mut stop = stop_rx.clone();
@@ -499,6 +514,7 @@ async fn run_agent(
     config: NodeConfig,
     images: Arc<crate::images::NodeImages>,
     migration: crate::migration::SharedEnv,
+    data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -524,6 +540,13 @@ async fn run_agent(
     tracing::info!(uri = %config.libvirt_uri, "agent connected to libvirt");
     let hv: Arc<dyn hypervisor::Hypervisor> = Arc::new(hv);
     let _ = ctl.hv.set(hv.clone());
+    // The capacity reporter ends with the node (it watches `stop`).
+    tokio::spawn(crate::capacity::run(
+        ctl.clone(),
+        hv.clone(),
+        data_dir,
+        stop.clone(),
+    ));
     let mut agent_config = agent_config(&config);
     agent_config.images = Some(images);
     let agent = crate::agent::Agent::new(

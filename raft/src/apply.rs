@@ -14,6 +14,7 @@ use crate::model::{
     ApiKey, AuditEntry, ClusterSecrets, DesiredState, NodeRecord, NodeState, NodeTraits, Operation,
     OperationState, Tenant, User, UserSecurity, Vm, VmState,
 };
+use crate::placement::{PlacementEntry, PlacementOutcome};
 
 /// A read-your-writes transaction over the state key space.
 ///
@@ -145,6 +146,7 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
                 joined_at: at,
                 updated_at: at,
                 removed: false,
+                capacity: None,
             };
             put(tx, &keys::node(id), &node)?;
             put(tx, &keys::node_name(&member.name), &id)?;
@@ -399,6 +401,7 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             }
             tx.remove(&keys::vm(id))?;
             tx.remove(&keys::vm_name(&vm.tenant, &vm.name))?;
+            tx.remove(&keys::placement(id))?;
             Ok(Response::Ok)
         }
         Command::FinishOperation { id, state, error } => {
@@ -620,7 +623,73 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
         Command::AdvanceMigration { id, from, to } => {
             crate::migration::apply_advance(tx, id, *from, to, at)
         }
+        Command::ReportNodeCapacity { id, capacity } => {
+            update_node(tx, *id, at, |n| n.capacity = Some(*capacity))
+        }
+        Command::PlaceBatch { placements } => {
+            let mut outcomes = Vec::with_capacity(placements.len());
+            for entry in placements {
+                outcomes.push(place_one(tx, entry, at)?);
+            }
+            Ok(Response::Placements(outcomes))
+        }
     }
+}
+
+/// One entry of a `PlaceBatch`: refused on its own when stale, so one VM changed meanwhile
+/// (deleted, re-placed, edited) does not cost the rest of the batch.
+fn place_one(
+    tx: &dyn StateTx,
+    entry: &PlacementEntry,
+    at: u64,
+) -> Result<PlacementOutcome, ApplyError> {
+    let refused = |code: RejectCode, message: String| PlacementOutcome::Refused {
+        vm: entry.vm.clone(),
+        code,
+        message,
+    };
+    let mut vm = match load_vm(tx, &entry.vm, Some(entry.expected_version))? {
+        Ok(vm) => vm,
+        Err(Response::Rejected { code, message }) => return Ok(refused(code, message)),
+        Err(other) => {
+            return Ok(refused(
+                RejectCode::Invalid,
+                format!("unexpected outcome {other:?}"),
+            ))
+        }
+    };
+    if vm.state == VmState::Deleting {
+        return Ok(refused(
+            RejectCode::Invalid,
+            "the VM is being deleted".to_string(),
+        ));
+    }
+    let Some(node) = entry.node else {
+        put(tx, &keys::placement(&vm.id), &entry.explanation)?;
+        return Ok(PlacementOutcome::NotPlaced { vm: vm.id });
+    };
+    match get::<NodeRecord>(tx, &keys::node(node))? {
+        Some(rec) if !rec.removed => {}
+        _ => {
+            return Ok(refused(
+                RejectCode::NotFound,
+                format!("node {node} not found"),
+            ))
+        }
+    }
+    vm.node = Some(node);
+    vm.epoch += 1;
+    vm.state = VmState::Scheduled;
+    vm.updated_at = at;
+    vm.version += 1;
+    put(tx, &keys::vm(&vm.id), &vm)?;
+    put(tx, &keys::placement(&vm.id), &entry.explanation)?;
+    Ok(PlacementOutcome::Placed {
+        vm: vm.id,
+        node,
+        epoch: vm.epoch,
+        version: vm.version,
+    })
 }
 
 fn create_user(tx: &dyn StateTx, mut user: User) -> Result<Response, ApplyError> {
@@ -860,7 +929,8 @@ fn target_of(cmd: &Command, response: &Response) -> String {
             Command::RemoveNode { id }
             | Command::SetNodeState { id, .. }
             | Command::SetNodeSchedulable { id, .. }
-            | Command::AdvertiseNode { id, .. },
+            | Command::AdvertiseNode { id, .. }
+            | Command::ReportNodeCapacity { id, .. },
             _,
         ) => format!("node/{id}"),
         (Command::CreateTenant { tenant }, _) => format!("tenant/{}", tenant.id),
@@ -1108,6 +1178,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             version: 0,
+            placement: Default::default(),
         }
     }
 
@@ -1215,6 +1286,134 @@ mod tests {
             error: None,
         };
         assert!(matches!(run(&st, fresh), Response::Vm { vm, .. } if vm.state == VmState::Running));
+    }
+
+    #[test]
+    fn a_place_batch_refuses_stale_entries_one_by_one() {
+        use crate::placement::{PlacementEntry, PlacementExplanation, PlacementOutcome};
+        let st = MemState::default();
+        run(
+            &st,
+            Command::CreateTenant {
+                tenant: tenant("t1", "acme"),
+            },
+        );
+        let member = crate::model::Member {
+            name: "n1".into(),
+            api_addr: "a".into(),
+            peer_addr: "p".into(),
+        };
+        run(&st, Command::RegisterNode { member });
+        for (id, o) in [("a", "o1"), ("b", "o2"), ("c", "o3")] {
+            run(
+                &st,
+                Command::CreateVm {
+                    vm: vm(id, "t1", None),
+                    operation: op(o),
+                },
+            );
+        }
+        let entry = |vm: &str, node: Option<u64>, version: u64| PlacementEntry {
+            vm: vm.into(),
+            node,
+            expected_version: version,
+            explanation: PlacementExplanation {
+                vm: vm.into(),
+                chosen: node,
+                ..Default::default()
+            },
+        };
+        let batch = Command::PlaceBatch {
+            placements: vec![
+                entry("a", Some(1), 1),
+                // Stale: "b" is at version 1.
+                entry("b", Some(1), 7),
+                entry("c", None, 1),
+                entry("gone", Some(1), 1),
+                // Node 9 does not exist.
+                entry("c", Some(9), 1),
+            ],
+        };
+        let Response::Placements(out) = run(&st, batch) else {
+            panic!("not a batch outcome")
+        };
+        assert_eq!(
+            out[0],
+            PlacementOutcome::Placed {
+                vm: "a".into(),
+                node: 1,
+                epoch: 1,
+                version: 2
+            }
+        );
+        assert!(matches!(
+            &out[1],
+            PlacementOutcome::Refused {
+                code: RejectCode::VersionMismatch,
+                ..
+            }
+        ));
+        assert_eq!(out[2], PlacementOutcome::NotPlaced { vm: "c".into() });
+        assert!(matches!(
+            &out[3],
+            PlacementOutcome::Refused {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
+        assert!(matches!(
+            &out[4],
+            PlacementOutcome::Refused {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
+        let a: Vm = get(&st, &keys::vm("a")).unwrap().unwrap();
+        assert_eq!((a.node, a.epoch, a.state), (Some(1), 1, VmState::Scheduled));
+        let b: Vm = get(&st, &keys::vm("b")).unwrap().unwrap();
+        assert_eq!((b.node, b.version), (None, 1));
+        let c: Vm = get(&st, &keys::vm("c")).unwrap().unwrap();
+        assert_eq!(
+            (c.node, c.version),
+            (None, 1),
+            "a VM that fits nowhere is left as it is"
+        );
+        let why: PlacementExplanation = get(&st, &keys::placement("c")).unwrap().unwrap();
+        assert_eq!(why.chosen, None);
+        assert!(st.get(&keys::placement("b")).unwrap().is_none());
+    }
+
+    #[test]
+    fn nodes_report_their_capacity() {
+        let st = MemState::default();
+        let member = crate::model::Member {
+            name: "n1".into(),
+            api_addr: "a".into(),
+            peer_addr: "p".into(),
+        };
+        run(&st, Command::RegisterNode { member });
+        let cap = crate::placement::NodeCapacity {
+            vcpus: 8,
+            memory_mib: 16_384,
+            disk_gib: Some(100),
+        };
+        assert!(matches!(
+            run(&st, Command::ReportNodeCapacity { id: 1, capacity: cap }),
+            Response::Node(n) if n.capacity == Some(cap)
+        ));
+        assert!(matches!(
+            run(
+                &st,
+                Command::ReportNodeCapacity {
+                    id: 2,
+                    capacity: cap
+                }
+            ),
+            Response::Rejected {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
     }
 
     fn api_key(id: &str, owner: &str, tenant: &str, role: Role) -> ApiKey {

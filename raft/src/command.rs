@@ -10,6 +10,7 @@ use crate::model::{
     ApiKey, AuditEntry, ClusterSecrets, DesiredState, Member, Millis, NodeId, NodeRecord,
     NodeState, NodeTraits, Operation, OperationState, Quota, Role, Tenant, User, Vm, VmState,
 };
+use crate::placement::{NodeCapacity, PlacementEntry, PlacementOutcome};
 
 /// What a client (or a controller) asks the replicated state machine to do.
 #[derive(
@@ -234,6 +235,17 @@ pub enum Command {
         from: crate::migration::MigrationPhase,
         to: crate::migration::PhaseChange,
     },
+    /// A node's agent reports what its host can hold (at start and when it changes).
+    ReportNodeCapacity {
+        id: NodeId,
+        capacity: NodeCapacity,
+    },
+    /// The leader's scheduler commits many placements at once. Each entry is checked on its
+    /// own (compare-and-set on the VM's version) and bumps the VM's epoch; a stale entry is
+    /// refused without failing the others. Every entry's explanation is stored under `p/`.
+    PlaceBatch {
+        placements: Vec<PlacementEntry>,
+    },
 }
 
 impl Command {
@@ -275,6 +287,8 @@ impl Command {
             Command::AdvertiseNode { .. } => "node.advertise",
             Command::RequestMigration { .. } => "vm.migrate",
             Command::AdvanceMigration { .. } => "vm.migration_phase",
+            Command::ReportNodeCapacity { .. } => "node.report_capacity",
+            Command::PlaceBatch { .. } => "vm.place_batch",
         }
     }
 }
@@ -370,6 +384,9 @@ impl RejectCode {
 }
 
 /// The outcome of applying one log entry.
+// Responses live briefly (one per applied entry); boxing the node record would only add an
+// allocation to every node change.
+#[allow(clippy::large_enum_variant)]
 #[derive(
     Debug,
     Clone,
@@ -398,4 +415,6 @@ pub enum Response {
     },
     ApiKey(ApiKey),
     Image(crate::image::Image),
+    /// The outcome of each entry of a `PlaceBatch`, in order.
+    Placements(Vec<PlacementOutcome>),
 }

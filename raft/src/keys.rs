@@ -92,3 +92,10 @@ pub fn migration(id: &str) -> Vec<u8> {
 pub fn active_migration(vm_id: &str) -> Vec<u8> {
     join("g/v/", vm_id)
 }
+
+/// The scheduler's explanation of a VM's last placement decision.
+pub const PLACEMENT_PREFIX: &[u8] = b"p/";
+
+pub fn placement(vm_id: &str) -> Vec<u8> {
+    join("p/", vm_id)
+}

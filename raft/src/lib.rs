@@ -12,6 +12,7 @@ pub mod keys;
 pub mod migration;
 pub mod model;
 pub mod net;
+pub mod placement;
 pub mod store;
 pub mod tls;
 

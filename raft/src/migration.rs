@@ -404,6 +404,7 @@ mod tests {
                 joined_at: 0,
                 updated_at: 0,
                 removed: false,
+                capacity: None,
             };
             put(&s, &keys::node(id), &rec).unwrap();
         }
@@ -421,6 +422,7 @@ mod tests {
             state: VmState::Running,
             ha: false,
             anti_affinity_group: None,
+            placement: Default::default(),
             epoch: 3,
             created_at: 0,
             updated_at: 0,

@@ -225,6 +225,9 @@ pub struct NodeRecord {
     /// Set when the node was removed from the cluster; a removed node may not rejoin with
     /// its old identity.
     pub removed: bool,
+    /// What the node can hold, as its agent last reported; `None` until the first report.
+    #[serde(default)]
+    pub capacity: Option<crate::placement::NodeCapacity>,
 }
 
 #[derive(
@@ -303,6 +306,9 @@ pub struct Vm {
     pub created_at: Millis,
     pub updated_at: Millis,
     pub version: u64,
+    /// Constraints on the node the scheduler picks (required node, selector, affinity).
+    #[serde(default)]
+    pub placement: crate::placement::PlacementConstraints,
 }
 
 #[derive(

@@ -6,6 +6,7 @@
 //! - `libvirtd`: start a system libvirtd by hand when none answers (containers have no systemd).
 //! - `bench raft`: NovaCron's replicated write path against an etcd cluster on the same machine.
 //! - `bench vm`: time from `POST /api/v1/vms` to running, on the test driver and real QEMU.
+//! - `bench scheduler`: placements per second, alone and committed through Raft.
 //! - `schemathesis`: schemathesis against one live node from the committed OpenAPI document.
 //! - `chaos`: the chaos tiers: fast (kill, pause, partition, loss on a real 3-node cluster), `sim`
 //!   (seeds of the deterministic simulation) and `long` (one scenario per fault class, 5 nodes).
@@ -76,6 +77,8 @@ enum BenchCommand {
     Web(bench::web::WebArgs),
     /// Time from POST /api/v1/vms to running, for concurrent creates, on the test driver and QEMU.
     Vm(bench::VmArgs),
+    /// Placements per second: the scheduler alone, and committed through a 3-node cluster.
+    Scheduler(bench::SchedulerArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +102,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: BenchCommand::Vm(args),
         } => bench::run_vm(&args),
+        Command::Bench {
+            which: BenchCommand::Scheduler(args),
+        } => bench::run_scheduler(&args),
     };
     // One line with the cause chain; returning the error from main would print a backtrace too
     // whenever RUST_BACKTRACE is set, burying the message.

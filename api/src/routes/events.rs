@@ -43,6 +43,9 @@ fn view(a: &Applied) -> Option<(String, bool, Value)> {
         RaftResponse::ApiKey(k) => (k.tenant.clone(), true, json!(ApiKeyView::from(k.clone()))),
         RaftResponse::Node(n) => (SYSTEM_TENANT.to_string(), false, json!(n)),
         RaftResponse::Image(i) => (i.tenant.clone(), false, json!(i)),
+        // A batch spans tenants, so only administrators see it whole; each tenant sees its
+        // VMs change when their agents report them.
+        RaftResponse::Placements(p) => (SYSTEM_TENANT.to_string(), false, json!(p)),
         RaftResponse::Ok | RaftResponse::Rejected { .. } => return None,
     };
     Some(v)

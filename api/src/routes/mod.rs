@@ -12,6 +12,7 @@ mod images;
 mod migrations;
 mod nodes;
 mod objects;
+mod scheduler;
 mod tenants;
 pub(crate) mod users;
 mod vm_metrics;
@@ -73,6 +74,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(images::finish))
         .routes(routes!(vms::get_operation))
         .routes(routes!(migrations::migrate))
+        .routes(routes!(scheduler::placement))
+        .routes(routes!(scheduler::simulate))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))
         .routes(routes!(tenants::get_one, tenants::update, tenants::delete));

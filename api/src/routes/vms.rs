@@ -9,9 +9,8 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use raft::model::{
-    DesiredState, NodeId, NodeRecord, NodeState, Operation, OperationState, Role, Vm, VmState,
-};
+use raft::model::{DesiredState, NodeId, NodeRecord, Operation, OperationState, Role, Vm, VmState};
+use raft::placement::PlacementConstraints;
 use raft::{keys, Command, Response as RaftResponse};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +33,9 @@ pub(crate) struct Placement {
     anti_affinity_group: Option<String>,
     #[serde(default)]
     node_selector: Option<BTreeMap<String, String>>,
+    /// VMs of the same tenant and affinity group run on the same node.
+    #[serde(default)]
+    affinity_group: Option<String>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -127,6 +129,22 @@ fn validate(body: &CreateVm) -> ApiResult<()> {
     if let Some(img) = &body.image {
         validate_name("image", img)?;
     }
+    if let Some(p) = &body.placement {
+        for (what, group) in [
+            ("anti-affinity group", &p.anti_affinity_group),
+            ("affinity group", &p.affinity_group),
+        ] {
+            if let Some(g) = group {
+                validate_name(what, g)?;
+            }
+        }
+        let selector = p.node_selector.as_ref();
+        if selector.is_some_and(|s| s.len() > MAX_LABELS) {
+            return Err(ApiError::Validation(format!(
+                "at most {MAX_LABELS} node selector labels"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -143,7 +161,7 @@ pub(crate) fn operation(kind: &str, tenant: &str, vm_id: &str) -> Operation {
     }
 }
 
-fn nodes(state: &AppState) -> ApiResult<Vec<NodeRecord>> {
+pub(crate) fn nodes(state: &AppState) -> ApiResult<Vec<NodeRecord>> {
     state
         .cp
         .scan(keys::NODE_PREFIX, None, 10_000)?
@@ -152,43 +170,25 @@ fn nodes(state: &AppState) -> ApiResult<Vec<NodeRecord>> {
         .collect()
 }
 
-/// Until the scheduler lands: the named node, or the up and schedulable node running the fewest
-/// VMs that matches the node selector.
-fn place(state: &AppState, placement: &Placement) -> ApiResult<Option<NodeId>> {
-    let candidates: Vec<NodeRecord> = nodes(state)?.into_iter().filter(|n| !n.removed).collect();
-    if let Some(name) = &placement.node {
-        return candidates
-            .iter()
-            .find(|n| n.member.name == *name || n.id.to_string() == *name)
-            .map(|n| Some(n.id))
-            .ok_or_else(|| ApiError::Validation(format!("node {name:?} does not exist")));
-    }
-    let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
-    for (_, v) in state.cp.scan(keys::VM_PREFIX, None, usize::MAX)? {
-        let vm: Vm = decode(&v)?;
-        if let Some(n) = vm.node {
-            *load.entry(n).or_default() += 1;
+/// The VM's placement constraints for the scheduler. A named node must exist; whether the VM
+/// fits there is the scheduler's call (and explained like any other decision).
+fn constraints(state: &AppState, placement: &Placement) -> ApiResult<PlacementConstraints> {
+    let node = match &placement.node {
+        None => None,
+        Some(name) => {
+            let found = nodes(state)?
+                .into_iter()
+                .filter(|n| !n.removed)
+                .find(|n| n.member.name == *name || n.id.to_string() == *name)
+                .ok_or_else(|| ApiError::Validation(format!("node {name:?} does not exist")))?;
+            Some(found.id)
         }
-    }
-    let selector = placement.node_selector.clone().unwrap_or_default();
-    let eligible: Vec<(usize, NodeId)> = candidates
-        .iter()
-        .filter(|n| n.schedulable && n.state == NodeState::Up)
-        .filter(|n| selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
-        .map(|n| (load.get(&n.id).copied().unwrap_or(0), n.id))
-        .collect();
-    let Some(least) = eligible.iter().map(|(l, _)| *l).min() else {
-        return Ok(None);
     };
-    // Ties are broken at random so that concurrent creates, which all see the same load,
-    // spread instead of piling onto one node.
-    let tied: Vec<NodeId> = eligible
-        .iter()
-        .filter(|(l, _)| *l == least)
-        .map(|(_, id)| *id)
-        .collect();
-    use rand::seq::SliceRandom;
-    Ok(tied.choose(&mut rand::thread_rng()).copied())
+    Ok(PlacementConstraints {
+        node,
+        node_selector: placement.node_selector.clone().unwrap_or_default(),
+        affinity_group: placement.affinity_group.clone(),
+    })
 }
 
 pub(crate) fn accepted(resp: RaftResponse) -> ApiResult<Response> {
@@ -233,7 +233,7 @@ pub(crate) async fn create(
     };
     let key = idempotency_key(&headers)?;
     let placement = body.placement.unwrap_or_default();
-    let node = place(&state, &placement)?;
+    let constraints = constraints(&state, &placement)?;
     let id = uuid::Uuid::new_v4().to_string();
     let vm = Vm {
         id: id.clone(),
@@ -244,7 +244,9 @@ pub(crate) async fn create(
         disk_gib: body.disk_gib.unwrap_or(0),
         image,
         labels: body.labels.unwrap_or_default(),
-        node,
+        // The leader's placement controller picks the node; the handler only records the
+        // constraints, so every placement goes through the scheduler and is explained.
+        node: None,
         desired_state: if body.start.unwrap_or(true) {
             DesiredState::Running
         } else {
@@ -257,6 +259,7 @@ pub(crate) async fn create(
         created_at: 0,
         updated_at: 0,
         version: 0,
+        placement: constraints,
     };
     let operation = operation("vm.create", &tenant, &id);
     let (_, resp) = propose(&state, &caller, key, Command::CreateVm { vm, operation }).await?;

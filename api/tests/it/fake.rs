@@ -287,6 +287,45 @@ impl TestApi {
     }
 
     /// Adds a user directly through `apply` and returns a token for it.
+    /// Places VM `vm_id` on `node` the way the leader's scheduler does (a `PlaceBatch` entry
+    /// with its explanation) and returns the VM's new epoch.
+    pub async fn place(&self, vm_id: &str, node: u64) -> u64 {
+        use raft::placement::{PlacementEntry, PlacementExplanation, PlacementOutcome};
+        let bytes = self.cp.get(&raft::keys::vm(vm_id)).unwrap().unwrap();
+        let vm: raft::model::Vm = raft::codec::decode(&bytes).unwrap();
+        let explanation = PlacementExplanation {
+            vm: vm_id.to_string(),
+            chosen: Some(node),
+            ..Default::default()
+        };
+        let (_, r) = self
+            .cp
+            .write(Request::new(
+                1,
+                "node:1",
+                Command::PlaceBatch {
+                    placements: vec![PlacementEntry {
+                        vm: vm_id.to_string(),
+                        node: Some(node),
+                        expected_version: vm.version,
+                        explanation,
+                    }],
+                },
+            ))
+            .await
+            .unwrap();
+        let Response::Placements(outcomes) = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            matches!(outcomes.as_slice(), [PlacementOutcome::Placed { .. }]),
+            "{outcomes:?}"
+        );
+        let bytes = self.cp.get(&raft::keys::vm(vm_id)).unwrap().unwrap();
+        let vm: raft::model::Vm = raft::codec::decode(&bytes).unwrap();
+        vm.epoch
+    }
+
     pub async fn user(&self, name: &str, tenant: &str, role: Role) -> String {
         let user = User {
             id: format!("{name}-id"),

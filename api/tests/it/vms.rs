@@ -1,5 +1,6 @@
 //! VMs through the router: validation, quotas, tenancy, operations.
 
+use api::ControlPlane;
 use axum::http::StatusCode;
 use raft::model::Role;
 use serde_json::json;
@@ -299,4 +300,120 @@ async fn name_search_and_pages_walk_every_vm_once() {
             "limit {limit}"
         );
     }
+}
+
+#[tokio::test]
+async fn placement_explanations_are_scoped_like_their_vm() {
+    use raft::placement::{NodeVerdict, PlacementEntry, PlacementExplanation, Verdict};
+    let (t, admin, a, b) = setup().await;
+    let (_, r) =
+        t.cp.write(raft::Request::new(
+            1,
+            "node:1",
+            raft::Command::RegisterNode {
+                member: raft::Member {
+                    name: "n1".into(),
+                    api_addr: "a".into(),
+                    peer_addr: "p".into(),
+                },
+            },
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(r, raft::Response::Node(_)), "{r:?}");
+    // The node named in the request becomes a constraint; the handler places nothing.
+    let (s, v) = t
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "web-1", "vcpus": 1, "memory_mib": 128, "placement": {"node": "n1", "affinity_group": "web"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["vm"]["node"], serde_json::Value::Null);
+    assert_eq!(v["vm"]["placement"]["node"], 1);
+    assert_eq!(v["vm"]["placement"]["affinity_group"], "web");
+    let id = v["vm"]["id"].as_str().unwrap().to_string();
+    let (s, _) = t
+        .call(
+            "POST",
+            "/api/v1/vms",
+            Some(&a),
+            Some(json!({"name": "web-2", "vcpus": 1, "memory_mib": 128, "placement": {"node": "nope"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // Not decided yet: 404.
+    let path = format!("/api/v1/vms/{id}/placement");
+    let (s, _) = t.call("GET", &path, Some(&a), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let explanation = PlacementExplanation {
+        vm: id.clone(),
+        at: 7,
+        chosen: Some(1),
+        strategy: "spread".into(),
+        nodes_considered: 1,
+        eligible: 1,
+        verdicts: vec![NodeVerdict {
+            node: 1,
+            verdict: Verdict::Scored { score: 900 },
+        }],
+        ..Default::default()
+    };
+    let (_, r) =
+        t.cp.write(raft::Request::new(
+            2,
+            "node:1",
+            raft::Command::PlaceBatch {
+                placements: vec![PlacementEntry {
+                    vm: id.clone(),
+                    node: Some(1),
+                    expected_version: 1,
+                    explanation,
+                }],
+            },
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(r, raft::Response::Placements(_)), "{r:?}");
+    let (s, v) = t.call("GET", &path, Some(&a), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["chosen"], 1);
+    assert_eq!(v["chosen_name"], "n1");
+    assert_eq!(v["verdicts"][0]["verdict"], "scored");
+    assert_eq!(v["verdicts"][0]["score"], 900);
+    assert_eq!(
+        t.call("GET", &path, Some(&admin), None).await.0,
+        StatusCode::OK
+    );
+    // Another tenant: the VM and its explanation do not exist.
+    assert_eq!(
+        t.call("GET", &path, Some(&b), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // Simulation is for administrators, and this control plane has no scheduler.
+    let body = json!({"kind": "drain", "node": "n1"});
+    let (s, _) = t
+        .call(
+            "POST",
+            "/api/v1/scheduler/simulate",
+            Some(&a),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = t
+        .call(
+            "POST",
+            "/api/v1/scheduler/simulate",
+            Some(&admin),
+            Some(body),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{v}");
+    assert_eq!(v["code"], "unsupported");
 }

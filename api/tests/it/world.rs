@@ -310,6 +310,8 @@ impl World {
         assert_eq!(s, StatusCode::ACCEPTED, "{v}");
         let vm_id = v["vm"]["id"].as_str().unwrap().to_string();
         let operation_id = v["operation"]["id"].as_str().unwrap().to_string();
+        // The leader's scheduler places it on the node it asked for.
+        let epoch = t.place(&vm_id, self.busy_node).await;
         // The node's agent reports the VM running, so its console can be opened.
         let (_, r) =
             t.cp.write(Request::new(
@@ -317,8 +319,8 @@ impl World {
                 "agent",
                 Command::ReportVm {
                     id: vm_id.clone(),
-                    node: v["vm"]["node"].as_u64().unwrap(),
-                    epoch: v["vm"]["epoch"].as_u64().unwrap(),
+                    node: self.busy_node,
+                    epoch,
                     state: raft::model::VmState::Running,
                     error: None,
                 },

@@ -590,6 +590,7 @@ impl Workload {
                 state: VmState::Pending,
                 ha: false,
                 anti_affinity_group: None,
+                placement: Default::default(),
                 epoch: 0,
                 created_at: at,
                 updated_at: at,

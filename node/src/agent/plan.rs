@@ -200,6 +200,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             version: 1,
+            placement: Default::default(),
         }
     }
 

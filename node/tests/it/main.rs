@@ -19,6 +19,7 @@ mod migration;
 mod raft_failure;
 mod real_migration;
 mod real_vm;
+mod scheduler;
 mod snapshot;
 mod vm_metrics;
 mod vms;

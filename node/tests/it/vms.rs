@@ -163,15 +163,25 @@ async fn vms_spread_over_nodes_and_quota_holds_across_nodes() -> anyhow::Result<
         }
     }
     assert_eq!(accepted, 10);
-    let (_, list) = c
-        .request(
-            2,
-            reqwest::Method::GET,
-            &format!("/api/v1/vms?tenant={tenant}&limit=100"),
-            None,
-        )
-        .await?;
-    let items = list["items"].as_array().unwrap();
+    // The leader's scheduler places them shortly after they are created.
+    let items = eventually(
+        "the 10 VMs to be placed",
+        Duration::from_secs(30),
+        || async {
+            let (_, list) = c
+                .request(
+                    2,
+                    reqwest::Method::GET,
+                    &format!("/api/v1/vms?tenant={tenant}&limit=100"),
+                    None,
+                )
+                .await
+                .ok()?;
+            let items = list["items"].as_array()?.clone();
+            items.iter().all(|v| v["node"].is_u64()).then_some(items)
+        },
+    )
+    .await?;
     assert_eq!(items.len(), 10);
     let nodes: std::collections::BTreeSet<u64> =
         items.iter().filter_map(|v| v["node"].as_u64()).collect();

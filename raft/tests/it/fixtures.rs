@@ -90,6 +90,7 @@ pub fn vm(id: &str, name: &str, tenant: &str) -> Vm {
         created_at: 0,
         updated_at: 0,
         version: 0,
+        placement: Default::default(),
     }
 }
 

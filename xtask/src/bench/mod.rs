@@ -12,9 +12,11 @@ mod load;
 mod member;
 mod novacron;
 mod report;
+mod scheduler;
 mod vm;
 pub(crate) mod web;
 
+pub(crate) use scheduler::{run as run_scheduler, SchedulerArgs};
 pub(crate) use vm::{run_vm, VmArgs};
 
 use std::path::PathBuf;
@@ -196,6 +198,14 @@ pub(crate) fn run_raft(args: &RaftArgs) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // The scheduler's section belongs to `bench scheduler`; keep it across this rewrite.
+    let markdown = match std::fs::read_to_string(&out) {
+        Ok(old) => match old.find(scheduler::SECTION) {
+            Some(start) => scheduler::replace_section(&markdown, &old[start..]),
+            None => markdown,
+        },
+        Err(_) => markdown,
+    };
     std::fs::write(&out, &markdown).with_context(|| format!("writing {}", out.display()))?;
     println!("{markdown}");
     println!("written to {}", out.display());
