@@ -583,7 +583,7 @@ async function drainPreview(box, n, name) {
     result, h('div', { class: 'actions' }, go, cancel)));
   cancel.focus();
   try {
-    const sim = await api('POST', '/scheduler/simulate', { drain: [n.id] });
+    const sim = await api('POST', '/scheduler/simulate', { kind: 'drain', node: String(n.id) });
     clear(result).append(h('h3', {}, 'What the scheduler would do'), jsonView(sim));
   } catch (e) {
     clear(result).append(h('p', { class: 'muted', role: 'status' }, e.status === 404 || e.status === 405 || e.status === 501
