@@ -32,6 +32,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The deployment check polls the packaged node over HTTP.
     "curl",
     "nftables",
+    // fdatasync failures injected by the durability test and the chaos long tier.
+    "fiu-utils",
     // Network namespaces and the bridge of the separate libvirt hosts (migration tests, dev up).
     "iproute2",
     "etcd-server",

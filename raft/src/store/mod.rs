@@ -89,6 +89,8 @@ pub enum StoreError {
     DigestUnstable { attempts: usize },
     #[error("the store was closed while waiting")]
     Closed,
+    #[error("making the database file durable failed")]
+    Sync(#[source] std::io::Error),
 }
 
 /// Wraps a store failure in the error openraft expects; openraft treats it as fatal.
@@ -115,13 +117,25 @@ pub(crate) struct Inner {
     pub(crate) events: broadcast::Sender<Applied>,
     /// Time from handing entries to the log to their flush on disk.
     pub(crate) append_seconds: prometheus::Histogram,
+    /// sled's data file, opened again only to `fdatasync` it (see [`Inner::flush`]).
+    pub(crate) data_file: Arc<std::fs::File>,
 }
 
 impl Inner {
-    /// Makes everything written so far durable (sled flushes all trees of the database).
+    /// Makes everything written so far durable.
+    ///
+    /// sled's flush writes all trees of the database to its file, but on Linux sled 0.34 waits
+    /// for that write with `sync_file_range`, which neither flushes the drive's write cache nor
+    /// the file's metadata, and it only logs a failed `fsync` of its own background flusher. So
+    /// after sled's flush, this node `fdatasync`s the file itself (any descriptor of the file
+    /// syncs its data) and reports a failure: an append is acknowledged only once it would
+    /// survive a power cut, and a disk that cannot sync stops the node instead of lying.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
-        Ok(())
+        let file = self.data_file.clone();
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await?
+            .map_err(StoreError::Sync)
     }
 
     /// Tells waiters that the state reached `index`. The value never goes backwards, whatever
@@ -136,6 +150,9 @@ impl Inner {
         });
     }
 }
+
+/// The file in which sled 0.34 keeps the pages of every tree.
+const SLED_DATA_FILE: &str = "db";
 
 /// Opens the sled database, waiting a bounded time for the directory's lock.
 ///
@@ -177,6 +194,8 @@ impl Store {
     /// Opens (or creates) the store in the directory `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = open_db(path)?;
+        // sled keeps its pages in one file named `db` in its directory.
+        let data_file = std::fs::File::open(path.join(SLED_DATA_FILE)).map_err(StoreError::Sync)?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
         let state = db.open_tree("state")?;
@@ -205,6 +224,7 @@ impl Store {
                     ),
                 )
                 .expect("static metric definition"),
+                data_file: Arc::new(data_file),
             }),
         })
     }
@@ -231,7 +251,6 @@ impl Store {
 
     /// Writes everything buffered to disk (used at shutdown; appends flush on their own).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush_async().await?;
-        Ok(())
+        self.inner.flush().await
     }
 }
