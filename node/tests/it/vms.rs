@@ -132,6 +132,24 @@ async fn vm_life_cycle_on_the_test_driver() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_spread_over_nodes_and_quota_holds_across_nodes() -> anyhow::Result<()> {
     let c = TestCluster::start(3, fast_tuning(60_000, 10_000, 1_000)).await?;
+    // The scheduler places only on nodes that are up and have reported their capacity.
+    eventually(
+        "every node up with its capacity known",
+        Duration::from_secs(30),
+        || async {
+            let (_, v) = c
+                .request(0, reqwest::Method::GET, "/api/v1/nodes", None)
+                .await
+                .ok()?;
+            let nodes = v.as_array().or_else(|| v["items"].as_array())?;
+            let ready = nodes
+                .iter()
+                .filter(|n| n["state"] == "up" && !n["capacity"].is_null())
+                .count();
+            (ready == 3).then_some(())
+        },
+    )
+    .await?;
     let (s, t) = c
         .request(
             0,
