@@ -364,9 +364,43 @@ async fn witness_keeps_two_node_site_writable() -> Result<()> {
     )
     .await?;
 
-    // Lose either data node: the other keeps serving writes with the witness' vote.
+    // An HA VM on one of the two data nodes.
+    let (s, v) = c
+        .request(
+            0,
+            Method::POST,
+            "/api/v1/vms",
+            Some(serde_json::json!({"name": "ha1", "vcpus": 1, "memory_mib": 64, "ha": true})),
+        )
+        .await?;
+    assert_eq!(s, 202, "{v}");
+    let vm_id = v["vm"]["id"].as_str().unwrap_or_default().to_string();
+    let first = eventually("the HA VM to run", Duration::from_secs(60), || {
+        ha_vm_host(&c, 0, &vm_id)
+    })
+    .await?;
+    // Node ids: n1 is 1 (index 0), the witness n2 is 2, n3 is 3 (index d2).
+    let index_of = |id: u64| if id == 1 { 0usize } else { d2 };
+    let mut host = index_of(first);
+
+    // Lose either data node: the other keeps serving writes with the witness' vote, and
+    // restarts the HA VM that ran on the lost one.
     for (lost, survivor) in [(0usize, d2), (d2, 0usize)] {
-        c.kill(lost)?;
+        if host == lost {
+            c.kill(lost)?;
+            let now_on = eventually(
+                "the survivor to restart the HA VM",
+                Duration::from_secs(90),
+                || async {
+                    let node = ha_vm_host(&c, survivor, &vm_id).await?;
+                    (index_of(node) == survivor).then_some(node)
+                },
+            )
+            .await?;
+            host = index_of(now_on);
+        } else {
+            c.kill(lost)?;
+        }
         c.create_tenant_eventually(survivor, &format!("after-losing-{lost}"))
             .await?;
         let via_witness = c.tenant_names(w, "linearizable").await?;
@@ -377,6 +411,14 @@ async fn witness_keeps_two_node_site_writable() -> Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// The node the VM runs on, as node `via` sees it, once it is running.
+async fn ha_vm_host(c: &TestCluster, via: usize, vm_id: &str) -> Option<u64> {
+    let v = crate::vms::vm(c, via, vm_id).await?;
+    (v["state"] == "running")
+        .then(|| v["node"].as_u64())
+        .flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
