@@ -91,16 +91,7 @@ async fn create_retried_across_a_leader_kill_creates_one_vm() -> Result<()> {
     let token = admin(&c)?;
     // Joiners are promoted to voters once caught up; before that, killing the leader would
     // leave no quorum at all.
-    eventually("3 voters", Duration::from_secs(30), || async {
-        let v = c.status(0).await.ok()?;
-        let voters = v["members"]
-            .as_array()?
-            .iter()
-            .filter(|m| m["role"] == "voter")
-            .count();
-        (voters == 3).then_some(())
-    })
-    .await?;
+    c.wait_voters(3).await?;
     let leader = c.wait_leader(0, None).await?;
     let body = json!({"name": "once", "vcpus": 1, "memory_mib": 64, "start": false});
     // The socket stays open until the kill, so the server never sees a cancelled request.

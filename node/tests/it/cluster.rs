@@ -9,16 +9,7 @@ async fn three_nodes_replicate_fail_over_and_restart() -> anyhow::Result<()> {
     let mut c = TestCluster::start(3, fast_tuning(60_000, 10_000, 1_000)).await?;
 
     // Three voters, eventually (the joiners are promoted once caught up).
-    crate::harness::eventually("3 voters", std::time::Duration::from_secs(30), || async {
-        let v = c.status(0).await.ok()?;
-        let voters = v["members"]
-            .as_array()?
-            .iter()
-            .filter(|m| m["role"] == "voter")
-            .count();
-        (voters == 3).then_some(())
-    })
-    .await?;
+    c.wait_voters(3).await?;
 
     // A write through a follower is readable on every node, linearizably.
     let leader = c.wait_leader(0, None).await?;

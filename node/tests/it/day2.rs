@@ -425,16 +425,7 @@ async fn ha_vm_host(c: &TestCluster, via: usize, vm_id: &str) -> Option<u64> {
 async fn recover_after_losing_two_of_three() -> Result<()> {
     let mut c = TestCluster::start(3, fast_tuning(60_000, 10_000, 1_000)).await?;
     // Recovery runs on a voter: wait until the joiners have been promoted.
-    eventually("3 voters", Duration::from_secs(30), || async {
-        let v = c.status(0).await.ok()?;
-        let voters = v["members"]
-            .as_array()?
-            .iter()
-            .filter(|m| m["role"] == "voter")
-            .count();
-        (voters == 3).then_some(())
-    })
-    .await?;
+    c.wait_voters(3).await?;
     let acknowledged = populate(&c).await?;
     let (s, vms) = c
         .request(0, Method::GET, "/api/v1/vms?limit=100", None)

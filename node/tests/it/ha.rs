@@ -99,16 +99,7 @@ async fn scenario(partition_leader: bool) -> anyhow::Result<()> {
     // Partitioning a node while it is still being promoted would leave the membership change
     // (and so every write) waiting for it: wait for three voters first. The VM writes that
     // follow commit after the final membership entry.
-    eventually("3 voters", Duration::from_secs(30), || async {
-        let v = c.status(0).await.ok()?;
-        let voters = v["members"]
-            .as_array()?
-            .iter()
-            .filter(|m| m["role"] == "voter")
-            .count();
-        (voters == 3).then_some(())
-    })
-    .await?;
+    c.wait_voters(3).await?;
     let result = run(&c, partition_leader).await;
     if result.is_err() {
         c.dump_logs();

@@ -272,6 +272,20 @@ impl TestCluster {
         .await
     }
 
+    /// Waits until node 0 reports `n` voters (joiners are promoted once caught up).
+    pub async fn wait_voters(&self, n: usize) -> Result<()> {
+        eventually(&format!("{n} voters"), Duration::from_secs(30), || async {
+            let v = self.status(0).await.ok()?;
+            let voters = v["members"]
+                .as_array()?
+                .iter()
+                .filter(|m| m["role"] == "voter")
+                .count();
+            (voters == n).then_some(())
+        })
+        .await
+    }
+
     pub async fn wait_ready(&self, i: usize) -> Result<()> {
         let url = format!("{}/readyz", self.nodes[i].url());
         let http = self.http.clone();
