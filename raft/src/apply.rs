@@ -70,6 +70,14 @@ pub(crate) fn reject(code: RejectCode, message: impl Into<String>) -> Response {
 
 /// Applies one request. `log_index` is the index of the entry that carries it.
 pub fn apply(tx: &dyn StateTx, req: &Request, log_index: u64) -> Result<Response, ApplyError> {
+    // Every change to a published object is also recorded in the federation change feed.
+    let recording = crate::federation::Recording::new(tx);
+    let response = apply_recorded(&recording, req, log_index)?;
+    recording.record(log_index)?;
+    Ok(response)
+}
+
+fn apply_recorded(tx: &dyn StateTx, req: &Request, log_index: u64) -> Result<Response, ApplyError> {
     if let Some(key) = &req.idempotency_key {
         let ikey = keys::idempotency(&req.actor, key);
         if let Some(previous) = get::<Response>(tx, &ikey)? {
@@ -88,6 +96,9 @@ pub fn apply(tx: &dyn StateTx, req: &Request, log_index: u64) -> Result<Response
 fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError> {
     let at = req.at;
     if let Some(response) = crate::image::apply(tx, &req.command, at)? {
+        return Ok(response);
+    }
+    if let Some(response) = crate::federation::apply(tx, &req.command, at)? {
         return Ok(response);
     }
     match &req.command {
@@ -576,6 +587,15 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
         Command::CreateImage { .. } | Command::ImageStored { .. } | Command::DeleteImage { .. } => {
             Ok(reject(RejectCode::Invalid, "image command not handled"))
         }
+        Command::InitSite { .. }
+        | Command::CreateFederationToken { .. }
+        | Command::LinkSite { .. }
+        | Command::UnlinkSite { .. }
+        | Command::ApplyCatalog { .. }
+        | Command::SiteSyncFailed { .. } => Ok(reject(
+            RejectCode::Invalid,
+            "federation command not handled",
+        )),
         Command::MarkVmUnknown {
             id,
             node,
@@ -764,7 +784,7 @@ fn create_vm(tx: &dyn StateTx, vm: &Vm, op: &Operation, at: u64) -> Result<Respo
             "a VM needs an id, a name, vCPUs and memory",
         ));
     }
-    let Some(mut tenant) = get::<Tenant>(tx, &keys::tenant(&vm.tenant))? else {
+    let Some((mut tenant, foreign)) = crate::federation::tenant_for_usage(tx, &vm.tenant)? else {
         return Ok(reject(
             RejectCode::NotFound,
             format!("tenant {} not found", vm.tenant),
@@ -800,9 +820,11 @@ fn create_vm(tx: &dyn StateTx, vm: &Vm, op: &Operation, at: u64) -> Result<Respo
     tenant.usage.vcpus += u64::from(vm.vcpus);
     tenant.usage.memory_mib += vm.memory_mib;
     tenant.usage.disk_gib += vm.disk_gib;
-    tenant.version += 1;
-    tenant.updated_at = at;
-    put(tx, &keys::tenant(&tenant.id), &tenant)?;
+    if !foreign {
+        tenant.version += 1;
+        tenant.updated_at = at;
+    }
+    crate::federation::store_tenant_usage(tx, &tenant, foreign)?;
     let mut vm = vm.clone();
     vm.created_at = at;
     vm.updated_at = at;
@@ -823,13 +845,15 @@ fn create_vm(tx: &dyn StateTx, vm: &Vm, op: &Operation, at: u64) -> Result<Respo
 }
 
 fn release_usage(tx: &dyn StateTx, vm: &Vm) -> Result<(), ApplyError> {
-    if let Some(mut tenant) = get::<Tenant>(tx, &keys::tenant(&vm.tenant))? {
+    if let Some((mut tenant, foreign)) = crate::federation::tenant_for_usage(tx, &vm.tenant)? {
         tenant.usage.vms = tenant.usage.vms.saturating_sub(1);
         tenant.usage.vcpus = tenant.usage.vcpus.saturating_sub(u64::from(vm.vcpus));
         tenant.usage.memory_mib = tenant.usage.memory_mib.saturating_sub(vm.memory_mib);
         tenant.usage.disk_gib = tenant.usage.disk_gib.saturating_sub(vm.disk_gib);
-        tenant.version += 1;
-        put(tx, &keys::tenant(&tenant.id), &tenant)?;
+        if !foreign {
+            tenant.version += 1;
+        }
+        crate::federation::store_tenant_usage(tx, &tenant, foreign)?;
     }
     Ok(())
 }
@@ -875,7 +899,14 @@ fn record_audit(
     log_index: u64,
 ) -> Result<(), ApplyError> {
     // Agents' observations are frequent and carry no intent; they are not audited.
-    if matches!(req.command, Command::Noop | Command::ReportVm { .. }) {
+    // Routine traffic (agents' reports, catalog pulls) would drown the audit log.
+    if matches!(
+        req.command,
+        Command::Noop
+            | Command::ReportVm { .. }
+            | Command::ApplyCatalog { .. }
+            | Command::SiteSyncFailed { .. }
+    ) {
         return Ok(());
     }
     let (seq, prev_hash) =

@@ -246,6 +246,42 @@ pub enum Command {
     PlaceBatch {
         placements: Vec<PlacementEntry>,
     },
+    /// Names this site, once, at `--init` (see [`crate::federation`]).
+    InitSite {
+        site: crate::federation::SiteIdentity,
+    },
+    /// Stores a one-time federation token (its hash) that lets another site link to this one.
+    CreateFederationToken {
+        token: crate::federation::FederationToken,
+    },
+    /// Links (or re-links) a peer site. On the side that issued the token, `token` holds its
+    /// id and the sha256 of the secret presented, and the token is consumed in the same entry.
+    LinkSite {
+        link: crate::federation::SiteLink,
+        token: Option<(String, String)>,
+    },
+    /// Unlinks a peer site; `catalog_keys` are its catalog entries as the proposer read them.
+    UnlinkSite {
+        site: String,
+        catalog_keys: Vec<String>,
+    },
+    /// Commits one pull of a peer's change feed, from index `from` (compare-and-set) to `to`.
+    /// With `reset`, the pull restarted from zero and `stale_keys` are removed first.
+    ApplyCatalog {
+        site: String,
+        from: u64,
+        to: u64,
+        head: u64,
+        latency_ms: u64,
+        reset: bool,
+        stale_keys: Vec<String>,
+        changes: Vec<crate::federation::CatalogChange>,
+    },
+    /// Records that pulling from a peer failed (kept until the next success).
+    SiteSyncFailed {
+        site: String,
+        error: String,
+    },
 }
 
 impl Command {
@@ -289,6 +325,12 @@ impl Command {
             Command::AdvanceMigration { .. } => "vm.migration_phase",
             Command::ReportNodeCapacity { .. } => "node.report_capacity",
             Command::PlaceBatch { .. } => "vm.place_batch",
+            Command::InitSite { .. } => "site.init",
+            Command::CreateFederationToken { .. } => "site.token_create",
+            Command::LinkSite { .. } => "site.link",
+            Command::UnlinkSite { .. } => "site.unlink",
+            Command::ApplyCatalog { .. } => "site.catalog",
+            Command::SiteSyncFailed { .. } => "site.sync_failed",
         }
     }
 }
@@ -328,7 +370,15 @@ pub const BASELINE_COMMANDS: &[&str] = &[
 
 /// Command types added since the baseline. A new `Command` variant adds its name here, so
 /// that nodes advertise it and the write path proposes it only once every voter has it.
-pub const ADDED_COMMANDS: &[&str] = &["node.advertise"];
+pub const ADDED_COMMANDS: &[&str] = &[
+    "node.advertise",
+    "site.init",
+    "site.token_create",
+    "site.link",
+    "site.unlink",
+    "site.catalog",
+    "site.sync_failed",
+];
 
 /// Every command type this build understands: what the node advertises.
 pub fn known_commands() -> Vec<&'static str> {

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod backup;
 pub mod codec;
 pub mod command;
+pub mod federation;
 pub mod image;
 pub mod keys;
 pub mod migration;

@@ -282,3 +282,55 @@ impl StateReader {
         }
     }
 }
+
+impl StateReader {
+    /// This site's published objects changed after log index `since` (see
+    /// [`crate::federation::changes_since`]), read from this replica.
+    pub fn federation_changes(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<crate::federation::ChangePage, StoreError> {
+        let storage = |e: sled::Error| crate::apply::ApplyError::Storage(e.to_string());
+        // The applied index is read before the feed, so a page that reaches the end of the
+        // feed is complete at least up to it.
+        let applied = self.last_applied_index();
+        let page = crate::federation::changes_since(
+            |start, n| {
+                let mut out = Vec::with_capacity(n);
+                for item in self.inner.state.range(start.to_vec()..).take(n) {
+                    let (k, _) = item.map_err(storage)?;
+                    if !k.starts_with(crate::federation::FEED_PREFIX) {
+                        break;
+                    }
+                    out.push(k.to_vec());
+                }
+                Ok(out)
+            },
+            |key| {
+                Ok(self
+                    .inner
+                    .state
+                    .get(key)
+                    .map_err(storage)?
+                    .map(|v| v.to_vec()))
+            },
+            since,
+            applied,
+            limit,
+        )?;
+        Ok(page)
+    }
+
+    /// This site's identity; a cluster that never named its site is `default`.
+    pub fn site(&self) -> Result<crate::federation::SiteIdentity, StoreError> {
+        if let Some(site) = self.get(crate::federation::SITE)? {
+            return Ok(site);
+        }
+        let cluster_id = self
+            .get::<ClusterSecrets>(keys::SECRETS)?
+            .map(|s| s.cluster_id)
+            .unwrap_or_default();
+        Ok(crate::federation::SiteIdentity::implicit(&cluster_id))
+    }
+}
