@@ -130,6 +130,18 @@ pub enum Credential {
     Token { jti: String, exp: u64 },
     /// An API key, by id.
     ApiKey { id: String },
+    /// A call forwarded by a linked site on behalf of one of the users this site knows (its
+    /// own or one replicated from the user's home site).
+    Forwarded { site: String },
+}
+
+/// Set as a request extension by the federation endpoint, never from HTTP: the mutually
+/// authenticated site `site` forwards a call made by `user_id`. Extensions cannot be set by an
+/// HTTP client, so this cannot be forged from outside.
+#[derive(Debug, Clone)]
+pub struct ForwardedPrincipal {
+    pub site: String,
+    pub user_id: String,
 }
 
 /// The authenticated caller of a request, as currently stored (role changes apply at once).
@@ -209,8 +221,12 @@ pub(crate) fn load_secrets(state: &AppState) -> ApiResult<ClusterSecrets> {
     codec::decode(&bytes).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
+/// A user of this site, or one replicated read-only from its home site.
 pub(crate) fn load_user(state: &AppState, id: &str) -> ApiResult<Option<User>> {
-    load(state, &keys::user(id))
+    if let Some(user) = load(state, &keys::user(id))? {
+        return Ok(Some(user));
+    }
+    crate::federation::catalog_user(state, id)
 }
 
 pub(crate) fn load_security(state: &AppState, user_id: &str) -> ApiResult<UserSecurity> {
@@ -285,6 +301,20 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        if let Some(fwd) = parts.extensions.get::<ForwardedPrincipal>().cloned() {
+            let user = load_user(state, &fwd.user_id)?.ok_or(ApiError::BadToken)?;
+            let caller = Caller {
+                user_id: user.id,
+                username: user.username,
+                tenant: user.tenant,
+                role: user.role,
+                credential: Credential::Forwarded { site: fwd.site },
+            };
+            state
+                .limiters
+                .check_caller(&caller.user_id, &caller.tenant)?;
+            return Ok(caller);
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

@@ -307,4 +307,56 @@ pub trait ControlPlane: Send + Sync + 'static {
             "upgrade checks are not supported here".into(),
         ))
     }
+
+    /// Links this site to the site that issued `token`, reachable at `addrs` (its federation
+    /// endpoints): exchanges and pins CA certificates, and commits the link on both sides.
+    async fn link_site(
+        &self,
+        token: &str,
+        addrs: Vec<String>,
+    ) -> Result<raft::federation::SiteLink, ClusterError> {
+        let _ = (token, addrs);
+        Err(ClusterError::Unsupported(
+            "this control plane has no federation".into(),
+        ))
+    }
+
+    /// Makes a REST call at linked site `site` on behalf of a user, over the site link.
+    async fn forward_to_site(
+        &self,
+        site: &str,
+        call: ForwardedCall,
+    ) -> Result<ForwardedReply, ClusterError> {
+        let _ = (site, call);
+        Err(ClusterError::Unsupported(
+            "this control plane has no federation".into(),
+        ))
+    }
+
+    /// The federation endpoints (`HOST:PORT`) of this site's nodes, for a link token.
+    fn federation_addrs(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A REST call forwarded to another site: `path_and_query` starts with `/api/v1/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardedCall {
+    pub method: String,
+    pub path_and_query: String,
+    pub body: Vec<u8>,
+    /// The user the call is made for; the receiving site knows it (its own user or one
+    /// replicated from its home site) and applies that user's role and tenant.
+    pub user_id: String,
+    pub idempotency_key: Option<String>,
+    pub if_match: Option<String>,
+}
+
+/// The answer of a forwarded call, passed back to the client as it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardedReply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub etag: Option<String>,
+    pub body: Vec<u8>,
 }

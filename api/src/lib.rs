@@ -8,6 +8,7 @@ pub mod auth;
 pub mod control;
 pub mod error;
 pub mod events;
+pub mod federation;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;

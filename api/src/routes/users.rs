@@ -338,7 +338,10 @@ pub(crate) struct RequireTotp {
 fn self_service(caller: &Caller) -> ApiResult<()> {
     match caller.credential {
         crate::auth::Credential::Token { .. } => Ok(()),
-        crate::auth::Credential::ApiKey { .. } => Err(ApiError::Forbidden),
+        // Accounts are changed at their home site, by the user in person.
+        crate::auth::Credential::ApiKey { .. } | crate::auth::Credential::Forwarded { .. } => {
+            Err(ApiError::Forbidden)
+        }
     }
 }
 
