@@ -101,6 +101,13 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
     if let Some(response) = crate::federation::apply(tx, &req.command, at)? {
         return Ok(response);
     }
+    // A VM that a cross-site move holds refuses other actions (409).
+    if let Some(response) = crate::site_move::refuse_if_moving(tx, &req.command)? {
+        return Ok(response);
+    }
+    if let Some(response) = crate::site_move::apply(tx, &req.command, at)? {
+        return Ok(response);
+    }
     match &req.command {
         Command::Noop => Ok(Response::Ok),
         Command::Audit { .. } => Ok(Response::Ok),
@@ -596,6 +603,12 @@ fn apply_command(tx: &dyn StateTx, req: &Request) -> Result<Response, ApplyError
             RejectCode::Invalid,
             "federation command not handled",
         )),
+        Command::RequestSiteMove { .. }
+        | Command::AdvanceSiteMove { .. }
+        | Command::BeginSiteImport { .. }
+        | Command::SettleSiteImport { .. } => {
+            Ok(reject(RejectCode::Invalid, "site move command not handled"))
+        }
         Command::MarkVmUnknown {
             id,
             node,
@@ -682,6 +695,12 @@ fn place_one(
         return Ok(refused(
             RejectCode::Invalid,
             "the VM is being deleted".to_string(),
+        ));
+    }
+    if crate::site_move::is_moving(tx, &vm.id)? {
+        return Ok(refused(
+            RejectCode::AlreadyExists,
+            "the VM is moving to another site".to_string(),
         ));
     }
     let Some(node) = entry.node else {
@@ -844,7 +863,7 @@ fn create_vm(tx: &dyn StateTx, vm: &Vm, op: &Operation, at: u64) -> Result<Respo
     })
 }
 
-fn release_usage(tx: &dyn StateTx, vm: &Vm) -> Result<(), ApplyError> {
+pub(crate) fn release_usage(tx: &dyn StateTx, vm: &Vm) -> Result<(), ApplyError> {
     if let Some((mut tenant, foreign)) = crate::federation::tenant_for_usage(tx, &vm.tenant)? {
         tenant.usage.vms = tenant.usage.vms.saturating_sub(1);
         tenant.usage.vcpus = tenant.usage.vcpus.saturating_sub(u64::from(vm.vcpus));
@@ -981,6 +1000,10 @@ fn target_of(cmd: &Command, response: &Response) -> String {
             _,
         ) => format!("vm/{id}"),
         (Command::FinishOperation { id, .. }, _) => format!("operation/{id}"),
+        (Command::RequestSiteMove { site_move, .. }, _) => format!("vm/{}", site_move.vm_id),
+        (Command::BeginSiteImport { import }, _) => format!("vm/{}", import.vm_id),
+        (Command::SettleSiteImport { vm_id, .. }, _) => format!("vm/{vm_id}"),
+        (Command::AdvanceSiteMove { id, .. }, _) => format!("move/{id}"),
         (Command::CreateApiKey { key }, _) => format!("api-key/{}", key.id),
         (Command::RevokeApiKey { id }, _) => format!("api-key/{id}"),
         (Command::CreateImage { image }, _) => format!("image/{}", image.id),

@@ -282,6 +282,28 @@ pub enum Command {
         site: String,
         error: String,
     },
+    /// Starts moving a VM to another site (source side, see [`crate::site_move`]): records the
+    /// move and locks the VM against other actions until the move settles.
+    RequestSiteMove {
+        site_move: crate::site_move::SiteMove,
+        operation: Operation,
+    },
+    /// Moves a site move from phase `from` to the next (a compare-and-set on the phase).
+    AdvanceSiteMove {
+        id: String,
+        from: crate::site_move::MovePhase,
+        to: crate::site_move::MoveChange,
+    },
+    /// Target side: begins importing a VM from another site, reserving its quota and name.
+    BeginSiteImport {
+        import: crate::site_move::SiteImport,
+    },
+    /// Target side: the import ends (the VM is created with its id, or the import aborted).
+    SettleSiteImport {
+        id: String,
+        vm_id: String,
+        to: crate::site_move::ImportSettle,
+    },
 }
 
 impl Command {
@@ -331,6 +353,10 @@ impl Command {
             Command::UnlinkSite { .. } => "site.unlink",
             Command::ApplyCatalog { .. } => "site.catalog",
             Command::SiteSyncFailed { .. } => "site.sync_failed",
+            Command::RequestSiteMove { .. } => "site.move_request",
+            Command::AdvanceSiteMove { .. } => "site.move_advance",
+            Command::BeginSiteImport { .. } => "site.import_begin",
+            Command::SettleSiteImport { .. } => "site.import_settle",
         }
     }
 }
@@ -378,6 +404,10 @@ pub const ADDED_COMMANDS: &[&str] = &[
     "site.unlink",
     "site.catalog",
     "site.sync_failed",
+    "site.move_request",
+    "site.move_advance",
+    "site.import_begin",
+    "site.import_settle",
 ];
 
 /// Every command type this build understands: what the node advertises.

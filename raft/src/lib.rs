@@ -14,6 +14,7 @@ pub mod migration;
 pub mod model;
 pub mod net;
 pub mod placement;
+pub mod site_move;
 pub mod store;
 pub mod tls;
 
