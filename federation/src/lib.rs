@@ -1,1 +1,3 @@
 //! Links between NovaCron sites and the federated catalog.
+
+pub mod transfer;
