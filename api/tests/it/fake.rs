@@ -245,10 +245,12 @@ impl TestApi {
             updated_at: 0,
             version: 0,
         };
+        // A real CA: federation tokens carry its fingerprint.
+        let ca = raft::tls::generate_ca("fake").unwrap();
         let secrets = ClusterSecrets {
             cluster_id: "fake".into(),
-            ca_cert_pem: String::new(),
-            ca_key_pem: String::new(),
+            ca_cert_pem: ca.cert_pem.clone(),
+            ca_key_pem: ca.key_pem.clone(),
             jwt_keys: vec![b"test-key-0123456789".to_vec()],
             join_secret_sha256: String::new(),
             created_at: 0,
