@@ -333,6 +333,23 @@ pub trait ControlPlane: Send + Sync + 'static {
         ))
     }
 
+    /// Starts moving VM `vm_id` to the linked site `target_site` (its name or id) for `actor`.
+    /// Answers like [`ControlPlane::write`]: the committed outcome of the request, which is
+    /// `Response::Vm` with the move's operation (kind `vm.move`, finished when the move is
+    /// done or rolled back), or a refusal (404 unknown VM or site, 409 already moving).
+    /// The caller has already checked the VM exists and the client may act on it.
+    async fn move_vm(
+        &self,
+        vm_id: &str,
+        target_site: &str,
+        actor: &str,
+    ) -> Result<(u64, Response), ClusterError> {
+        let _ = (vm_id, target_site, actor);
+        Err(ClusterError::Unsupported(
+            "this control plane cannot move VMs between sites".into(),
+        ))
+    }
+
     /// The federation endpoints (`HOST:PORT`) of this site's nodes, for a link token.
     fn federation_addrs(&self) -> Vec<String> {
         Vec::new()

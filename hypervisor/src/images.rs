@@ -435,6 +435,52 @@ impl ImageStore {
         Ok(overlay)
     }
 
+    /// The root disk of a VM, wherever it came from (an overlay, a blank disk, a disk copied
+    /// from another site): `vms/<vm_id>/root.qcow2`.
+    pub fn vm_disk_path(&self, vm_id: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.vm_dir(vm_id)?.join("root.qcow2"))
+    }
+
+    /// Creates an empty qcow2 root disk of `size_gib` for a VM without an image, so that every
+    /// VM with a disk size has a disk file (moved between sites by checksum). An existing disk
+    /// is returned as is: a retried reconcile, or a disk that arrived from another site, is
+    /// never wiped.
+    pub async fn create_blank(&self, vm_id: &str, size_gib: u64) -> Result<PathBuf, ImageError> {
+        let dir = self.vm_dir(vm_id)?;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_err(&dir))?;
+        let disk = dir.join("root.qcow2");
+        if tokio::fs::try_exists(&disk).await.unwrap_or(false) {
+            return Ok(disk);
+        }
+        let tmp = dir.join("root.qcow2.tmp");
+        let output = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&tmp)
+            .arg(format!("{size_gib}G"))
+            .output()
+            .await
+            .map_err(ImageError::QemuImgSpawn)?;
+        if !output.status.success() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(ImageError::QemuImg {
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        let disk_for_task = disk.clone();
+        blocking(move || {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&tmp))?;
+            std::fs::rename(&tmp, &disk_for_task).map_err(io_err(&disk_for_task))?;
+            fsync_dir(&dir)
+        })
+        .await?;
+        Ok(disk)
+    }
+
     /// Removes every file of a VM (overlay, seed). Missing files are not an error.
     pub async fn remove_vm_files(&self, vm_id: &str) -> Result<(), ImageError> {
         let dir = self.vm_dir(vm_id)?;

@@ -494,6 +494,17 @@ impl ControlPlane for NodeControl {
         })
     }
 
+    async fn move_vm(
+        &self,
+        vm_id: &str,
+        target_site: &str,
+        actor: &str,
+    ) -> Result<(u64, Response), ClusterError> {
+        let req =
+            crate::site_move::move_request(&self.reader, vm_id, target_site, actor, api::now_ms())?;
+        self.write(req).await
+    }
+
     async fn upgrade_check(&self) -> Result<api::control::UpgradeReport, ClusterError> {
         self.read_barrier(Consistency::Linearizable).await?;
         Ok(crate::features::upgrade_report(self))

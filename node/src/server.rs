@@ -278,6 +278,7 @@ impl Node {
             transport: transport.clone(),
             reader: reader.clone(),
         });
+        let site_move_images = images.clone();
         let hv: crate::console::SharedHypervisor = Arc::default();
         let stats = crate::stats::VmStatsStore::new(
             config.node_id,
@@ -380,6 +381,30 @@ impl Node {
                 stop_rx.clone(),
             )));
         }
+        // Cross-site moves: no site transport is wired here yet, so a move to another site
+        // finds it unreachable and rolls back after the link timeout.
+        tasks.push(tokio::spawn(crate::site_move::run(
+            crate::site_move::Runner {
+                me: config.node_id,
+                raft: raft.clone(),
+                log: Arc::new(crate::site_move::RaftSiteLog {
+                    me: config.node_id,
+                    cluster: control.cluster.clone(),
+                    reader: control.reader.clone(),
+                }),
+                disks: Arc::new(crate::site_move::NodeDisks {
+                    me: config.node_id,
+                    images: site_move_images,
+                }),
+                targets: Arc::new(|site: &str| {
+                    Arc::new(crate::site_move::Unreachable(site.to_string()))
+                        as Arc<dyn federation::site_move::TargetSite>
+                }),
+                settings: Default::default(),
+                tick: Duration::from_millis(500),
+            },
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(crate::stats::run_sampler(
             stats,
             hv,

@@ -230,6 +230,26 @@ async fn overlays_are_backed_by_the_base_and_removed_with_the_vm() {
     assert!(inherit.exists());
 }
 
+#[tokio::test]
+async fn a_vm_without_an_image_gets_a_blank_disk_that_is_never_wiped() {
+    let (_dir, store) = store().await;
+    let disk = store.create_blank("vm-b", 3).await.unwrap();
+    assert_eq!(disk, store.vm_disk_path("vm-b").unwrap());
+    let info = qemu_img_info(&disk);
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 3u64 << 30);
+    assert!(info.get("backing-filename").is_none());
+    // A disk already there (kept from before, or copied from another site) stays as it is.
+    let before = std::fs::read(&disk).unwrap();
+    let mut changed = before.clone();
+    changed.extend_from_slice(b"written by the guest");
+    std::fs::write(&disk, &changed).unwrap();
+    assert_eq!(store.create_blank("vm-b", 3).await.unwrap(), disk);
+    assert_eq!(std::fs::read(&disk).unwrap(), changed);
+    store.remove_vm_files("vm-b").await.unwrap();
+    assert!(!disk.exists());
+}
+
 fn read_fat_file(image: &[u8], name: &str) -> String {
     let fs = fatfs::FileSystem::new(
         std::io::Cursor::new(image.to_vec()),

@@ -169,10 +169,25 @@ impl Agent {
 
     /// The root disk of a VM booting from an uploaded image: the image made local (fetched
     /// from a node that has it, checksum verified, the new copy announced), then a
-    /// copy-on-write overlay for this VM on top of it.
+    /// copy-on-write overlay for this VM on top of it. A VM without an image but with a disk
+    /// size gets an empty disk of that size.
     async fn root_disk(&self, vm: &Vm) -> Result<Option<hypervisor::DiskSpec>, AgentError> {
-        let (Some(image), Some(images)) = (&vm.image, &self.config.images) else {
+        let Some(images) = &self.config.images else {
             return Ok(None);
+        };
+        let Some(image) = &vm.image else {
+            // A VM without an image still gets the disk its size asks for (empty), so that
+            // it has bytes to keep, back up or move to another site.
+            if vm.disk_gib == 0 {
+                return Ok(None);
+            }
+            let path = images.store.create_blank(&vm.id, vm.disk_gib).await?;
+            return Ok(Some(hypervisor::DiskSpec {
+                path,
+                format: hypervisor::DiskFormat::Qcow2,
+                target_dev: "vda".into(),
+                readonly: false,
+            }));
         };
         if image == "tiny" {
             return Ok(None);
