@@ -237,7 +237,11 @@ pub fn table() -> Vec<Row> {
             |_| json!({"token": world::LINK_TOKEN, "addrs": ["192.0.2.1:7003"]}),
             Some(|_| json!({"token": "nft1.not-a-token", "addrs": ["192.0.2.1:7003"]})),
         ),
-        row("DELETE", "/api/v1/sites/{site}", "404:not_found 403 403 403 403"),
+        row(
+            "DELETE",
+            "/api/v1/sites/{site}",
+            "404:not_found 403 403 403 403",
+        ),
         row("POST", "/api/v1/federation/tokens", "201 403 403 403 403"),
         // Probes and the document are open to everyone.
         row("GET", "/healthz", "200 200 200 200 200").public("200"),
