@@ -314,3 +314,80 @@ impl ServerCertVerifier for FingerprintVerifier {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::federation::SiteIdentity;
+    use raft::tls::{ca_fingerprint, generate_ca};
+
+    fn site(id: &str) -> (NodeIdentity, SiteLink) {
+        let ca = generate_ca(id).unwrap();
+        let node = NodeIdentity::issue(&ca, &format!("{id}-n1")).unwrap();
+        let link = SiteLink {
+            site: SiteIdentity {
+                id: id.into(),
+                name: id.into(),
+            },
+            ca_cert_pem: ca.cert_pem,
+            addrs: vec![],
+            created_at: 0,
+            updated_at: 0,
+        };
+        (node, link)
+    }
+
+    /// Runs one handshake; returns the site the server resolved for the client, or the error.
+    async fn handshake(
+        server: &NodeIdentity,
+        linked: Vec<SiteLink>,
+        client: rustls::ClientConfig,
+    ) -> Result<Option<String>, String> {
+        let resolver = Arc::new(SiteResolver::new(Arc::new(move || linked.clone())));
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(server_config(server, resolver.clone()).unwrap()));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (s, c) = tokio::join!(acceptor.accept(a), connector.connect(server_name(), b));
+        let (s, c) = (s.map_err(|e| e.to_string())?, c.map_err(|e| e.to_string())?);
+        drop(c);
+        let (_, conn) = s.get_ref();
+        Ok(conn.peer_certificates().and_then(|certs| {
+            let (ee, rest) = certs.split_first()?;
+            resolver.site_of(ee, rest, UnixTime::now())
+        }))
+    }
+
+    #[tokio::test]
+    async fn only_linked_sites_certificates_are_accepted_and_named() {
+        let (a, _) = site("aaaaaa");
+        let (b, b_link) = site("bbbbbb");
+        let (c, c_link) = site("cccccc");
+        let a_ca = a.ca_cert_pem.clone();
+        // b is linked at a: accepted and named.
+        let got = handshake(&a, vec![b_link.clone()], client_config(&b, &a_ca).unwrap()).await;
+        assert_eq!(got, Ok(Some("bbbbbb".into())));
+        // c is not linked at a: refused at the handshake.
+        let got = handshake(&a, vec![b_link.clone()], client_config(&c, &a_ca).unwrap()).await;
+        assert!(got.is_err(), "unlinked CA accepted: {got:?}");
+        // With c linked too, c is told apart from b.
+        let got = handshake(&a, vec![b_link, c_link], client_config(&c, &a_ca).unwrap()).await;
+        assert_eq!(got, Ok(Some("cccccc".into())));
+    }
+
+    #[tokio::test]
+    async fn the_client_pins_the_peer_ca_and_link_pins_the_token_fingerprint() {
+        let (a, _) = site("aaaaaa");
+        let (b, _) = site("bbbbbb");
+        // b expects another CA than a's: refused by the client.
+        let got = handshake(&a, vec![], client_config(&b, &b.ca_cert_pem).unwrap()).await;
+        assert!(got.is_err(), "wrong server CA accepted: {got:?}");
+        // Link: no client certificate (allowed, names no site), server pinned by fingerprint.
+        let fp = ca_fingerprint(&a.ca_cert_pem).unwrap();
+        let got = handshake(&a, vec![], link_client_config(&fp).unwrap()).await;
+        assert_eq!(got, Ok(None));
+        let wrong = ca_fingerprint(&b.ca_cert_pem).unwrap();
+        let got = handshake(&a, vec![], link_client_config(&wrong).unwrap()).await;
+        assert!(got.is_err(), "wrong fingerprint accepted: {got:?}");
+    }
+}
