@@ -40,6 +40,8 @@ pub struct ApiConfig {
     pub cors_allow_origins: Vec<String>,
     /// JWT signing keys kept after a rotation (the newest signs, all verify).
     pub jwt_keys_kept: u32,
+    /// A linked site whose catalog is older than this is shown as stale.
+    pub site_stale_after: Duration,
 }
 
 impl Default for ApiConfig {
@@ -51,6 +53,7 @@ impl Default for ApiConfig {
             rate_limits: limits::RateLimits::default(),
             cors_allow_origins: Vec::new(),
             jwt_keys_kept: 3,
+            site_stale_after: Duration::from_secs(15),
         }
     }
 }

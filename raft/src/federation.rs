@@ -286,8 +286,7 @@ impl CatalogKind {
 #[serde(tag = "kind", content = "object", rename_all = "lowercase")]
 pub enum CatalogObject {
     Tenant(Tenant),
-    /// Includes the password hash: a user of another site logs in here while that site is
-    /// unreachable. The hash travels only over mutually authenticated links.
+    /// Without its password hash: logins of a user of another site are checked by its home.
     User(User),
     Node(NodeRecord),
     Vm(Vm),
@@ -745,7 +744,11 @@ pub fn changes_since(
 fn decode_published(object_key: &[u8], bytes: &[u8]) -> Result<Option<CatalogObject>, ApplyError> {
     let object = match object_key.get(..2) {
         Some(b"t/") => CatalogObject::Tenant(crate::codec::decode(bytes)?),
-        Some(b"u/") => CatalogObject::User(crate::codec::decode(bytes)?),
+        // Password hashes stay home: a user of another site is verified by its home site.
+        Some(b"u/") => CatalogObject::User(User {
+            password_hash: String::new(),
+            ..crate::codec::decode(bytes)?
+        }),
         Some(b"n/") => CatalogObject::Node(crate::codec::decode(bytes)?),
         Some(b"v/") => CatalogObject::Vm(crate::codec::decode(bytes)?),
         _ => return Ok(None),
@@ -1181,5 +1184,73 @@ mod tests {
         assert_eq!(SiteIdentity::implicit("0B3E-5f1c").id, "0b3e5f");
         assert!(SiteIdentity::valid_name("edge-1"));
         assert!(!SiteIdentity::valid_name("Edge"));
+    }
+}
+
+/// The one-time federation token an admin of the issuing site hands to the linking site:
+/// `nft1.<site id>.<CA sha256 fingerprint>.<token id>.<secret>`. The fingerprint lets the
+/// linking site pin the issuer's CA before trusting anything it says; only the sha256 of the
+/// secret is stored by the issuer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LinkToken {
+    pub site_id: String,
+    pub ca_fingerprint: String,
+    pub token_id: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for LinkToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkToken")
+            .field("site_id", &self.site_id)
+            .field("ca_fingerprint", &self.ca_fingerprint)
+            .field("token_id", &self.token_id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl std::fmt::Display for LinkToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "nft1.{}.{}.{}.{}",
+            self.site_id, self.ca_fingerprint, self.token_id, self.secret
+        )
+    }
+}
+
+impl std::str::FromStr for LinkToken {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.trim().split('.').collect();
+        let [version, site_id, fp, token_id, secret] = parts.as_slice() else {
+            return Err("a federation token has five dot-separated parts".into());
+        };
+        if *version != "nft1" {
+            return Err("not a federation token (it starts with nft1.)".into());
+        }
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !SiteIdentity::valid_id(site_id)
+            || !hex(fp, 64)
+            || !hex(token_id, 32)
+            || !hex(secret, 64)
+        {
+            return Err("the federation token is malformed".into());
+        }
+        Ok(LinkToken {
+            site_id: site_id.to_string(),
+            ca_fingerprint: fp.to_ascii_lowercase(),
+            token_id: token_id.to_string(),
+            secret: secret.to_string(),
+        })
+    }
+}
+
+impl LinkToken {
+    /// sha256 (hex) of the secret, as stored in [`FederationToken::secret_sha256`].
+    pub fn secret_sha256(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(self.secret.as_bytes()))
     }
 }

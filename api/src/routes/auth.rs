@@ -71,6 +71,89 @@ fn find_user(state: &AppState, username: &str) -> ApiResult<Option<User>> {
     load_user(state, &id)
 }
 
+/// A user whose home is a linked site: `name@site` names the site, a bare name must be
+/// unique among linked sites (this site's own users were looked up first).
+fn find_federated_user(state: &AppState, username: &str) -> ApiResult<Option<(String, User)>> {
+    let (name, site) = match username.rsplit_once('@') {
+        Some((name, site)) => match crate::federation::find_link(state, site)? {
+            Some(link) => (name, Some(link.site.id)),
+            None => return Ok(None),
+        },
+        None => (username, None),
+    };
+    let prefix = raft::federation::catalog_username_prefix(name);
+    let mut found = Vec::new();
+    for (key, id) in state.cp.scan(&prefix, None, 3)? {
+        let home = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+        if site.as_ref().is_none_or(|s| *s == home) {
+            found.push((home, String::from_utf8_lossy(&id).into_owned()));
+        }
+    }
+    let [(home, id)] = found.as_slice() else {
+        return Ok(None);
+    };
+    Ok(crate::federation::catalog_user(state, id)?.map(|u| (home.clone(), u)))
+}
+
+/// A user of another site logs in here: its home site checks the password and second
+/// factor (only it holds them), then this site issues its own token for the user, whose
+/// role and tenant are those replicated from home.
+async fn federated_login(
+    state: &AppState,
+    site: &str,
+    user: User,
+    body: &LoginBody,
+) -> ApiResult<Json<LoginReply>> {
+    let call = crate::control::ForwardedCall {
+        method: "POST".into(),
+        path_and_query: "/api/v1/auth/login".into(),
+        body: serde_json::to_vec(&serde_json::json!({
+            "username": user.username,
+            "password": body.password,
+            "totp": body.totp,
+        }))
+        .map_err(|e| ApiError::Internal(e.to_string()))?,
+        user_id: String::new(),
+        idempotency_key: None,
+        if_match: None,
+    };
+    let reply = state.cp.forward_to_site(site, call).await.map_err(|e| {
+        ApiError::Cluster(crate::control::ClusterError::Unavailable(format!(
+            "the home site of {} cannot check the password now: {e}",
+            body.username
+        )))
+    })?;
+    let home: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+    if reply.status != 200 || home.get("user_id").and_then(|v| v.as_str()) != Some(&user.id) {
+        audit_login(state, &body.username, &user.tenant, "failed").await;
+        return Err(match reply.status {
+            401 if home.get("code").and_then(|c| c.as_str()) == Some("totp_required") => {
+                ApiError::TotpRequired
+            }
+            _ => ApiError::BadCredentials,
+        });
+    }
+    if home
+        .get("totp_enrollment_required")
+        .and_then(|v| v.as_bool())
+        == Some(true)
+    {
+        // Enrolment happens at home; a site elsewhere hands out no full token meanwhile.
+        return Err(ApiError::TotpRequired);
+    }
+    audit_login(state, &body.username, &user.tenant, "ok").await;
+    let secrets = load_secrets(state)?;
+    let now = crate::now_ms() / 1000;
+    let ttl = state.config.token_ttl.as_secs();
+    let token = issue_token(&secrets, &user, now, ttl)?;
+    Ok(Json(LoginReply {
+        token,
+        expires_at: now + ttl,
+        totp_enrollment_required: false,
+        user_id: user.id,
+    }))
+}
+
 async fn audit_login(state: &AppState, username: &str, tenant: &str, result: &str) {
     let entry = AuditEntry {
         seq: 0,
@@ -136,6 +219,11 @@ pub(crate) async fn login(
         ));
     }
     let user = find_user(&state, &body.username)?;
+    if user.is_none() {
+        if let Some((site, user)) = find_federated_user(&state, &body.username)? {
+            return federated_login(&state, &site, user, &body).await;
+        }
+    }
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     let password = body.password.clone();
     // argon2 is deliberately slow: keep it off the async workers.

@@ -193,7 +193,7 @@ pub(crate) async fn create(
     // The bytes go to the node that answers this request.
     let upload_node = state.cp.status().await?.node_id;
     let image = Image {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: crate::federation::new_id(&state)?,
         name: body.name,
         tenant,
         size_bytes: body.size_bytes,

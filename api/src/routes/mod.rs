@@ -13,6 +13,7 @@ mod migrations;
 mod nodes;
 mod objects;
 mod scheduler;
+mod sites;
 mod tenants;
 pub(crate) mod users;
 mod vm_metrics;
@@ -76,6 +77,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(migrations::migrate))
         .routes(routes!(scheduler::placement))
         .routes(routes!(scheduler::simulate))
+        .routes(routes!(sites::list, sites::link))
+        .routes(routes!(sites::unlink))
+        .routes(routes!(sites::create_token))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::get_one, users::update, users::delete))
         .routes(routes!(tenants::get_one, tenants::update, tenants::delete));
@@ -109,6 +113,10 @@ pub(crate) fn router(state: AppState) -> Router {
     );
     let cors = cors_layer(&state.config.cors_allow_origins);
     router
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            sites::forward_remote,
+        ))
         .layer(RequestBodyLimitLayer::new(state.config.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -102,7 +102,7 @@ pub(crate) async fn create(
     validate_name("tenant", &body.name)?;
     let key = idempotency_key(&headers)?;
     let tenant = Tenant {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: crate::federation::new_id(&state)?,
         name: body.name,
         quota: body.quota.unwrap_or_default(),
         usage: Default::default(),

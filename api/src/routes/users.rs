@@ -152,7 +152,7 @@ pub(crate) async fn create(
     }
     let key = idempotency_key(&headers)?;
     let user = User {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: crate::federation::new_id(&state)?,
         username: body.username,
         password_hash: hash(body.password).await?,
         tenant: body.tenant,

@@ -59,6 +59,10 @@ pub(crate) struct CreateVm {
     /// Admins may create in any tenant; others always create in their own.
     #[serde(default)]
     tenant: Option<String>,
+    /// The site (name or id) to create the VM in; another site's is reached over the site
+    /// link. Default: this site.
+    #[serde(default)]
+    site: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -87,15 +91,27 @@ pub(crate) struct ListParams {
     /// Part of the name, any case: the dashboard's search, so it pages like the other filters.
     #[serde(default)]
     q: Option<String>,
+    /// `all` for every linked site too, or one site's name or id; default: this site.
+    #[serde(default)]
+    site: Option<String>,
     #[serde(flatten)]
     read: ReadParams,
+}
+
+/// A VM in a list, with the site it lives at.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct VmItem {
+    #[serde(flatten)]
+    #[schema(inline, value_type = crate::openapi::schemas::Vm)]
+    vm: Vm,
+    #[schema(value_type = crate::routes::sites::SiteTag)]
+    site: crate::routes::sites::SiteTag,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = VmPage)]
 pub(crate) struct Page {
-    #[schema(value_type = Vec<crate::openapi::schemas::Vm>)]
-    items: Vec<Vm>,
+    items: Vec<VmItem>,
     next_cursor: Option<String>,
 }
 
@@ -225,6 +241,16 @@ pub(crate) async fn create(
     };
     caller.require(Role::Operator)?;
     validate(&body)?;
+    if let Some(site) = &body.site {
+        // Another site's name reaches here only in a call forwarded from a third site.
+        let own = crate::federation::site(&state)?;
+        if *site != own.name && *site != own.id {
+            return Err(ApiError::Validation(format!(
+                "this is site {}, not {site}",
+                own.name
+            )));
+        }
+    }
     // An uploaded image is named by id or by name and stored by id; `tiny` is the test guest
     // every node can boot directly.
     let image = match body.image {
@@ -234,7 +260,7 @@ pub(crate) async fn create(
     let key = idempotency_key(&headers)?;
     let placement = body.placement.unwrap_or_default();
     let constraints = constraints(&state, &placement)?;
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = crate::federation::new_id(&state)?;
     let vm = Vm {
         id: id.clone(),
         name: body.name,
@@ -326,6 +352,23 @@ pub(crate) async fn list(
         None => None,
     };
     state.cp.read_barrier(p.read.consistency).await?;
+    // Which sites: this one, and the linked ones asked for (their VMs come from the catalog).
+    let own = crate::federation::site(&state)?;
+    let (local, remote_sites): (bool, Vec<String>) = match p.site.as_deref() {
+        None => (true, Vec::new()),
+        Some(s) if s == own.name || s == own.id => (true, Vec::new()),
+        Some("all") => (
+            true,
+            crate::federation::links(&state)?
+                .into_iter()
+                .map(|(l, _)| l.site.id)
+                .collect(),
+        ),
+        Some(s) => match crate::federation::find_link(&state, s)? {
+            Some(l) => (false, vec![l.site.id]),
+            None => return Err(ApiError::NotFound(format!("site {s}"))),
+        },
+    };
     let node_filter: Option<NodeId> = match &p.node {
         Some(n) => Some(
             nodes(&state)?
@@ -345,43 +388,78 @@ pub(crate) async fn list(
         p.q.as_deref()
             .map(str::to_lowercase)
             .filter(|q| !q.is_empty());
+    let keep = |vm: &Vm, local: bool| {
+        tenant.as_ref().is_none_or(|t| *t == vm.tenant)
+            && p.state.as_ref().is_none_or(|s| *s == state_name(vm.state))
+            // Node ids are per site: the node filter names nodes of this site.
+            && node_filter.is_none_or(|n| local && vm.node == Some(n))
+            && label
+                .as_ref()
+                .is_none_or(|(k, v)| vm.labels.get(k) == Some(v))
+            && name_part
+                .as_ref()
+                .is_none_or(|q| vm.name.to_lowercase().contains(q.as_str()))
+    };
     let mut items = Vec::new();
-    let mut after = p.cursor.as_deref().map(keys::vm);
     let mut next_cursor = None;
-    // Unfiltered, a page needs exactly limit + 1 rows (the extra one says whether more follow):
-    // reading and copying a fixed 256 would cost a small page ten times what it shows.
-    let filtered = tenant.is_some()
-        || p.state.is_some()
-        || node_filter.is_some()
-        || label.is_some()
-        || name_part.is_some();
-    let batch = if filtered { 256 } else { limit + 1 };
-    'scan: loop {
-        let rows = state.cp.scan(keys::VM_PREFIX, after.as_deref(), batch)?;
-        let exhausted = rows.len() < batch;
-        for (k, v) in rows {
-            after = Some(k);
-            let vm: Vm = decode(&v)?;
-            let keep = tenant.as_ref().is_none_or(|t| *t == vm.tenant)
-                && p.state.as_ref().is_none_or(|s| *s == state_name(vm.state))
-                && node_filter.is_none_or(|n| vm.node == Some(n))
-                && label
-                    .as_ref()
-                    .is_none_or(|(k, v)| vm.labels.get(k) == Some(v))
-                && name_part
-                    .as_ref()
-                    .is_none_or(|q| vm.name.to_lowercase().contains(q.as_str()));
-            if !keep {
+    // A cursor with a `/` is `<site id>/<vm id>`: the page continues among linked sites' VMs.
+    let remote_cursor = p
+        .cursor
+        .as_deref()
+        .and_then(|c| c.split_once('/'))
+        .map(|(s, v)| (s.to_string(), v.to_string()));
+    if local && remote_cursor.is_none() {
+        let tag = crate::routes::sites::local_tag(&state)?;
+        let mut after = p.cursor.as_deref().map(keys::vm);
+        // Unfiltered, a page needs exactly limit + 1 rows (the extra one says whether more
+        // follow): reading and copying a fixed 256 would cost a small page ten times what it
+        // shows.
+        let filtered = tenant.is_some()
+            || p.state.is_some()
+            || node_filter.is_some()
+            || label.is_some()
+            || name_part.is_some();
+        let batch = if filtered { 256 } else { limit + 1 };
+        'scan: loop {
+            let rows = state.cp.scan(keys::VM_PREFIX, after.as_deref(), batch)?;
+            let exhausted = rows.len() < batch;
+            for (k, v) in rows {
+                after = Some(k);
+                let vm: Vm = decode(&v)?;
+                if !keep(&vm, true) {
+                    continue;
+                }
+                if items.len() == limit {
+                    next_cursor = items.last().map(|v: &VmItem| v.vm.id.clone());
+                    break 'scan;
+                }
+                items.push(VmItem {
+                    vm,
+                    site: tag.clone(),
+                });
+            }
+            if exhausted {
+                break;
+            }
+        }
+    }
+    if next_cursor.is_none() && !remote_sites.is_empty() {
+        let mut remote = crate::routes::sites::remote_vms(&state, &caller, &remote_sites)?;
+        remote.sort_by(|(a, x), (b, y)| (&a.id, &x.id).cmp(&(&b.id, &y.id)));
+        for (tag, vm) in remote {
+            if let Some((s, v)) = &remote_cursor {
+                if (&tag.id, &vm.id) <= (s, v) {
+                    continue;
+                }
+            }
+            if !keep(&vm, false) {
                 continue;
             }
             if items.len() == limit {
-                next_cursor = items.last().map(|v: &Vm| v.id.clone());
-                break 'scan;
+                next_cursor = items.last().map(|i| format!("{}/{}", i.site.id, i.vm.id));
+                break;
             }
-            items.push(vm);
-        }
-        if exhausted {
-            break;
+            items.push(VmItem { vm, site: tag });
         }
     }
     Ok(Json(Page { items, next_cursor }))

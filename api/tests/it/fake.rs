@@ -23,6 +23,9 @@ pub struct FakeCluster {
     pub samples: Mutex<Vec<api::control::VmSample>>,
     /// Upload bytes per image id, as the upload node's store would hold them.
     pub uploads: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+    /// Linked sites by id: a forwarded call runs through the peer's router, as the federation
+    /// endpoint of a real node does; an absent peer is unreachable.
+    pub peers: Mutex<std::collections::BTreeMap<String, axum::Router>>,
 }
 
 impl FakeCluster {
@@ -40,6 +43,48 @@ impl FakeCluster {
 
 #[async_trait]
 impl ControlPlane for FakeCluster {
+    async fn forward_to_site(
+        &self,
+        site: &str,
+        call: api::control::ForwardedCall,
+    ) -> Result<api::control::ForwardedReply, ClusterError> {
+        let Some(router) = self.peers.lock().unwrap().get(site).cloned() else {
+            return Err(ClusterError::Unavailable(format!("site {site} is cut off")));
+        };
+        let mut req = HttpRequest::builder()
+            .method(call.method.as_str())
+            .uri(call.path_and_query.as_str())
+            .header("content-type", "application/json");
+        if let Some(k) = &call.idempotency_key {
+            req = req.header("idempotency-key", k);
+        }
+        let mut req = req.body(Body::from(call.body)).unwrap();
+        req.extensions_mut().insert(api::auth::ForwardedPrincipal {
+            site: "caller".into(),
+            user_id: call.user_id,
+        });
+        let (parts, body) = router.oneshot(req).await.unwrap().into_parts();
+        let header = |n: &str| {
+            parts
+                .headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (content_type, etag) = (header("content-type"), header("etag"));
+        let status = parts.status.as_u16();
+        let body = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap()
+            .to_vec();
+        Ok(api::control::ForwardedReply {
+            status,
+            content_type,
+            etag,
+            body,
+        })
+    }
+
     async fn write(&self, req: Request) -> Result<(u64, Response), ClusterError> {
         let st = self.state.lock().unwrap();
         let mut idx = self.index.lock().unwrap();
@@ -234,6 +279,7 @@ impl TestApi {
             applied: tokio::sync::broadcast::channel(1024).0,
             samples: Mutex::new(Vec::new()),
             uploads: Mutex::new(Default::default()),
+            peers: Mutex::new(Default::default()),
         });
         let admin = User {
             id: "admin-id".into(),
@@ -245,10 +291,12 @@ impl TestApi {
             updated_at: 0,
             version: 0,
         };
+        // A real CA: federation tokens carry its fingerprint.
+        let ca = raft::tls::generate_ca("fake").unwrap();
         let secrets = ClusterSecrets {
             cluster_id: "fake".into(),
-            ca_cert_pem: String::new(),
-            ca_key_pem: String::new(),
+            ca_cert_pem: ca.cert_pem.clone(),
+            ca_key_pem: ca.key_pem.clone(),
             jwt_keys: vec![b"test-key-0123456789".to_vec()],
             join_secret_sha256: String::new(),
             created_at: 0,
@@ -277,6 +325,7 @@ impl TestApi {
             applied: tokio::sync::broadcast::channel(1024).0,
             samples: Mutex::new(self.cp.samples.lock().unwrap().clone()),
             uploads: Mutex::new(self.cp.uploads.lock().unwrap().clone()),
+            peers: Mutex::new(self.cp.peers.lock().unwrap().clone()),
         });
         let app = api::router(AppState::new(cp.clone(), self.config.clone()));
         TestApi {

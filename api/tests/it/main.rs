@@ -6,6 +6,7 @@
 mod audit;
 mod events;
 mod fake;
+mod federation;
 mod identity;
 mod images;
 mod isolation;

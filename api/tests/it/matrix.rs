@@ -229,6 +229,20 @@ pub fn table() -> Vec<Row> {
             None,
         ),
         row("GET", "/api/v1/operations/{id}", "200 200 200 200 200"),
+        // Federation: everyone sees the sites, admins link and unlink. The in-memory control
+        // plane has no site links, so linking gets 501; node/tests/it/federation.rs links
+        // real sites.
+        row("GET", "/api/v1/sites", "200 200 200 200 200"),
+        row("POST", "/api/v1/sites", "501:unsupported 403 403 403 403").body(
+            |_| json!({"token": world::LINK_TOKEN, "addrs": ["192.0.2.1:7003"]}),
+            Some(|_| json!({"token": "nft1.not-a-token", "addrs": ["192.0.2.1:7003"]})),
+        ),
+        row(
+            "DELETE",
+            "/api/v1/sites/{site}",
+            "404:not_found 403 403 403 403",
+        ),
+        row("POST", "/api/v1/federation/tokens", "201 403 403 403 403"),
         // Probes and the document are open to everyone.
         row("GET", "/healthz", "200 200 200 200 200").public("200"),
         row("GET", "/readyz", "200 200 200 200 200").public("200"),
@@ -341,12 +355,14 @@ async fn each_role_gets_what_the_permission_table_says() {
         assert_eq!(expects.len(), CALLERS.len(), "{} {}", r.method, r.path);
         assert!(
             // 409: the call was authorized and reached `apply` (see admin_deletes_an_empty_tenant);
-            // joins are refused by the in-memory cluster.
+            // joins, simulations and site links are refused by the in-memory cluster (their
+            // success is tested against real nodes).
             expects
                 .iter()
                 .any(|e| parse(e).0 < 300 || parse(e).0 == 409)
                 || r.path.ends_with("/join")
-                || r.path.ends_with("/simulate"),
+                || r.path.ends_with("/simulate")
+                || (r.path.starts_with("/api/v1/sites") && r.method != "GET"),
             "{} {}: no caller succeeds, so success is untested",
             r.method,
             r.path
