@@ -62,7 +62,9 @@ async fn connect(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channe
         async move {
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
             let _ = tcp.set_nodelay(true);
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(crate::tls::server_name(), tcp)
@@ -148,7 +150,10 @@ impl Peers {
                 last: "the link has no address".into(),
             });
         }
-        let config = Arc::new(crate::tls::client_config(&self.identity, &link.ca_cert_pem)?);
+        let config = Arc::new(crate::tls::client_config(
+            &self.identity,
+            &link.ca_cert_pem,
+        )?);
         let slot = self.slot(link);
         let mut backoff = Backoff::new(self.backoff_base, self.backoff_max);
         let attempts = link.addrs.len() * self.rounds.max(1) as usize;

@@ -148,15 +148,15 @@ pub async fn serve(
             let (acceptor, resolver, tx) = (acceptor.clone(), resolver.clone(), tx.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let tls =
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%addr, error = %e, "federation handshake refused");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "federation handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
                 let site = {
                     let (_, conn) = tls.get_ref();
                     conn.peer_certificates().and_then(|certs| {
@@ -234,7 +234,9 @@ impl Federation for Endpoint {
             return Err(Status::invalid_argument("invalid site id or name"));
         }
         if raft::tls::ca_fingerprint(&req.ca_cert_pem).is_err() {
-            return Err(Status::invalid_argument("the CA certificate is not valid PEM"));
+            return Err(Status::invalid_argument(
+                "the CA certificate is not valid PEM",
+            ));
         }
         if req.addrs.is_empty() {
             return Err(Status::invalid_argument("no federation address given"));
@@ -405,7 +407,9 @@ impl Federation for Endpoint {
         };
         match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
             Ok(reply) => Ok(tonic::Response::new(reply?)),
-            Err(_) => Err(Status::deadline_exceeded("the forwarded call took too long")),
+            Err(_) => Err(Status::deadline_exceeded(
+                "the forwarded call took too long",
+            )),
         }
     }
 }

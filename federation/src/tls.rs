@@ -344,8 +344,9 @@ mod tests {
         client: rustls::ClientConfig,
     ) -> Result<Option<String>, String> {
         let resolver = Arc::new(SiteResolver::new(Arc::new(move || linked.clone())));
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(Arc::new(server_config(server, resolver.clone()).unwrap()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+            server_config(server, resolver.clone()).unwrap(),
+        ));
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (s, c) = tokio::join!(acceptor.accept(a), connector.connect(server_name(), b));
