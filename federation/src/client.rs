@@ -75,7 +75,7 @@ async fn connect(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channe
     endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("{addr_err}", addr_err = error_chain(&e)))
+        .map_err(|e| error_chain(&e))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -159,7 +159,7 @@ impl Peers {
         let attempts = link.addrs.len() * self.rounds.max(1) as usize;
         let mut last = String::new();
         for attempt in 0..attempts {
-            if attempt > 0 && attempt % link.addrs.len() == 0 {
+            if attempt > 0 && attempt.is_multiple_of(link.addrs.len()) {
                 tokio::time::sleep(backoff.next_delay()).await;
             }
             let channel = {
@@ -348,7 +348,7 @@ pub async fn link(
         if Instant::now() >= deadline {
             return Err(CallError::Unreachable { site, last });
         }
-        if i % addrs.len() == 0 {
+        if i.is_multiple_of(addrs.len()) {
             tokio::time::sleep(backoff.next_delay()).await;
         }
     }
