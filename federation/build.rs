@@ -2,7 +2,7 @@
 //! `protoc` binary is needed); every file listed in `PROTOS` becomes a module in `OUT_DIR`.
 
 /// The protocol files of this crate; a new service adds its file here.
-const PROTOS: &[&str] = &["proto/federation.proto"];
+const PROTOS: &[&str] = &["proto/federation.proto", "proto/transfer.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

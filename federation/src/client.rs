@@ -138,9 +138,33 @@ impl Peers {
     }
 
     /// Runs `f` against some node of `link`'s site, failing over between its addresses.
-    pub async fn call<T, F, Fut>(&self, link: &SiteLink, mut f: F) -> Result<T, CallError>
+    pub async fn call<T, F, Fut>(&self, link: &SiteLink, f: F) -> Result<T, CallError>
     where
         F: FnMut(FederationClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_with(
+            link,
+            |channel| {
+                FederationClient::new(channel)
+                    .max_decoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
+                    .max_encoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
+            },
+            f,
+        )
+        .await
+    }
+
+    /// Like [`Peers::call`], for any service on the site's federation endpoint: `wrap` makes
+    /// that service's client from the channel.
+    pub async fn call_with<C, T, F, Fut>(
+        &self,
+        link: &SiteLink,
+        wrap: impl Fn(Channel) -> C,
+        mut f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut(C) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let site = link.site.id.clone();
@@ -189,10 +213,7 @@ impl Peers {
                     }
                 }
             };
-            let client = FederationClient::new(channel)
-                .max_decoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
-                .max_encoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024);
-            match f(client).await {
+            match f(wrap(channel)).await {
                 Ok(reply) => return Ok(reply.into_inner()),
                 Err(status) if is_transport(&status) => {
                     let mut s = slot.lock().await;

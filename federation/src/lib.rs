@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod client;
+pub mod move_rpc;
 pub mod server;
 pub mod site_move;
 pub mod sync;
@@ -20,6 +21,12 @@ pub mod transfer;
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
     tonic::include_proto!("novacron.federation.v1");
+}
+
+/// The generated messages, client and server of `novacron.transfer.v1` (cross-site moves).
+#[allow(clippy::all, missing_docs)]
+pub mod transfer_proto {
+    tonic::include_proto!("novacron.transfer.v1");
 }
 
 /// The largest request or reply body a forwarded REST call may carry.

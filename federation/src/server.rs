@@ -103,6 +103,8 @@ pub struct ServerContext {
     /// The node's own REST router: forwarded calls run through it exactly like local ones.
     pub router: axum::Router,
     pub identity: NodeIdentity,
+    /// The target side of cross-site moves on this node, served next to `Federation`.
+    pub moves: Option<crate::move_rpc::MoveService>,
 }
 
 /// The linked sites in this replica.
@@ -173,11 +175,13 @@ pub async fn serve(
         }
     });
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let moves = ctx.moves.clone().map(crate::move_rpc::server);
     let service = FederationServer::new(Endpoint { ctx })
         .max_decoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
         .max_encoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024);
     let result = tonic::transport::Server::builder()
         .add_service(service)
+        .add_optional_service(moves)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     accept_loop.abort();

@@ -200,6 +200,7 @@ pub fn spawn(
         cp: ctl.clone(),
         router,
         identity: ctl.federation.identity.clone(),
+        moves: Some(crate::site_move::move_service(&ctl)),
     });
     let mut tasks = Vec::new();
     {

@@ -414,8 +414,7 @@ impl Node {
                 stop_rx.clone(),
             )));
         }
-        // Cross-site moves: no site transport is wired here yet, so a move to another site
-        // finds it unreachable and rolls back after the link timeout.
+        // Cross-site moves: the target site is reached over its link (gRPC, mutual TLS).
         tasks.push(tokio::spawn(crate::site_move::run(
             crate::site_move::Runner {
                 me: config.node_id,
@@ -429,10 +428,10 @@ impl Node {
                     me: config.node_id,
                     images: site_move_images,
                 }),
-                targets: Arc::new(|site: &str| {
-                    Arc::new(crate::site_move::Unreachable(site.to_string()))
-                        as Arc<dyn federation::site_move::TargetSite>
-                }),
+                targets: crate::site_move::link_targets(
+                    control.reader.clone(),
+                    control.federation.peers.clone(),
+                ),
                 settings: Default::default(),
                 tick: Duration::from_millis(500),
             },

@@ -217,6 +217,66 @@ impl DiskSink for UnreachableSink {
     }
 }
 
+/// The target sites of moves, over their links; a site not linked (any more) is
+/// [`Unreachable`].
+pub fn link_targets(reader: StateReader, peers: Arc<federation::client::Peers>) -> Targets {
+    Arc::new(move |site: &str| -> Arc<dyn TargetSite> {
+        match reader.get::<SiteLink>(&raft::federation::link_key(site)) {
+            Ok(Some(link)) => Arc::new(federation::move_rpc::GrpcTarget {
+                peers: peers.clone(),
+                link,
+            }),
+            _ => Arc::new(Unreachable(site.to_string())),
+        }
+    })
+}
+
+/// The target side of moves on this node: imports begun through this node land here (the
+/// node that answers the begin receives the disk and runs the VM), disks are staged under
+/// the image store's `site-moves/` and committed to the VM's disk path.
+pub fn move_service(ctl: &crate::control::NodeControl) -> federation::move_rpc::MoveService {
+    let me = ctl.id;
+    let log = Arc::new(RaftSiteLog {
+        me,
+        cluster: ctl.cluster.clone(),
+        reader: ctl.reader.clone(),
+    });
+    let images = ctl.images.clone();
+    let receiver = {
+        let (reader, images) = (ctl.reader.clone(), images.clone());
+        Arc::new(federation::transfer::Receiver::new(
+            images.store.root().join("site-moves"),
+            Arc::new(move |spec: &federation::transfer::TransferSpec| {
+                let unknown = || federation::transfer::TransferError::Unknown(spec.id.clone());
+                let imp = reader
+                    .get::<SiteImport>(&raft::site_move::import_key(&spec.id))
+                    .ok()
+                    .flatten()
+                    .ok_or_else(unknown)?;
+                images
+                    .store
+                    .vm_disk_path(&imp.vm_id)
+                    .map_err(|e| federation::transfer::TransferError::Invalid(e.to_string()))
+            }),
+        ))
+    };
+    let target = Arc::new(federation::site_move::LocalTarget {
+        log,
+        choose_node: Arc::new(move |_vm: &Vm| Ok(me)),
+        receivers: {
+            let receiver = receiver.clone();
+            Arc::new(move |_node| receiver.clone())
+        },
+        disks: Arc::new(NodeDisks { me, images }),
+    });
+    federation::move_rpc::MoveService {
+        me,
+        reader: ctl.reader.clone(),
+        target,
+        receiver,
+    }
+}
+
 /// Who drives a move at its current phase: the node with the disk, or the leader.
 pub fn driver_of(m: &SiteMove, vm: Option<&Vm>, leader: Option<NodeId>) -> Option<NodeId> {
     match m.phase {
