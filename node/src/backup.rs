@@ -263,6 +263,7 @@ pub fn restore(opts: &RestoreOptions) -> anyhow::Result<NodeConfig> {
         guest_initrd: None,
         domain_type: None,
         witness: false,
+        federation_addr: None,
     };
     config.save(dir)?;
     Ok(config)

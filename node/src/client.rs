@@ -90,6 +90,29 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Federation: this site, linked sites, link tokens.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    /// Issue a one-time token that lets another site link to this one; prints it with the
+    /// federation addresses to give along.
+    Token,
+    /// Link this site to the site that issued TOKEN, reachable at ADDR (comma-separated).
+    Link {
+        #[arg(long)]
+        token: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        addr: Vec<String>,
+    },
+    /// This site and every linked site, with health, latency, last sync and lag.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -641,6 +664,77 @@ pub async fn run(_args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                         .collect(),
                 )
             })
+        }
+        ClientCommand::Site { command, conn } => {
+            let api = Api::new(&conn, true)?;
+            match command {
+                SiteCommand::Token => {
+                    let v = api
+                        .call(reqwest::Method::POST, "/api/v1/federation/tokens", None)
+                        .await?;
+                    emit(conn.output, &v, |v| {
+                        println!("token: {}", s(&v["token"]));
+                        let addrs: Vec<String> = v["addrs"]
+                            .as_array()
+                            .map(|a| a.iter().map(s).collect())
+                            .unwrap_or_default();
+                        println!("addrs: {}", addrs.join(","));
+                    })
+                }
+                SiteCommand::Link { token, addr } => {
+                    let body = json!({"token": token, "addrs": addr});
+                    let v = api
+                        .call(reqwest::Method::POST, "/api/v1/sites", Some(body))
+                        .await?;
+                    emit(conn.output, &v, |v| {
+                        println!("linked to site {} ({})", s(&v["name"]), s(&v["id"]))
+                    })
+                }
+                SiteCommand::List => {
+                    let v = api
+                        .call(reqwest::Method::GET, "/api/v1/sites", None)
+                        .await?;
+                    emit(conn.output, &v, |v| {
+                        let rows = v["sites"]
+                            .as_array()
+                            .map(|sites| {
+                                sites
+                                    .iter()
+                                    .map(|x| {
+                                        vec![
+                                            s(&x["id"]),
+                                            s(&x["name"]),
+                                            if x["local"] == true {
+                                                "yes".into()
+                                            } else {
+                                                String::new()
+                                            },
+                                            s(&x["health"]),
+                                            s(&x["latency_ms"]),
+                                            s(&x["age_ms"]),
+                                            s(&x["lag_entries"]),
+                                            s(&x["error"]),
+                                        ]
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        print_table(
+                            &[
+                                "ID",
+                                "NAME",
+                                "LOCAL",
+                                "HEALTH",
+                                "LATENCY_MS",
+                                "AGE_MS",
+                                "LAG",
+                                "ERROR",
+                            ],
+                            rows,
+                        );
+                    })
+                }
+            }
         }
         ClientCommand::Tenant { command, conn } => {
             let api = Api::new(&conn, true)?;

@@ -30,6 +30,14 @@ pub struct ServeArgs {
     /// UDP address of the QUIC endpoint between nodes (default 127.0.0.1:7070; stored).
     #[arg(long, env = "NOVACRON_PEER_ADDR")]
     pub peer_addr: Option<SocketAddr>,
+    /// TCP address of the federation endpoint (gRPC over mutual TLS) that linked sites call
+    /// (default: the API's host, API port + 2; stored at creation).
+    #[arg(long, env = "NOVACRON_FEDERATION_ADDR")]
+    pub federation_addr: Option<SocketAddr>,
+    /// The site name given to a new cluster at --init (default `default`); every object id made
+    /// here starts with the site's generated id.
+    #[arg(long, env = "NOVACRON_SITE")]
+    pub site: Option<String>,
     /// Create a new cluster with this node as its only voter (ignored once the node exists).
     #[arg(long, env = "NOVACRON_INIT", conflicts_with = "join")]
     pub init: bool,
@@ -182,6 +190,10 @@ pub struct NodeConfig {
     /// A witness votes and runs nothing else (no agent, never schedulable).
     #[serde(default)]
     pub witness: bool,
+    /// The federation endpoint actually bound (`None` in a node made before federation: then
+    /// it is derived from the API address at start).
+    #[serde(default)]
+    pub federation_addr: Option<String>,
 }
 
 pub fn default_libvirt_uri() -> String {
@@ -221,6 +233,20 @@ pub struct Tuning {
     /// How often the statistics of local VMs are sampled.
     #[serde(default = "default_stats_interval_ms")]
     pub stats_interval_ms: u64,
+    /// How often the leader pulls each linked site's catalog changes.
+    #[serde(default = "default_federation_sync_ms")]
+    pub federation_sync_ms: u64,
+    /// The leader commits a pull of each linked site at least this often, even when nothing
+    /// changed there, so the site's last sync time and latency stay fresh.
+    #[serde(default = "default_federation_heartbeat_ms")]
+    pub federation_heartbeat_ms: u64,
+}
+
+fn default_federation_sync_ms() -> u64 {
+    1_000
+}
+fn default_federation_heartbeat_ms() -> u64 {
+    5_000
 }
 
 fn default_stats_interval_ms() -> u64 {
@@ -255,6 +281,8 @@ impl Default for Tuning {
             node_down_after_ms: default_node_down_after_ms(),
             lease_ms: default_lease_ms(),
             lease_margin_ms: default_lease_margin_ms(),
+            federation_sync_ms: default_federation_sync_ms(),
+            federation_heartbeat_ms: default_federation_heartbeat_ms(),
         }
     }
 }
@@ -287,6 +315,11 @@ impl Tuning {
                 "lease_margin_ms ({}) must be at least 4 heartbeats ({} ms each)",
                 self.lease_margin_ms, self.node_heartbeat_ms
             ));
+        }
+        if self.federation_sync_ms == 0 || self.federation_heartbeat_ms == 0 {
+            return invalid(
+                "federation_sync_ms and federation_heartbeat_ms must be positive".into(),
+            );
         }
         if self.node_down_after_ms < self.suspect_after_ms {
             return invalid("node_down_after_ms must not be below suspect_after_ms".into());
@@ -371,6 +404,7 @@ mod tests {
             guest_initrd: None,
             domain_type: None,
             witness: false,
+            federation_addr: None,
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(NodeConfig::load(dir.path()).unwrap(), cfg);

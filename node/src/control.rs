@@ -32,6 +32,8 @@ pub struct NodeControl {
     pub liveness: Arc<crate::liveness::Liveness>,
     /// The scheduler settings this node uses while it leads.
     pub placement: crate::placement::PlacementConfig,
+    /// Site links: clients of linked sites, pull metrics, the federation endpoint.
+    pub federation: Arc<crate::federation::NodeFederation>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
@@ -462,8 +464,29 @@ impl ControlPlane for NodeControl {
         self.images.finish_upload(image).await
     }
 
+    async fn link_site(
+        &self,
+        token: &str,
+        addrs: Vec<String>,
+    ) -> Result<raft::federation::SiteLink, ClusterError> {
+        crate::federation::link_site(self, token, addrs).await
+    }
+
+    async fn forward_to_site(
+        &self,
+        site: &str,
+        call: api::control::ForwardedCall,
+    ) -> Result<api::control::ForwardedReply, ClusterError> {
+        crate::federation::forward_to_site(self, site, call).await
+    }
+
+    fn federation_addrs(&self) -> Vec<String> {
+        crate::federation::federation_addrs(&self.reader)
+    }
+
     fn metrics_text(&self) -> String {
         let mut text = self.metrics.render();
+        text.push_str(&self.federation.metrics.render());
         text.push_str(&self.stats.render());
         let applied = *self.reader.applied_watch().borrow();
         text.push_str(&self.liveness.local.metrics_text(applied));

@@ -24,7 +24,11 @@ pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
 /// What this node advertises: every command type it knows, minus those a test asks it to
 /// pretend not to know (a node of an older release).
-pub fn own_traits(witness: bool, missing: &[String]) -> NodeTraits {
+pub fn own_traits(
+    witness: bool,
+    missing: &[String],
+    federation_addr: Option<String>,
+) -> NodeTraits {
     let features = known_commands()
         .into_iter()
         .filter(|c| !missing.iter().any(|m| m == c))
@@ -39,6 +43,7 @@ pub fn own_traits(witness: bool, missing: &[String]) -> NodeTraits {
         release,
         features,
         witness,
+        federation_addr,
     }
 }
 
@@ -251,11 +256,11 @@ mod tests {
 
     #[test]
     fn simulated_older_release_lacks_what_it_was_told_to() {
-        let old = own_traits(false, &["api_key.create".to_string()]);
+        let old = own_traits(false, &["api_key.create".to_string()], None);
         assert!(!understands(Some(&old), "api_key.create"));
         assert!(understands(Some(&old), "tenant.create"));
         assert_ne!(old.release, RELEASE);
-        let new = own_traits(true, &[]);
+        let new = own_traits(true, &[], None);
         assert!(new.witness && new.release == RELEASE);
         assert!(understands(Some(&new), "node.advertise"));
         // A node that advertised nothing is a baseline node.
@@ -265,7 +270,7 @@ mod tests {
 
     #[test]
     fn voters_always_block_and_learners_only_while_up() {
-        let old = own_traits(false, &["api_key.create".to_string()]);
+        let old = own_traits(false, &["api_key.create".to_string()], None);
         let seen = |voter, state| Seen {
             id: 3,
             name: "n3".into(),

@@ -14,6 +14,7 @@ pub mod console;
 pub mod control;
 pub mod dev;
 pub mod features;
+pub mod federation;
 pub mod hosts;
 pub mod image_client;
 pub mod images;

@@ -160,6 +160,8 @@ fn main() -> ExitCode {
                         ..Default::default()
                     }),
                     no_placement_controller: false,
+                    federation_addr: a.federation_addr,
+                    site: a.site,
                 };
                 node::server::serve(opts, node::server::shutdown_signal()).await
             }

@@ -59,6 +59,10 @@ pub struct ServeOptions {
     pub placement: Option<crate::placement::PlacementConfig>,
     /// Leaves VMs unplaced (the scheduler benchmark drives placement passes itself).
     pub no_placement_controller: bool,
+    /// TCP address of the federation endpoint (default: API host, API port + 2).
+    pub federation_addr: Option<SocketAddr>,
+    /// The site name of a new cluster (`--init`); default `default`.
+    pub site: Option<String>,
 }
 
 /// The first node's initial secrets, kept on disk only until the cluster has committed them,
@@ -71,6 +75,9 @@ struct InitMaterial {
     jwt_key_hex: String,
     join_secret_sha256: String,
     admin_password_hash: String,
+    /// The site this cluster is (named at `--init`, id generated then).
+    #[serde(default)]
+    site: Option<raft::federation::SiteIdentity>,
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -233,6 +240,28 @@ impl Node {
         };
 
         config.tuning.validate()?;
+        let federation_listener = {
+            let addr = match (&config.federation_addr, opts.federation_addr) {
+                (Some(stored), _) => stored
+                    .parse()
+                    .with_context(|| format!("bad federation address {stored}"))?,
+                (None, Some(given)) => given,
+                (None, None) => crate::federation::default_addr(
+                    config
+                        .api_addr
+                        .parse()
+                        .with_context(|| format!("bad API address {}", config.api_addr))?,
+                ),
+            };
+            let listener = crate::federation::bind(addr).await?;
+            let actual = listener.local_addr()?.to_string();
+            if config.federation_addr.as_deref() != Some(actual.as_str()) {
+                config.federation_addr = Some(actual);
+                config.save(&dir)?;
+            }
+            listener
+        };
+        let federation_addr = federation_listener.local_addr()?;
         let store = Store::open(&dir.join("db"))?;
         let peer_addr: SocketAddr = config
             .peer_addr
@@ -351,6 +380,10 @@ impl Node {
             images: images.clone(),
             liveness,
             placement,
+            federation: Arc::new(crate::federation::NodeFederation::new(
+                identity.clone(),
+                federation_addr,
+            )),
         });
         control.metrics.register(Box::new(store.append_histogram()));
         for c in migration.metrics.collectors() {
@@ -388,7 +421,11 @@ impl Node {
         )));
         tasks.push(tokio::spawn(crate::features::advertise(
             control.clone(),
-            crate::features::own_traits(config.witness, &opts.missing_features),
+            crate::features::own_traits(
+                config.witness,
+                &opts.missing_features,
+                Some(federation_addr.to_string()),
+            ),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::membership::run(
@@ -440,6 +477,13 @@ impl Node {
             api::ApiConfig::default(),
         ))
         .merge(web::router());
+        tasks.extend(crate::federation::spawn(
+            control.clone(),
+            federation_listener,
+            app.clone(),
+            &config.tuning,
+            stop_rx.clone(),
+        ));
         let mut stop = stop_rx.clone();
         let api_task = tokio::spawn(async move {
             let graceful = async move {
@@ -586,6 +630,13 @@ async fn init_new(
     tls_dir: &Path,
 ) -> anyhow::Result<(NodeConfig, NodeIdentity, tokio::net::TcpListener)> {
     let name = opts.name.clone().unwrap_or_else(default_name);
+    let site_name = opts
+        .site
+        .clone()
+        .unwrap_or_else(|| raft::federation::DEFAULT_SITE.to_string());
+    if !raft::federation::SiteIdentity::valid_name(&site_name) {
+        bail!("site name {site_name:?} is invalid: use 1-32 of a-z, 0-9 and -");
+    }
     let listener = bind_api(opts).await?;
     let peer = peer_addr_of(opts)?;
     let cluster_id = uuid::Uuid::new_v4().to_string();
@@ -622,6 +673,10 @@ async fn init_new(
         jwt_key_hex: hex::encode(jwt_key),
         join_secret_sha256: token.secret_sha256(),
         admin_password_hash,
+        site: Some(raft::federation::SiteIdentity {
+            id: crate::federation::new_site_id(),
+            name: site_name,
+        }),
     };
     write_atomic(
         &dir.join(INIT_PENDING_FILE),
@@ -642,6 +697,7 @@ async fn init_new(
         guest_initrd: None,
         domain_type: None,
         witness: opts.witness,
+        federation_addr: None,
     };
     let mut config = config;
     apply_agent_options(&mut config, opts);
@@ -716,9 +772,13 @@ async fn finish_init(ctl: &NodeControl, dir: &Path, config: &NodeConfig) -> anyh
         .write(Request::new(now, "init", Command::RegisterNode { member }))
         .await?;
     match r {
-        Response::Node(n) if n.id == me => Ok(()),
+        Response::Node(n) if n.id == me => {}
         other => bail!("registering the first node failed: {other:?}"),
     }
+    if let Some(site) = m.site {
+        crate::federation::init_site(ctl, site).await?;
+    }
+    Ok(())
 }
 
 async fn join_existing(
@@ -772,6 +832,7 @@ async fn join_existing(
         guest_initrd: None,
         domain_type: None,
         witness: opts.witness,
+        federation_addr: None,
     };
     let mut config = config;
     apply_agent_options(&mut config, opts);

@@ -1651,6 +1651,7 @@ mod tests {
             release: "0.1.0".into(),
             features: vec!["noop".into()],
             witness: true,
+            federation_addr: None,
         };
         let advertise = || Command::AdvertiseNode {
             id: 1,

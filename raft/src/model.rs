@@ -486,4 +486,7 @@ pub struct NodeTraits {
     /// Names of the command types it can apply (`Command::name`), sorted.
     pub features: Vec<String>,
     pub witness: bool,
+    /// The node's federation endpoint (`HOST:PORT`), which linked sites call.
+    #[serde(default)]
+    pub federation_addr: Option<String>,
 }

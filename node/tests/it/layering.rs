@@ -10,7 +10,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("federation", &["api", "raft"]),
     ("chaos-tests", &["raft"]),
     ("xtask", &[]),
-    ("node", &["api", "hypervisor", "raft", "web"]),
+    ("node", &["api", "federation", "hypervisor", "raft", "web"]),
 ];
 
 const OURS: &[&str] = &[

@@ -1,0 +1,272 @@
+//! The node's side of federation: binding the federation endpoint, naming the site at
+//! `--init`, linking to another site with a token, forwarding calls to a linked site, listing
+//! this site's federation endpoints, and running the leader-only catalog pull
+//! (`federation::sync`). The protocol, TLS and pull logic live in the `federation` crate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::control::{ForwardedCall, ForwardedReply};
+use api::ClusterError;
+use federation::client::{CallError, Peers};
+use federation::sync::{SyncConfig, SyncMetrics, Syncer};
+use raft::federation::{self as fed, SiteIdentity, SiteLink};
+use raft::keys;
+use raft::model::{NodeRecord, NodeTraits};
+use raft::store::StateReader;
+use raft::tls::NodeIdentity;
+use raft::{Command, Request, Response};
+use rand::Rng;
+use tokio::sync::watch;
+
+use crate::config::Tuning;
+use crate::control::NodeControl;
+
+/// How long linking keeps trying the other site's addresses.
+const LINK_WITHIN: Duration = Duration::from_secs(20);
+
+/// A fresh random site id: [`fed::SITE_ID_LEN`] characters of `[a-z0-9]`.
+pub fn new_site_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..fed::SITE_ID_LEN)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// The federation endpoint's address when none was given: the API's host, API port + 2
+/// (port 0 stays 0: tests bind any free port and read the bound one back).
+pub fn default_addr(api: SocketAddr) -> SocketAddr {
+    let port = match api.port() {
+        0 => 0,
+        p => p.saturating_add(2),
+    };
+    SocketAddr::new(api.ip(), port)
+}
+
+/// What a node keeps for federation besides its replica.
+pub struct NodeFederation {
+    pub identity: NodeIdentity,
+    pub peers: Arc<Peers>,
+    pub metrics: Arc<SyncMetrics>,
+    /// This node's bound federation endpoint.
+    pub addr: SocketAddr,
+}
+
+impl NodeFederation {
+    pub fn new(identity: NodeIdentity, addr: SocketAddr) -> Self {
+        NodeFederation {
+            peers: Arc::new(Peers::new(identity.clone())),
+            identity,
+            metrics: Arc::default(),
+            addr,
+        }
+    }
+}
+
+fn refused(e: CallError) -> ClusterError {
+    match e {
+        CallError::Refused { message, .. } => ClusterError::JoinRefused(message),
+        CallError::Unreachable { .. } => ClusterError::Unavailable(e.to_string()),
+        other => ClusterError::Internal(other.to_string()),
+    }
+}
+
+/// The federation endpoints of this site's nodes (not removed), as advertised in their traits.
+pub fn federation_addrs(reader: &StateReader) -> Vec<String> {
+    let mut addrs: Vec<String> = reader
+        .nodes()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n: &NodeRecord| !n.removed)
+        .filter_map(|n| {
+            reader
+                .get::<NodeTraits>(&keys::node_traits(n.id))
+                .ok()
+                .flatten()
+                .and_then(|t| t.federation_addr)
+        })
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// Links this site to the site that issued `token`: calls its `Link` (which checks and
+/// consumes the token there), then commits the peer's link here.
+pub async fn link_site(
+    ctl: &NodeControl,
+    token: &str,
+    addrs: Vec<String>,
+) -> Result<SiteLink, ClusterError> {
+    use api::ControlPlane;
+    let token =
+        federation::token::parse(token).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+    let own = ctl
+        .reader
+        .site()
+        .map_err(|e| ClusterError::Internal(e.to_string()))?;
+    if own.id == token.site_id {
+        return Err(ClusterError::Invalid("a site cannot link to itself".into()));
+    }
+    let mut own_addrs = federation_addrs(&ctl.reader);
+    if own_addrs.is_empty() {
+        own_addrs.push(ctl.federation.addr.to_string());
+    }
+    let peer = federation::client::link(
+        &token,
+        &addrs,
+        (&own, &ctl.federation.identity.ca_cert_pem, &own_addrs),
+        LINK_WITHIN,
+    )
+    .await
+    .map_err(refused)?;
+    let link = SiteLink {
+        site: peer.site,
+        ca_cert_pem: peer.ca_cert_pem,
+        addrs: peer.addrs,
+        created_at: 0,
+        updated_at: 0,
+    };
+    let (_, response) = ctl
+        .write(Request::new(
+            api::now_ms(),
+            format!("node:{}", ctl.id),
+            Command::LinkSite {
+                link: link.clone(),
+                token: None,
+            },
+        ))
+        .await?;
+    match response {
+        Response::Ok => {}
+        Response::Rejected { message, .. } => return Err(ClusterError::Invalid(message)),
+        other => return Err(ClusterError::Internal(format!("unexpected {other:?}"))),
+    }
+    tracing::info!(site = %link.site.id, name = %link.site.name, "linked to site");
+    Ok(ctl
+        .reader
+        .get::<SiteLink>(&fed::link_key(&link.site.id))
+        .ok()
+        .flatten()
+        .unwrap_or(link))
+}
+
+/// The link of the site named or identified by `site`.
+fn find_link(reader: &StateReader, site: &str) -> Option<SiteLink> {
+    federation::server::links_of(reader)
+        .into_iter()
+        .find(|l| l.site.id == site || l.site.name == site)
+}
+
+/// Runs a REST call at a linked site on behalf of a user.
+pub async fn forward_to_site(
+    ctl: &NodeControl,
+    site: &str,
+    call: ForwardedCall,
+) -> Result<ForwardedReply, ClusterError> {
+    let link = find_link(&ctl.reader, site)
+        .ok_or_else(|| ClusterError::Invalid(format!("site {site} is not linked")))?;
+    ctl.federation
+        .peers
+        .forward(&link, call)
+        .await
+        .map_err(|e| match e {
+            CallError::Refused { message, .. } => ClusterError::Unavailable(message),
+            other => ClusterError::Unavailable(other.to_string()),
+        })
+}
+
+/// Binds the federation endpoint's TCP listener.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the federation endpoint {addr}"))
+}
+
+/// Serves the endpoint on `listener` and runs the catalog pull while this node leads, both
+/// until `stop` turns true.
+pub fn spawn(
+    ctl: Arc<NodeControl>,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tuning: &Tuning,
+    stop: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let ctx = Arc::new(federation::server::ServerContext {
+        reader: ctl.reader.clone(),
+        cp: ctl.clone(),
+        router,
+        identity: ctl.federation.identity.clone(),
+    });
+    let mut tasks = Vec::new();
+    {
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = federation::server::serve(listener, ctx, shutdown).await {
+                tracing::error!(error = %e, "federation endpoint failed");
+            }
+        }));
+    }
+    let syncer = Syncer::new(
+        ctl.reader.clone(),
+        ctl.clone(),
+        ctl.federation.peers.clone(),
+        SyncConfig {
+            interval: Duration::from_millis(tuning.federation_sync_ms),
+            heartbeat: Duration::from_millis(tuning.federation_heartbeat_ms),
+            ..SyncConfig::default()
+        },
+        ctl.federation.metrics.clone(),
+        format!("node:{}", ctl.id),
+    );
+    let leader = ctl.clone();
+    tasks.push(tokio::spawn(federation::sync::run(
+        syncer,
+        move || leader.raft.metrics().borrow().current_leader == Some(leader.id),
+        stop,
+    )));
+    tasks
+}
+
+/// Names the site, once, right after the cluster was created (`--init`).
+pub async fn init_site(ctl: &NodeControl, site: SiteIdentity) -> anyhow::Result<()> {
+    let (_, r) = ctl
+        .cluster
+        .write(Request::new(
+            api::now_ms(),
+            "init",
+            Command::InitSite { site },
+        ))
+        .await?;
+    match r {
+        Response::Ok
+        | Response::Rejected {
+            code: raft::RejectCode::AlreadyInitialized,
+            ..
+        } => Ok(()),
+        other => anyhow::bail!("naming the site was refused: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_ids_are_valid_and_the_default_port_follows_the_api() {
+        for _ in 0..100 {
+            let id = new_site_id();
+            assert!(SiteIdentity::valid_id(&id), "{id}");
+        }
+        let api: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        assert_eq!(default_addr(api).to_string(), "10.0.0.1:8082");
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(default_addr(any).port(), 0);
+    }
+}
