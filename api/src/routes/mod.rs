@@ -13,6 +13,7 @@ mod migrations;
 mod nodes;
 mod objects;
 mod scheduler;
+mod site_moves;
 mod sites;
 mod tenants;
 pub(crate) mod users;
@@ -75,6 +76,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(images::finish))
         .routes(routes!(vms::get_operation))
         .routes(routes!(migrations::migrate))
+        .routes(routes!(site_moves::move_vm))
         .routes(routes!(scheduler::placement))
         .routes(routes!(scheduler::simulate))
         .routes(routes!(sites::list, sites::link))

@@ -208,6 +208,14 @@ pub fn table() -> Vec<Row> {
             |_| json!({"kind": "drain", "node": "n1"}),
             Some(|_| json!({"kind": "drain", "node": ""})),
         ),
+        // Operators move VMs between sites. The in-memory control plane has no other site, so
+        // the move answers 501; moves are tested against real sites (node/tests/it/site_move.rs).
+        row(
+            "POST",
+            "/api/v1/vms/{id}/move",
+            "501:unsupported 501:unsupported 501:unsupported 403 403",
+        )
+        .body(|_| json!({"site": "b"}), Some(|_| json!({"site": ""}))),
         row("POST", "/api/v1/vms/{id}/migrate", "202 202 202 403 403").body(
             |_| json!({"target_node": "n2", "bandwidth_mib_s": 100}),
             Some(|_| json!({"bandwidth_mib_s": 0})),
@@ -355,13 +363,14 @@ async fn each_role_gets_what_the_permission_table_says() {
         assert_eq!(expects.len(), CALLERS.len(), "{} {}", r.method, r.path);
         assert!(
             // 409: the call was authorized and reached `apply` (see admin_deletes_an_empty_tenant);
-            // joins, simulations and site links are refused by the in-memory cluster (their
+            // joins, simulations, site links and moves are refused by the in-memory cluster (their
             // success is tested against real nodes).
             expects
                 .iter()
                 .any(|e| parse(e).0 < 300 || parse(e).0 == 409)
                 || r.path.ends_with("/join")
                 || r.path.ends_with("/simulate")
+                || r.path.ends_with("/move")
                 || (r.path.starts_with("/api/v1/sites") && r.method != "GET"),
             "{} {}: no caller succeeds, so success is untested",
             r.method,
