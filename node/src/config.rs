@@ -240,6 +240,17 @@ pub struct Tuning {
     /// changed there, so the site's last sync time and latency stay fresh.
     #[serde(default = "default_federation_heartbeat_ms")]
     pub federation_heartbeat_ms: u64,
+    /// How long the link to the target site may stay down during a cross-site move's disk
+    /// copy before the move rolls back (the copy resumes when it returns sooner).
+    #[serde(default = "default_site_move_link_timeout_ms")]
+    pub site_move_link_timeout_ms: u64,
+    /// Caps the bytes per second of a cross-site move's disk copy; `None`: no cap.
+    #[serde(default)]
+    pub site_move_bytes_per_sec: Option<u64>,
+}
+
+fn default_site_move_link_timeout_ms() -> u64 {
+    60_000
 }
 
 fn default_federation_sync_ms() -> u64 {
@@ -283,6 +294,8 @@ impl Default for Tuning {
             lease_margin_ms: default_lease_margin_ms(),
             federation_sync_ms: default_federation_sync_ms(),
             federation_heartbeat_ms: default_federation_heartbeat_ms(),
+            site_move_link_timeout_ms: default_site_move_link_timeout_ms(),
+            site_move_bytes_per_sec: None,
         }
     }
 }

@@ -432,7 +432,7 @@ impl Node {
                     control.reader.clone(),
                     control.federation.peers.clone(),
                 ),
-                settings: Default::default(),
+                settings: crate::site_move::settings(&config.tuning),
                 tick: Duration::from_millis(500),
             },
             stop_rx.clone(),

@@ -277,6 +277,27 @@ pub fn move_service(ctl: &crate::control::NodeControl) -> federation::move_rpc::
     }
 }
 
+/// How moves copy disks, from the node's tuning.
+pub fn settings(tuning: &crate::config::Tuning) -> MoveSettings {
+    let chunk = 256 * 1024;
+    MoveSettings {
+        send: federation::transfer::SendOptions {
+            // A cap smaller than a chunk would let each chunk out in one burst.
+            chunk_size: tuning
+                .site_move_bytes_per_sec
+                .map_or(chunk, |r| (r as usize / 4).clamp(4096, chunk)),
+            rate: tuning.site_move_bytes_per_sec,
+            burst: tuning
+                .site_move_bytes_per_sec
+                .map_or(chunk as u64, |r| (r / 4).clamp(4096, chunk as u64)),
+        },
+        retry: federation::transfer::RetryPolicy {
+            link_timeout: Duration::from_millis(tuning.site_move_link_timeout_ms),
+            ..Default::default()
+        },
+    }
+}
+
 /// Who drives a move at its current phase: the node with the disk, or the leader.
 pub fn driver_of(m: &SiteMove, vm: Option<&Vm>, leader: Option<NodeId>) -> Option<NodeId> {
     match m.phase {
