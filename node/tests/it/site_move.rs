@@ -201,7 +201,7 @@ async fn assert_moved(
     let dst_disk = b.nodes[0]
         .dir
         .join("images/vms")
-        .join(&vm)
+        .join(vm)
         .join("root.qcow2");
     assert_eq!(sha256_of(&dst_disk).as_deref(), Some(sha), "identical disk");
     // At the source: no record, no disk (the agent removed the domain and its files). A
