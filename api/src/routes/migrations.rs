@@ -108,6 +108,9 @@ fn node_id(state: &AppState, name: &str) -> ApiResult<u64> {
 
 /// The `result` of an operation: for a migration, its record.
 pub(crate) fn result_of(state: &AppState, op: &Operation) -> ApiResult<Option<serde_json::Value>> {
+    if op.kind == raft::site_move::OPERATION_KIND {
+        return site_move_result(state, op);
+    }
     if op.kind != "vm.migrate" {
         return Ok(None);
     }
@@ -124,5 +127,22 @@ pub(crate) fn result_of(state: &AppState, op: &Operation) -> ApiResult<Option<se
         "total_ms": m.total_ms,
         "downtime_ms": m.downtime_ms,
         "bytes": m.bytes,
+    })))
+}
+
+/// The `result` of a cross-site move: its phase, sites, the disk's size and sha256 as the
+/// source measured them, and why it rolled back.
+fn site_move_result(state: &AppState, op: &Operation) -> ApiResult<Option<serde_json::Value>> {
+    let Some(bytes) = state.cp.get(&raft::site_move::move_key(&op.id))? else {
+        return Ok(None);
+    };
+    let m: raft::site_move::SiteMove = decode(&bytes)?;
+    Ok(Some(serde_json::json!({
+        "phase": m.phase,
+        "source_site": m.source_site,
+        "target_site": m.target_site,
+        "target_node": m.target_node,
+        "disk": m.disk.map(|d| serde_json::json!({"size": d.size, "sha256": d.sha256})),
+        "reason": m.reason,
     })))
 }

@@ -185,9 +185,11 @@ impl Agent {
         let Some(images) = &self.config.images else {
             return Ok(None);
         };
-        let Some(image) = &vm.image else {
-            // A VM without an image still gets the disk its size asks for (empty), so that
-            // it has bytes to keep, back up or move to another site.
+        let image = vm.image.as_deref().filter(|i| *i != "tiny");
+        let Some(image) = image else {
+            // A VM without an image (or booting the test guest's kernel directly) still gets
+            // the disk its size asks for (empty), so that it has bytes to keep, back up or
+            // move to another site.
             if vm.disk_gib == 0 {
                 return Ok(None);
             }
@@ -199,9 +201,6 @@ impl Agent {
                 readonly: false,
             }));
         };
-        if image == "tiny" {
-            return Ok(None);
-        }
         let (image, fetched) = images.ensure_local(image).await?;
         if fetched {
             self.report(Command::ImageStored {
