@@ -462,6 +462,11 @@ impl Agent {
                 .await?;
             }
             Action::Purge { vm, epoch } => {
+                // Its files go too, also when the domain was already gone (no `Remove`
+                // before): a deleted VM, or one moved to another site, leaves no disk here.
+                if let Some(images) = &self.config.images {
+                    images.store.remove_vm_files(vm).await?;
+                }
                 self.report(Command::PurgeVm {
                     id: vm.clone(),
                     epoch: *epoch,

@@ -389,6 +389,17 @@ async fn a_running_tiny_guest_moves_and_boots_at_the_target_site() -> Result<()>
         .as_str()
         .ok_or_else(|| anyhow!("no VM id in {created}"))?
         .to_string();
+    eventually(
+        "the guest running at the source",
+        Duration::from_secs(120),
+        || async {
+            let v = ok(&a, Method::GET, &format!("/api/v1/vms/{vm}"), None)
+                .await
+                .ok()?;
+            (v["state"] == "running").then_some(())
+        },
+    )
+    .await?;
     crate::real_vm::console_shows(&a, &vm, &env.marker).await?;
     eventually("a's tenant at b", Duration::from_secs(30), || async {
         let (s, v) = b
@@ -446,5 +457,30 @@ async fn a_running_tiny_guest_moves_and_boots_at_the_target_site() -> Result<()>
     )
     .await?;
     println!("moved {vm}: disk sha256 {sha}");
+    // The guest lives in the shared system libvirtd: delete it through its new site.
+    let del = ok(&b, Method::DELETE, &format!("/api/v1/vms/{vm}"), None).await?;
+    let op = del["operation"]["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no operation in {del}"))?
+        .to_string();
+    eventually(
+        "the guest deleted at the target",
+        Duration::from_secs(60),
+        || async {
+            let v = ok(&b, Method::GET, &format!("/api/v1/operations/{op}"), None)
+                .await
+                .ok()?;
+            (v["state"] == "succeeded").then_some(())
+        },
+    )
+    .await?;
+    eventually("the domain gone", Duration::from_secs(30), || async {
+        let out = std::process::Command::new("virsh")
+            .args(["-q", "-c", &env.uri, "dominfo", &format!("nc-{vm}")])
+            .output()
+            .ok()?;
+        (!out.status.success()).then_some(())
+    })
+    .await?;
     Ok(())
 }
