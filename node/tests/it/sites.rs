@@ -1,0 +1,280 @@
+//! Sites in their own network namespaces (the ground the federation tests stand on): three
+//! independent clusters start inside their namespaces, reach each other over the bridge, and a
+//! cut site is isolated from the others both ways while it and they keep serving their own
+//! writes; healing brings reachability back. Also: a crashed run's namespaces, bridge and
+//! processes are removed by the next start. Needs root, `ip`, `nft`, `nsenter` and curl; prints
+//! SKIP without them.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::sites::TestSites;
+use crate::harness::{eventually, fast_tuning};
+
+/// How long a call across a cut gets before it counts as unanswered; an answer inside one site
+/// namespace or across the bridge takes milliseconds.
+const NO_ANSWER: Duration = Duration::from_secs(3);
+
+fn prerequisites(test: &str) -> bool {
+    if let Err(e) = TestSites::available() {
+        println!("SKIP {test}: site namespaces unavailable: {e}");
+        return false;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        println!("SKIP {test}: curl is not installed");
+        return false;
+    }
+    true
+}
+
+/// `ip netns pids`: the processes inside a namespace.
+fn pids_in(netns: &str) -> BTreeSet<String> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", netns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn netns_names() -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", name])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// `cluster status` of site `to` by the CLI run inside site `from`: the leader's name, or
+/// `None` when nothing answered in time.
+async fn status_from(sites: &TestSites, from: &str, to: &str) -> Result<Option<String>> {
+    let out = sites
+        .cli_in(
+            from,
+            &sites.node_url(to, 0),
+            sites.site(to).token.as_deref(),
+            &["cluster", "status", "-o", "json"],
+            NO_ANSWER,
+        )
+        .await?;
+    let Some(out) = out else { return Ok(None) };
+    if !out.status.success() {
+        // A connection that failed rather than hung (refused, reset) also means unreachable.
+        println!(
+            "CLI in {from} -> {to} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["leader_name"].as_str().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_run_in_namespaces_and_a_cut_site_keeps_serving() -> Result<()> {
+    let test = "sites_run_in_namespaces_and_a_cut_site_keeps_serving";
+    if !prerequisites(test) {
+        return Ok(());
+    }
+    let sites = TestSites::start(
+        &[("a", 3), ("b", 3), ("edge", 1)],
+        fast_tuning(60_000, 10_000, 1_000),
+    )
+    .await?;
+    assert_eq!(sites.names(), ["a", "b", "edge"]);
+
+    // Each site is its own cluster, inside its own namespace, on its own address.
+    let mut cluster_ids = BTreeSet::new();
+    for (name, n) in [("a", 3), ("b", 3), ("edge", 1)] {
+        let c = sites.site(name);
+        let ns = sites.ns(name);
+        c.wait_voters(n).await?;
+        let status = c.status(0).await?;
+        assert_eq!(
+            status["members"].as_array().map(Vec::len),
+            Some(n),
+            "{status}"
+        );
+        cluster_ids.insert(status["cluster_id"].to_string());
+        for i in 0..n {
+            let url = sites.node_url(name, i);
+            assert!(
+                url.starts_with(&format!("http://{}:", ns.addr)),
+                "{name} node {i} binds {url}, not the site's address {}",
+                ns.addr
+            );
+            let quic = c.peer_addr(i)?;
+            assert!(quic.starts_with(&format!("{}:", ns.addr)), "{quic}");
+        }
+        // The node processes are inside the site's namespace, and only they.
+        assert_eq!(pids_in(&ns.netns).len(), n, "processes in {}", ns.netns);
+    }
+    assert_eq!(cluster_ids.len(), 3, "three independent clusters");
+
+    // From inside one site the others answer, through the novacron CLI's own client.
+    for (from, to) in [("a", "b"), ("b", "edge"), ("edge", "a")] {
+        let leader = status_from(&sites, from, to).await?;
+        ensure!(leader.is_some(), "{from} cannot reach {to}");
+    }
+
+    // A listener of the root namespace on the bridge, to see what a cut does to the edge's
+    // own connections towards it.
+    let root = tokio::net::TcpListener::bind((sites.net.gateway, 0)).await?;
+    let root_url = format!("http://{}/", root.local_addr()?);
+    let responder = tokio::spawn(async move {
+        while let Ok((mut s, _)) = root.accept().await {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                .await;
+        }
+    });
+    let to_root = sites
+        .http_from("edge", "GET", &root_url, None, None, NO_ANSWER)
+        .await?;
+    assert_eq!(to_root.map(|(s, _)| s), Ok(200));
+
+    sites.cut("edge")?;
+    // Cutting twice is harmless (a nemesis may repeat itself).
+    sites.cut("edge")?;
+    assert!(sites.net.is_cut("edge")?);
+    assert!(!sites.net.is_cut("a")?);
+
+    // Nothing crosses the cut, either way, nor reaches the root namespace from the edge.
+    assert_eq!(
+        status_from(&sites, "a", "edge").await?,
+        None,
+        "a reached edge"
+    );
+    assert_eq!(
+        status_from(&sites, "edge", "a").await?,
+        None,
+        "edge reached a"
+    );
+    assert!(!sites.reachable("b", "edge", NO_ANSWER).await?);
+    assert!(!sites.reachable("edge", "b", NO_ANSWER).await?);
+    let to_root = sites
+        .http_from("edge", "GET", &root_url, None, None, NO_ANSWER)
+        .await?;
+    assert!(
+        to_root.is_err(),
+        "edge reached the root namespace: {to_root:?}"
+    );
+    // The other sites still reach each other: the cut is the edge's alone.
+    assert!(sites.reachable("a", "b", NO_ANSWER).await?);
+    assert!(status_from(&sites, "b", "a").await?.is_some());
+
+    // Every site keeps serving its own writes, the cut one included (from the test process).
+    for (site, tenant) in [
+        ("edge", "edge-while-cut"),
+        ("a", "a-while-cut"),
+        ("b", "b-while-cut"),
+    ] {
+        let c = sites.site(site);
+        c.create_tenant_eventually(0, tenant).await?;
+        let last = c.nodes.len() - 1;
+        c.wait_has_tenants(last, &[tenant.to_string()]).await?;
+        let names = c.tenant_names(0, "linearizable").await?;
+        assert!(names.contains(&tenant.to_string()), "{site}: {names:?}");
+    }
+    // The edge's write stayed at the edge (sites are independent clusters, no federation yet).
+    let a_names = sites.site("a").tenant_names(0, "stale").await?;
+    assert!(
+        !a_names.contains(&"edge-while-cut".to_string()),
+        "{a_names:?}"
+    );
+
+    sites.heal("edge")?;
+    assert!(!sites.net.is_cut("edge")?);
+    eventually("a to reach edge again", Duration::from_secs(30), || async {
+        status_from(&sites, "a", "edge").await.ok().flatten()
+    })
+    .await?;
+    eventually("edge to reach a again", Duration::from_secs(30), || async {
+        status_from(&sites, "edge", "a").await.ok().flatten()
+    })
+    .await?;
+    assert!(sites.reachable("b", "edge", NO_ANSWER).await?);
+    let to_root = sites
+        .http_from("edge", "GET", &root_url, None, None, NO_ANSWER)
+        .await?;
+    assert_eq!(to_root.map(|(s, _)| s), Ok(200));
+    responder.abort();
+
+    // A restarted node comes back inside its site's namespace, on the same address.
+    let mut sites = sites;
+    let b = sites.site_mut("b");
+    b.stop(2)?;
+    b.restart(2).await?;
+    b.wait_ready(2).await?;
+    assert_eq!(pids_in(&sites.ns("b").netns).len(), 3);
+    assert!(sites.reachable("a", "b", NO_ANSWER).await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_crashed_run_are_removed_by_the_next_start() -> Result<()> {
+    let test = "leftovers_of_a_crashed_run_are_removed_by_the_next_start";
+    if !prerequisites(test) {
+        return Ok(());
+    }
+    let crashed = node::sitenet::SiteNet::start(&["x", "y"])?;
+    let idx = crashed.index();
+    let bridge = crashed.bridge.clone();
+    let netns: Vec<String> = crashed.sites.iter().map(|s| s.netns.clone()).collect();
+    // A node that outlived its test: a process left inside the namespace.
+    let mut sleeper = crashed.sites[0].command("sleep").arg("600").spawn()?;
+    let sleeper_pid = sleeper.id().to_string();
+    eventually(
+        "the orphan to be in the namespace",
+        Duration::from_secs(10),
+        || {
+            let in_ns = pids_in(&netns[0]).contains(&sleeper_pid);
+            async move { in_ns.then_some(()) }
+        },
+    )
+    .await?;
+    // The owner "crashes": its record now names a process that no longer exists, and nothing
+    // of it runs its Drop.
+    let mut gone = Command::new("true").spawn()?;
+    let dead_pid = gone.id();
+    gone.wait()?;
+    std::fs::write(crashed.owner_record(), format!("{dead_pid} 0"))?;
+    std::mem::forget(crashed);
+
+    let next = node::sitenet::SiteNet::start(&["z"])?;
+    for ns in &netns {
+        assert!(!netns_names().contains(ns), "{ns} survived");
+    }
+    // The freed index may be taken again at once (the lowest free one is), so the old bridge
+    // counts as removed when it is gone or is the new network's own; the second site's veth
+    // has no counterpart in the new one-site network.
+    assert!(
+        !link_exists(&bridge) || next.bridge == bridge,
+        "{bridge} survived"
+    );
+    let veth = format!("ncsv{idx}x1");
+    assert!(!link_exists(&veth), "{veth} survived");
+    // The orphan was killed (reaped here, since this process is its parent).
+    let status = sleeper.wait()?;
+    assert!(!status.success(), "{status}");
+    // The freed index is available again (the lowest free one is taken).
+    assert!(next.index() <= idx, "{} > {idx}", next.index());
+    drop(next);
+    Ok(())
+}
