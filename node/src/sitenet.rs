@@ -9,7 +9,9 @@
 //! packet that does not stay inside the site, except TCP connections opened from the root
 //! namespace (the test client checking that the cut site keeps serving its own API). Packets are
 //! dropped, not refused, so the other sites see what a dead WAN looks like: timeouts.
-//! [`SiteNet::heal`] removes those rules. Rules live in the site's namespace, so they go with it.
+//! [`SiteNet::heal`] removes those rules. [`SiteNet::cut_link`] cuts only the link between two
+//! sites (each drops the other's address; both keep their other links), [`SiteNet::heal_link`]
+//! restores it. Rules live in the sites' namespaces, so they go with them.
 //!
 //! Names carry a run prefix: bridge `ncsb<idx>`, veths `ncsv<idx>x<k>`, namespaces
 //! `ncs<idx>-<site>`, subnet `10.251.<idx>.0/24`, where `<idx>` is allocated under a lock file
@@ -35,9 +37,12 @@ const STATE_DIR: &str = "/run/novacron-sitenet";
 const MAX_NETS: u8 = 250;
 /// The nftables table (inside a site namespace) that holds a cut.
 const CUT_TABLE: &str = "novacron_cut";
-/// The nftables table (inside a site namespace) that turns connection tracking on from the
-/// start, so a connection opened before a cut keeps its true direction when the cut comes.
-const TRACK_TABLE: &str = "novacron_track";
+/// The nftables table every site namespace has from the start: it turns connection tracking on
+/// at once (so a connection opened before a cut keeps its true direction when the cut comes)
+/// and holds the set of peer sites whose link to this one is cut.
+const SITE_TABLE: &str = "novacron_site";
+/// The set (in [`SITE_TABLE`]) of peer site addresses this site exchanges no packet with.
+const LINKS_CUT: &str = "links_cut";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SiteNetError {
@@ -51,6 +56,8 @@ pub enum SiteNetError {
     Duplicate(String),
     #[error("no site named {0:?}")]
     NoSuchSite(String),
+    #[error("a link joins two different sites, not {0:?} to itself")]
+    SameSite(String),
     #[error("at most {max} sites per network, {asked} asked")]
     TooManySites { max: usize, asked: usize },
     #[error("all {0} site networks are in use")]
@@ -269,8 +276,17 @@ impl SiteNet {
             nft_in(
                 &site.netns,
                 &format!(
-                    "table inet {TRACK_TABLE} {{\n\
-                     chain input {{ type filter hook input priority -10; policy accept; ct state invalid counter; }}\n\
+                    "table inet {SITE_TABLE} {{\n\
+                       set {LINKS_CUT} {{ type ipv4_addr; }}\n\
+                       chain input {{\n\
+                         type filter hook input priority -10; policy accept;\n\
+                         ct state invalid counter\n\
+                         ip saddr @{LINKS_CUT} drop\n\
+                       }}\n\
+                       chain output {{\n\
+                         type filter hook output priority -10; policy accept;\n\
+                         ip daddr @{LINKS_CUT} drop\n\
+                       }}\n\
                      }}\n"
                 ),
             )?;
@@ -332,6 +348,47 @@ impl SiteNet {
             &site.netns,
             &format!("table inet {CUT_TABLE} {{}}\ndelete table inet {CUT_TABLE}\n"),
         )
+    }
+
+    fn link(&self, a: &str, b: &str) -> Result<(&SiteNs, &SiteNs), SiteNetError> {
+        if a == b {
+            // Blocking a site's own address would cut it from itself (loopback traffic).
+            return Err(SiteNetError::SameSite(a.to_string()));
+        }
+        Ok((self.site(a)?, self.site(b)?))
+    }
+
+    /// Cuts the link between sites `a` and `b` only: they exchange no packet, both ways, while
+    /// each keeps its other links and the root namespace. Idempotent.
+    pub fn cut_link(&self, a: &str, b: &str) -> Result<(), SiteNetError> {
+        let (sa, sb) = self.link(a, b)?;
+        for (site, peer) in [(sa, sb), (sb, sa)] {
+            nft_in(
+                &site.netns,
+                &format!(
+                    "add element inet {SITE_TABLE} {LINKS_CUT} {{ {} }}\n",
+                    peer.addr
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`SiteNet::cut_link`]. Idempotent.
+    pub fn heal_link(&self, a: &str, b: &str) -> Result<(), SiteNetError> {
+        let (sa, sb) = self.link(a, b)?;
+        for (site, peer) in [(sa, sb), (sb, sa)] {
+            // Adding first makes the delete valid when the link was not cut.
+            nft_in(
+                &site.netns,
+                &format!(
+                    "add element inet {SITE_TABLE} {LINKS_CUT} {{ {addr} }}\n\
+                     delete element inet {SITE_TABLE} {LINKS_CUT} {{ {addr} }}\n",
+                    addr = peer.addr
+                ),
+            )?;
+        }
+        Ok(())
     }
 
     /// Whether site `name` is cut now (its cut table exists).

@@ -228,6 +228,42 @@ async fn sites_run_in_namespaces_and_a_cut_site_keeps_serving() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutting_one_link_leaves_the_other_links_up() -> Result<()> {
+    let test = "cutting_one_link_leaves_the_other_links_up";
+    if !prerequisites(test) {
+        return Ok(());
+    }
+    let sites = TestSites::start(
+        &[("a", 1), ("b", 1), ("c", 1)],
+        fast_tuning(60_000, 10_000, 1_000),
+    )
+    .await?;
+    assert!(
+        sites.cut_link("a", "a").is_err(),
+        "a site cannot cut itself"
+    );
+    sites.cut_link("a", "b")?;
+    sites.cut_link("b", "a")?;
+    assert!(!sites.reachable("a", "b", NO_ANSWER).await?);
+    assert!(!sites.reachable("b", "a", NO_ANSWER).await?);
+    for (from, to) in [("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")] {
+        assert!(
+            sites.reachable(from, to, NO_ANSWER).await?,
+            "{from} -> {to}"
+        );
+    }
+    // Both ends of the cut link still serve the test process.
+    sites.site("a").create_tenant(0, "a-link-cut").await?;
+    sites.site("b").create_tenant(0, "b-link-cut").await?;
+
+    sites.heal_link("b", "a")?;
+    sites.heal_link("a", "b")?;
+    assert!(sites.reachable("a", "b", NO_ANSWER).await?);
+    assert!(sites.reachable("b", "a", NO_ANSWER).await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leftovers_of_a_crashed_run_are_removed_by_the_next_start() -> Result<()> {
     let test = "leftovers_of_a_crashed_run_are_removed_by_the_next_start";
     if !prerequisites(test) {

@@ -11,6 +11,8 @@
 //! sites.http_from("a", "GET", &url, None, None, Duration::from_secs(3)).await?;     // curl inside a
 //! sites.cut("edge")?;  // edge <-> other sites and edge -> root namespace: dropped; tests -> edge API: kept
 //! sites.heal("edge")?;
+//! sites.cut_link("a", "b")?; // a <-> b only; both still reach edge and are reached by the tests
+//! sites.heal_link("a", "b")?;
 //! ```
 //!
 //! - [`TestSites::start`] / [`TestSites::start_with`]: one namespace per site and one cluster per
@@ -22,7 +24,8 @@
 //! - [`TestSites::site`] / [`TestSites::site_mut`]: the site's [`TestCluster`] (its `token` is
 //!   the site's admin token; `request`, `create_tenant`, `leader`, `status`, `kill`, ... work as
 //!   on any cluster, from the test process through the bridge).
-//! - [`TestSites::cut`] / [`TestSites::heal`]: see `node::sitenet::SiteNet::cut`. A cut drops
+//! - [`TestSites::cut`] / [`TestSites::heal`]: see `node::sitenet::SiteNet::cut`;
+//!   [`TestSites::cut_link`] / [`TestSites::heal_link`] one link between two sites. A cut drops
 //!   packets (no refusals), so calls across it time out.
 //! - [`TestSites::command_in`]: any program inside a site's namespace; [`TestSites::cli_in`] the
 //!   `novacron` CLI, [`TestSites::http_from`] one HTTP request by curl, [`TestSites::reachable`]
@@ -129,6 +132,15 @@ impl TestSites {
 
     pub fn heal(&self, site: &str) -> Result<()> {
         Ok(self.net.heal(site)?)
+    }
+
+    /// Cuts only the link between sites `a` and `b` (both ways); their other links stay.
+    pub fn cut_link(&self, a: &str, b: &str) -> Result<()> {
+        Ok(self.net.cut_link(a, b)?)
+    }
+
+    pub fn heal_link(&self, a: &str, b: &str) -> Result<()> {
+        Ok(self.net.heal_link(a, b)?)
     }
 
     /// `program` inside `site`'s namespace; the child is killed if the handle is dropped.
