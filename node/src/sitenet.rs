@@ -457,9 +457,17 @@ fn our_bridges() -> Result<Vec<u8>, SiteNetError> {
         .collect())
 }
 
-/// Indices in use: recorded, or with a bridge or namespace still present.
+/// Indices in use: recorded, with a bridge or namespace still present, or whose /24 some
+/// interface of the root namespace already has an address in (a network that is not ours).
 fn taken_indices() -> Result<BTreeSet<u8>, SiteNetError> {
     let mut taken: BTreeSet<u8> = our_bridges()?.into_iter().collect();
+    let addrs = ip(&["-4", "-o", "addr", "show"])?;
+    taken.extend(addrs.split_whitespace().filter_map(|w| {
+        let (addr, _) = w.split_once('/')?;
+        let addr: Ipv4Addr = addr.parse().ok()?;
+        let [a, b, c, _] = addr.octets();
+        ((a, b) == (10, 251)).then_some(c)
+    }));
     taken.extend(our_namespaces()?.into_iter().map(|(i, _)| i));
     for e in std::fs::read_dir(STATE_DIR)?.flatten() {
         if let Some(i) = e

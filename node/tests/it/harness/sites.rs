@@ -44,7 +44,7 @@ use super::{TestCluster, BIN};
 use node::sitenet::{SiteNet, SiteNs};
 
 pub struct TestSites {
-    // Fields drop in order: the nodes die before their namespaces are deleted.
+    // Dropped first (see Drop): the nodes die before their namespaces are deleted.
     clusters: Vec<(String, TestCluster)>,
     pub net: SiteNet,
 }
@@ -241,6 +241,19 @@ impl TestSites {
             }
         }
         Ok(true)
+    }
+}
+
+impl Drop for TestSites {
+    fn drop(&mut self) {
+        // Each cluster prints its nodes' logs when a test fails; name the site first, since
+        // every site has its own n1.
+        for (name, cluster) in self.clusters.drain(..) {
+            if std::thread::panicking() {
+                eprintln!("==== site {name} ====");
+            }
+            drop(cluster);
+        }
     }
 }
 
