@@ -223,6 +223,21 @@ async fn sites_run_in_namespaces_and_a_cut_site_keeps_serving() -> Result<()> {
     assert_eq!(to_root.map(|(s, _)| s), Ok(200));
     responder.abort();
 
+    // Cutting a site of three nodes leaves the traffic between its own nodes alone: a write
+    // through a follower is forwarded to the leader and replicated to every node.
+    sites.cut("a")?;
+    assert!(!sites.reachable("b", "a", NO_ANSWER).await?);
+    let a = sites.site("a");
+    let leader = a.wait_leader(0, None).await?;
+    let follower = (leader + 1) % 3;
+    a.create_tenant_eventually(follower, "a-cut-forwarded")
+        .await?;
+    for i in 0..3 {
+        a.wait_has_tenants(i, &["a-cut-forwarded".to_string()])
+            .await?;
+    }
+    sites.heal("a")?;
+
     // A restarted node comes back inside its site's namespace, on the same address.
     let mut sites = sites;
     let b = sites.site_mut("b");
