@@ -255,11 +255,26 @@ async fn cutting_one_link_leaves_the_other_links_up() -> Result<()> {
     if !prerequisites(test) {
         return Ok(());
     }
-    let sites = TestSites::start(
-        &[("a", 1), ("b", 1), ("c", 1)],
+    // Per-node `serve` arguments reach each node (here a path stored in node.json, unused by
+    // the test driver; federation tests give `--site` this way).
+    let sites = TestSites::start_with(
+        &[("a", 1), ("b", 2), ("c", 1)],
         fast_tuning(60_000, 10_000, 1_000),
+        Vec::new(),
+        |site, i| vec!["--guest-kernel".into(), format!("/nonexistent/{site}-{i}")],
     )
     .await?;
+    for (site, n) in [("a", 1), ("b", 2), ("c", 1)] {
+        for i in 0..n {
+            let dir = &sites.site(site).nodes[i].dir;
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("node.json"))?)?;
+            assert_eq!(
+                v["guest_kernel"],
+                format!("/nonexistent/{site}-{i}"),
+                "{site} {i}"
+            );
+        }
+    }
     assert!(
         sites.cut_link("a", "a").is_err(),
         "a site cannot cut itself"

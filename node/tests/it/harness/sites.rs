@@ -19,8 +19,8 @@
 //!   site, each with its own `--init` (its own CA, admin and Raft), started concurrently. Every
 //!   node of a site runs inside the site's namespace and binds the site's address with port 0;
 //!   the real ports come from each node's `node.json`, as in [`TestCluster`]. `start_with` takes
-//!   extra environment for every node and extra `serve` arguments for each site's first node
-//!   (for example `--site NAME` once sites have names).
+//!   extra environment for every node and extra `serve` arguments per node (`node_args(site,
+//!   i)`, node 0 being the one with `--init`; for example `--site NAME` once sites have names).
 //! - [`TestSites::site`] / [`TestSites::site_mut`]: the site's [`TestCluster`] (its `token` is
 //!   the site's admin token; `request`, `create_tenant`, `leader`, `status`, `kill`, ... work as
 //!   on any cluster, from the test process through the bridge).
@@ -57,28 +57,31 @@ impl TestSites {
 
     /// Starts one cluster of `n` nodes per `(name, n)`, each in its own namespace.
     pub async fn start(sites: &[(&str, usize)], tuning: String) -> Result<TestSites> {
-        Self::start_with(sites, tuning, Vec::new(), |_| Vec::new()).await
+        Self::start_with(sites, tuning, Vec::new(), |_, _| Vec::new()).await
     }
 
-    /// Like [`TestSites::start`], with `env` for every node and `init_args(site)` given to the
-    /// `serve --init` of each site's first node.
+    /// Like [`TestSites::start`], with `env` for every node and `node_args(site, i)` added to
+    /// the `serve` arguments of node `i` of each site (node 0 starts with `--init`, the others
+    /// join it).
     pub async fn start_with(
         sites: &[(&str, usize)],
         tuning: String,
         env: Vec<(String, String)>,
-        init_args: impl Fn(&str) -> Vec<String>,
+        node_args: impl Fn(&str, usize) -> Vec<String>,
     ) -> Result<TestSites> {
         let names: Vec<&str> = sites.iter().map(|(n, _)| *n).collect();
         let net = SiteNet::start(&names)?;
         let mut starts = Vec::new();
         for (name, n) in sites {
             let ns = net.site(name)?.clone();
+            if *n == 0 {
+                bail!("site {name} has no node");
+            }
             starts.push(start_cluster(
                 ns,
-                *n,
                 tuning.clone(),
                 env.clone(),
-                init_args(name),
+                (0..*n).map(|i| node_args(name, i)).collect(),
             ));
         }
         // Sites are independent clusters: starting them together saves a third of the wait.
@@ -260,20 +263,20 @@ impl Drop for TestSites {
 /// One site's cluster: like `TestCluster::start_with`, with every node in the site namespace.
 async fn start_cluster(
     site: SiteNs,
-    n: usize,
     tuning: String,
     env: Vec<(String, String)>,
-    init_args: Vec<String>,
+    node_args: Vec<Vec<String>>,
 ) -> Result<TestCluster> {
     let mut c = TestCluster::empty(tuning)?;
     c.env = env;
     c.site = Some(site);
-    let init: Vec<&str> = init_args.iter().map(String::as_str).collect();
-    c.add_node_with(true, &init, &[]).await?;
-    let password = std::fs::read_to_string(c.nodes[0].dir.join("admin-password"))?;
-    c.token = Some(c.login(0, "admin", password.trim()).await?);
-    for _ in 1..n {
-        c.add_node(false).await?;
+    for (i, args) in node_args.iter().enumerate() {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.add_node_with(i == 0, &args, &[]).await?;
+        if i == 0 {
+            let password = std::fs::read_to_string(c.nodes[0].dir.join("admin-password"))?;
+            c.token = Some(c.login(0, "admin", password.trim()).await?);
+        }
     }
     Ok(c)
 }
