@@ -19,6 +19,9 @@
 //! in its namespaces and deletes them with the bridge; a later [`SiteNet::start`] removes the
 //! leftovers of any owner that died without dropping (a crashed test process).
 //!
+//! [`SiteNet::start_with_libvirt`] also gives each site its own libvirtd (see `hosts`), for
+//! tests that run real VMs at several sites.
+//!
 //! The range 10.251.0.0/16 is ours; `hosts` (separate libvirt hosts) uses 10.250.0.0/16.
 //! Needs root, `ip` (iproute2), `nft` (nftables) and `nsenter` (util-linux).
 
@@ -64,6 +67,8 @@ pub enum SiteNetError {
     Exhausted(u8),
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("a site's libvirtd")]
+    Libvirt(#[from] crate::hosts::HostError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -149,6 +154,25 @@ pub struct SiteNs {
     pub addr: Ipv4Addr,
     /// The bridge's address, which is where the root namespace's traffic comes from.
     pub gateway: Ipv4Addr,
+    /// The site's own libvirtd, when started with [`SiteNet::start_with_libvirt`].
+    pub libvirt: Option<SiteLibvirt>,
+}
+
+/// A site's own libvirtd (see `hosts::start_libvirtd`): inside the site's network namespace,
+/// with a private mount and UTS namespace; processes of the site enter all three, so
+/// `qemu:///system` inside the site is the site's libvirtd.
+#[derive(Debug, Clone)]
+pub struct SiteLibvirt {
+    pub pid: u32,
+    /// The directory holding its libvirt directories.
+    pub root: PathBuf,
+}
+
+impl SiteLibvirt {
+    /// A URI reaching this libvirtd from outside the site (virsh in tests).
+    pub fn outside_uri(&self) -> String {
+        crate::hosts::libvirt_outside_uri(&self.root)
+    }
 }
 
 impl SiteNs {
@@ -157,13 +181,16 @@ impl SiteNs {
         Path::new("/run/netns").join(&self.netns)
     }
 
-    /// A command that runs `program` inside this site's network namespace. nsenter execs the
+    /// A command that runs `program` inside this site's network namespace (and, for a site
+    /// with its own libvirt, its libvirtd's mount and UTS namespaces). nsenter execs the
     /// program itself (no `--pid`), so the child's pid is the program's and killing it works.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.netns_path().display()))
-            .arg("--")
-            .arg(program);
+        match &self.libvirt {
+            Some(l) => c.args(["-t", &l.pid.to_string(), "-m", "-n", "-u"]),
+            None => c.arg(format!("--net={}", self.netns_path().display())),
+        };
+        c.arg("--").arg(program);
         c
     }
 
@@ -230,6 +257,21 @@ impl SiteNet {
         Ok(net)
     }
 
+    /// Like [`SiteNet::start`], and each site gets its own libvirtd (directories under
+    /// `root/<site>`, host name `site-<site>`), so VMs of different sites live in different
+    /// libvirt hosts. Needs what `hosts::available` lists too.
+    pub fn start_with_libvirt(names: &[&str], root: &Path) -> Result<SiteNet, SiteNetError> {
+        crate::hosts::available()?;
+        let mut net = SiteNet::start(names)?;
+        for site in &mut net.sites {
+            let dir = root.join(&site.name);
+            let pid =
+                crate::hosts::start_libvirtd(&site.netns, &format!("site-{}", site.name), &dir)?;
+            site.libvirt = Some(SiteLibvirt { pid, root: dir });
+        }
+        Ok(net)
+    }
+
     fn build(&mut self, names: &[&str]) -> Result<(), SiteNetError> {
         ip(&["link", "add", &self.bridge, "type", "bridge"])?;
         ip(&[
@@ -250,6 +292,7 @@ impl SiteNet {
                 netns: format!("ncs{}-{name}", self.idx),
                 addr: Ipv4Addr::new(10, 251, self.idx, k + 1),
                 gateway: self.gateway,
+                libvirt: None,
             };
             ip(&["netns", "add", &site.netns])?;
             // Pushed at once so a failure below still deletes this namespace on drop.
@@ -404,6 +447,11 @@ impl SiteNet {
 
 impl Drop for SiteNet {
     fn drop(&mut self) {
+        // Domains are destroyed through libvirt first; whatever is left (a QEMU that did not
+        // stop) is killed with the namespace.
+        for l in self.sites.iter().filter_map(|s| s.libvirt.as_ref()) {
+            crate::hosts::stop_libvirtd(&l.root, l.pid);
+        }
         teardown(self.idx);
     }
 }

@@ -353,3 +353,98 @@ async fn leftovers_of_a_crashed_run_are_removed_by_the_next_start() -> Result<()
     drop(next);
     Ok(())
 }
+
+/// `virsh` against a site's own libvirtd, from outside the site.
+fn site_virsh(sites: &TestSites, site: &str, args: &[&str]) -> (bool, String) {
+    let uri = sites.ns(site).libvirt.as_ref().unwrap().outside_uri();
+    let out = Command::new("virsh")
+        .args(["-q", "-c", &uri])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+fn mount_ns(pid: &str) -> std::path::PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap()
+}
+
+/// Sites with a libvirtd each: separate libvirt hosts that the sites' nodes use. With the test
+/// guest (CI sets NOVACRON_GUEST_KERNEL and NOVACRON_GUEST_INITRD), a real VM created at one
+/// site runs in that site's libvirt and nowhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_sites_have_their_own_libvirt() -> Result<()> {
+    let test = "real_sites_have_their_own_libvirt";
+    if !prerequisites(test) {
+        return Ok(());
+    }
+    if let Err(e) = node::hosts::available() {
+        println!("SKIP {test}: separate libvirt hosts unavailable: {e}");
+        return Ok(());
+    }
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let guest = get("NOVACRON_GUEST_KERNEL").zip(get("NOVACRON_GUEST_INITRD"));
+    let mut env = Vec::new();
+    if let Some((kernel, initrd)) = &guest {
+        env.push(("NOVACRON_GUEST_KERNEL".to_string(), kernel.clone()));
+        env.push(("NOVACRON_GUEST_INITRD".to_string(), initrd.clone()));
+        // KVM may exist without working for Linux guests (nested); TCG always boots.
+        env.push(("NOVACRON_DOMAIN_TYPE".to_string(), "qemu".to_string()));
+    } else {
+        println!("{test}: no test guest; checking the libvirt hosts without a VM");
+    }
+    let sites = TestSites::start_with_libvirt(
+        &[("a", 1), ("b", 1)],
+        fast_tuning(60_000, 10_000, 1_000),
+        env,
+        |_, _| Vec::new(),
+    )
+    .await?;
+
+    for site in ["a", "b"] {
+        let ns = sites.ns(site);
+        let libvirtd = ns.libvirt.as_ref().unwrap().pid.to_string();
+        // Each libvirtd is its own host.
+        let (ok, hostname) = site_virsh(&sites, site, &["hostname"]);
+        assert!(ok, "virsh hostname at {site}");
+        assert_eq!(hostname, format!("site-{site}"));
+        // The site's node sees the libvirtd's private mounts: its qemu:///system is that one.
+        let node_pids: Vec<String> = pids_in(&ns.netns)
+            .into_iter()
+            .filter(|p| *p != libvirtd)
+            .collect();
+        assert_eq!(node_pids.len(), 1, "{site}: {node_pids:?}");
+        assert_eq!(mount_ns(&node_pids[0]), mount_ns(&libvirtd), "{site}");
+        assert_ne!(mount_ns(&node_pids[0]), mount_ns("self"), "{site}");
+    }
+
+    if guest.is_some() {
+        let a = sites.site("a");
+        let (s, v) = a
+            .request(
+                0,
+                reqwest::Method::POST,
+                "/api/v1/vms",
+                Some(serde_json::json!({
+                    "name": "tiny", "vcpus": 1, "memory_mib": 128, "image": "tiny"
+                })),
+            )
+            .await?;
+        ensure!(s == 202, "create at a: HTTP {s} {v}");
+        let id = v["vm"]["id"].as_str().unwrap().to_string();
+        crate::vms::wait_state(a, 0, &id, "running").await?;
+        let domain = format!("nc-{id}");
+        assert_eq!(
+            site_virsh(&sites, "a", &["domstate", &domain]),
+            (true, "running".to_string())
+        );
+        assert!(
+            !site_virsh(&sites, "b", &["domstate", &domain]).0,
+            "{domain} at b"
+        );
+    }
+    Ok(())
+}

@@ -21,6 +21,9 @@
 //!   the real ports come from each node's `node.json`, as in [`TestCluster`]. `start_with` takes
 //!   extra environment for every node and extra `serve` arguments per node (`node_args(site,
 //!   i)`, node 0 being the one with `--init`; for example `--site NAME` once sites have names).
+//! - [`TestSites::start_with_libvirt`]: the same, with a libvirtd per site (own network, mount
+//!   and UTS namespaces), which the site's nodes use as `qemu:///system`; for real VMs at
+//!   several sites. `TestSites::ns(site).libvirt` has its URI from outside.
 //! - [`TestSites::site`] / [`TestSites::site_mut`]: the site's [`TestCluster`] (its `token` is
 //!   the site's admin token; `request`, `create_tenant`, `leader`, `status`, `kill`, ... work as
 //!   on any cluster, from the test process through the bridge).
@@ -47,6 +50,8 @@ pub struct TestSites {
     // Dropped first (see Drop): the nodes die before their namespaces are deleted.
     clusters: Vec<(String, TestCluster)>,
     pub net: SiteNet,
+    /// The sites' libvirt directories, removed after the daemons stopped (dropped after `net`).
+    _libvirt_root: Option<tempfile::TempDir>,
 }
 
 impl TestSites {
@@ -69,8 +74,42 @@ impl TestSites {
         env: Vec<(String, String)>,
         node_args: impl Fn(&str, usize) -> Vec<String>,
     ) -> Result<TestSites> {
+        Self::start_inner(sites, tuning, env, node_args, false).await
+    }
+
+    /// Like [`TestSites::start_with`], and each site has its own libvirtd (see
+    /// `node::sitenet::SiteNet::start_with_libvirt`); its nodes use it as `qemu:///system`
+    /// unless `env` sets `NOVACRON_LIBVIRT_URI`.
+    pub async fn start_with_libvirt(
+        sites: &[(&str, usize)],
+        tuning: String,
+        env: Vec<(String, String)>,
+        node_args: impl Fn(&str, usize) -> Vec<String>,
+    ) -> Result<TestSites> {
+        Self::start_inner(sites, tuning, env, node_args, true).await
+    }
+
+    async fn start_inner(
+        sites: &[(&str, usize)],
+        tuning: String,
+        mut env: Vec<(String, String)>,
+        node_args: impl Fn(&str, usize) -> Vec<String>,
+        libvirt: bool,
+    ) -> Result<TestSites> {
         let names: Vec<&str> = sites.iter().map(|(n, _)| *n).collect();
-        let net = SiteNet::start(&names)?;
+        let libvirt_root = if libvirt {
+            Some(tempfile::tempdir()?)
+        } else {
+            None
+        };
+        let net = match &libvirt_root {
+            Some(root) => {
+                // First, so the caller's own value (later in the list) wins.
+                env.insert(0, ("NOVACRON_LIBVIRT_URI".into(), "qemu:///system".into()));
+                SiteNet::start_with_libvirt(&names, root.path())?
+            }
+            None => SiteNet::start(&names)?,
+        };
         let mut starts = Vec::new();
         for (name, n) in sites {
             let ns = net.site(name)?.clone();
@@ -90,6 +129,7 @@ impl TestSites {
         Ok(TestSites {
             clusters: names.iter().map(|n| n.to_string()).zip(clusters).collect(),
             net,
+            _libvirt_root: libvirt_root,
         })
     }
 
