@@ -11,7 +11,8 @@
 //! dropped, not refused, so the other sites see what a dead WAN looks like: timeouts.
 //! [`SiteNet::heal`] removes those rules. [`SiteNet::cut_link`] cuts only the link between two
 //! sites (each drops the other's address; both keep their other links), [`SiteNet::heal_link`]
-//! restores it. Rules live in the sites' namespaces, so they go with them.
+//! restores it; [`SiteNet::set_link_loss`] makes a link lose a share of its packets. There is
+//! delay (it would need `tc netem` or an NFQUEUE delayer). Rules live in the sites' namespaces, so they go with them.
 //!
 //! Names carry a run prefix: bridge `ncsb<idx>`, veths `ncsv<idx>x<k>`, namespaces
 //! `ncs<idx>-<site>`, subnet `10.251.<idx>.0/24`, where `<idx>` is allocated under a lock file
@@ -25,12 +26,13 @@
 //! The range 10.251.0.0/16 is ours; `hosts` (separate libvirt hosts) uses 10.250.0.0/16.
 //! Needs root, `ip` (iproute2), `nft` (nftables) and `nsenter` (util-linux).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use fs2::FileExt;
 
@@ -46,6 +48,9 @@ const CUT_TABLE: &str = "novacron_cut";
 const SITE_TABLE: &str = "novacron_site";
 /// The set (in [`SITE_TABLE`]) of peer site addresses this site exchanges no packet with.
 const LINKS_CUT: &str = "links_cut";
+/// The chain (in [`SITE_TABLE`]) dropping a share of what this site sends to some peers. Loss
+/// is applied where packets leave, so each direction of a link loses exactly the share set.
+const LOSS_CHAIN: &str = "link_loss";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SiteNetError {
@@ -61,6 +66,8 @@ pub enum SiteNetError {
     NoSuchSite(String),
     #[error("a link joins two different sites, not {0:?} to itself")]
     SameSite(String),
+    #[error("packet loss is a percentage, not {0}")]
+    BadLoss(u8),
     #[error("at most {max} sites per network, {asked} asked")]
     TooManySites { max: usize, asked: usize },
     #[error("all {0} site networks are in use")]
@@ -208,6 +215,9 @@ pub struct SiteNet {
     /// The bridge's own address: the root namespace's foot on the sites' network.
     pub gateway: Ipv4Addr,
     pub sites: Vec<SiteNs>,
+    /// Packet loss per (site, peer site) in percent, as last set; the site's loss chain is
+    /// rebuilt from it on every change.
+    loss: Mutex<BTreeMap<(String, String), u8>>,
 }
 
 impl SiteNet {
@@ -250,6 +260,7 @@ impl SiteNet {
             bridge: format!("ncsb{idx}"),
             gateway: Ipv4Addr::new(10, 251, idx, 254),
             sites: Vec::new(),
+            loss: Mutex::new(BTreeMap::new()),
         };
         // On error `net` drops here and removes what was built, record included.
         net.build(names)?;
@@ -329,6 +340,9 @@ impl SiteNet {
                        chain output {{\n\
                          type filter hook output priority -10; policy accept;\n\
                          ip daddr @{LINKS_CUT} drop\n\
+                       }}\n\
+                       chain {LOSS_CHAIN} {{\n\
+                         type filter hook output priority -5; policy accept;\n\
                        }}\n\
                      }}\n"
                 ),
@@ -432,6 +446,62 @@ impl SiteNet {
             )?;
         }
         Ok(())
+    }
+
+    /// Makes the link between sites `a` and `b` lose `percent` of its packets in each
+    /// direction, at random (nftables `numgen random`); 0 restores it. A lossy WAN for tests of
+    /// retries and backoff: TCP still gets through, slower.
+    pub fn set_link_loss(&self, a: &str, b: &str, percent: u8) -> Result<(), SiteNetError> {
+        if percent > 100 {
+            return Err(SiteNetError::BadLoss(percent));
+        }
+        let (sa, sb) = self.link(a, b)?;
+        let mut loss = self.loss.lock().unwrap_or_else(|p| p.into_inner());
+        for (site, peer) in [(sa, sb), (sb, sa)] {
+            let key = (site.name.clone(), peer.name.clone());
+            if percent == 0 {
+                loss.remove(&key);
+            } else {
+                loss.insert(key, percent);
+            }
+            let mut script = format!("flush chain inet {SITE_TABLE} {LOSS_CHAIN}\n");
+            for ((from, to), pct) in loss.iter() {
+                if *from != site.name {
+                    continue;
+                }
+                let to = self.site(to)?;
+                script.push_str(&format!(
+                    "add rule inet {SITE_TABLE} {LOSS_CHAIN} ip daddr {} numgen random mod 100 < {pct} counter drop\n",
+                    to.addr
+                ));
+            }
+            nft_in(&site.netns, &script)?;
+        }
+        Ok(())
+    }
+
+    /// Packets dropped so far by the loss rules of site `name` (all its lossy links).
+    pub fn lost_packets(&self, name: &str) -> Result<u64, SiteNetError> {
+        let site = self.site(name)?;
+        let chain = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &site.netns,
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            SITE_TABLE,
+            LOSS_CHAIN,
+        ]))?;
+        // Each rule prints `counter packets N bytes M`.
+        Ok(chain
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split("counter packets ").nth(1)?;
+                rest.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .sum())
     }
 
     /// Whether site `name` is cut now (its cut table exists).

@@ -297,6 +297,27 @@ async fn cutting_one_link_leaves_the_other_links_up() -> Result<()> {
     sites.heal_link("a", "b")?;
     assert!(sites.reachable("a", "b", NO_ANSWER).await?);
     assert!(sites.reachable("b", "a", NO_ANSWER).await?);
+
+    // A lossy link drops some packets each way and still carries requests (TCP retransmits).
+    assert!(sites.set_link_loss("a", "c", 101).is_err());
+    sites.set_link_loss("a", "c", 20)?;
+    let mut answered = 0;
+    for _ in 0..5 {
+        for (from, to) in [("a", "c"), ("c", "a")] {
+            if sites.reachable(from, to, Duration::from_secs(10)).await? {
+                answered += 1;
+            }
+        }
+    }
+    let (lost_a, lost_c) = (sites.net.lost_packets("a")?, sites.net.lost_packets("c")?);
+    println!("20% loss: {answered} of 10 requests answered; dropped {lost_a} at a, {lost_c} at c");
+    assert!(answered > 0);
+    assert!(lost_a > 0 && lost_c > 0, "{lost_a} {lost_c}");
+    // Only the lossy link: b's links lose nothing.
+    assert_eq!(sites.net.lost_packets("b")?, 0);
+    sites.set_link_loss("c", "a", 0)?;
+    assert_eq!(sites.net.lost_packets("a")?, 0, "loss rules left at a");
+    assert_eq!(sites.net.lost_packets("c")?, 0, "loss rules left at c");
     Ok(())
 }
 

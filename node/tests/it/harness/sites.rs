@@ -28,7 +28,8 @@
 //!   the site's admin token; `request`, `create_tenant`, `leader`, `status`, `kill`, ... work as
 //!   on any cluster, from the test process through the bridge).
 //! - [`TestSites::cut`] / [`TestSites::heal`]: see `node::sitenet::SiteNet::cut`;
-//!   [`TestSites::cut_link`] / [`TestSites::heal_link`] one link between two sites. A cut drops
+//!   [`TestSites::cut_link`] / [`TestSites::heal_link`] one link between two sites;
+//!   [`TestSites::set_link_loss`] a lossy link (`net.lost_packets(site)` counts). A cut drops
 //!   packets (no refusals), so calls across it time out.
 //! - [`TestSites::command_in`]: any program inside a site's namespace; [`TestSites::cli_in`] the
 //!   `novacron` CLI, [`TestSites::http_from`] one HTTP request by curl, [`TestSites::reachable`]
@@ -184,6 +185,11 @@ impl TestSites {
 
     pub fn heal_link(&self, a: &str, b: &str) -> Result<()> {
         Ok(self.net.heal_link(a, b)?)
+    }
+
+    /// Makes the link between `a` and `b` lose `percent` of its packets each way (0 restores).
+    pub fn set_link_loss(&self, a: &str, b: &str, percent: u8) -> Result<()> {
+        Ok(self.net.set_link_loss(a, b, percent)?)
     }
 
     /// `program` inside `site`'s namespace; the child is killed if the handle is dropped.
