@@ -12,7 +12,8 @@
 //! [`SiteNet::heal`] removes those rules. [`SiteNet::cut_link`] cuts only the link between two
 //! sites (each drops the other's address; both keep their other links), [`SiteNet::heal_link`]
 //! restores it; [`SiteNet::set_link_loss`] makes a link lose a share of its packets. There is
-//! delay (it would need `tc netem` or an NFQUEUE delayer). Rules live in the sites' namespaces, so they go with them.
+//! no added delay (that needs `tc netem` or an NFQUEUE delayer). Rules live in the sites'
+//! namespaces, so they go with them.
 //!
 //! Names carry a run prefix: bridge `ncsb<idx>`, veths `ncsv<idx>x<k>`, namespaces
 //! `ncs<idx>-<site>`, subnet `10.251.<idx>.0/24`, where `<idx>` is allocated under a lock file
@@ -40,6 +41,8 @@ use fs2::FileExt;
 const STATE_DIR: &str = "/run/novacron-sitenet";
 /// How many site networks may exist at once (one /24 each under 10.251.0.0/16).
 const MAX_NETS: u8 = 250;
+/// Sites per network: addresses .1 to .200 of its /24 (.254 is the bridge).
+pub const MAX_SITES: usize = 200;
 /// The nftables table (inside a site namespace) that holds a cut.
 const CUT_TABLE: &str = "novacron_cut";
 /// The nftables table every site namespace has from the start: it turns connection tracking on
@@ -221,8 +224,8 @@ pub struct SiteNet {
 }
 
 impl SiteNet {
-    /// Creates one namespace per name (at most 200), each with loopback up and its address on a
-    /// fresh bridge. Leftovers of dead owners are removed first.
+    /// Creates one namespace per name (at most [`MAX_SITES`]), each with loopback up and its
+    /// address on a fresh bridge. Leftovers of dead owners are removed first.
     pub fn start(names: &[&str]) -> Result<SiteNet, SiteNetError> {
         available()?;
         let mut seen = BTreeSet::new();
@@ -238,9 +241,9 @@ impl SiteNet {
                 return Err(SiteNetError::Duplicate(n.to_string()));
             }
         }
-        if names.len() > 200 {
+        if names.len() > MAX_SITES {
             return Err(SiteNetError::TooManySites {
-                max: 200,
+                max: MAX_SITES,
                 asked: names.len(),
             });
         }
@@ -295,7 +298,7 @@ impl SiteNet {
         ip(&["link", "set", &self.bridge, "up"])?;
         for (k, name) in names.iter().enumerate() {
             let k = u8::try_from(k).map_err(|_| SiteNetError::TooManySites {
-                max: 200,
+                max: MAX_SITES,
                 asked: names.len(),
             })?;
             let site = SiteNs {
@@ -471,7 +474,8 @@ impl SiteNet {
                 }
                 let to = self.site(to)?;
                 script.push_str(&format!(
-                    "add rule inet {SITE_TABLE} {LOSS_CHAIN} ip daddr {} numgen random mod 100 < {pct} counter drop\n",
+                    "add rule inet {SITE_TABLE} {LOSS_CHAIN} ip daddr {} \
+                     numgen random mod 100 < {pct} counter drop\n",
                     to.addr
                 ));
             }

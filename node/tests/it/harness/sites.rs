@@ -2,17 +2,20 @@
 //! federation tests: the machinery of `node::sitenet` (namespaces on a bridge, cuts with
 //! nftables) with a [`TestCluster`] per site.
 //!
-//! ```ignore
-//! let sites = TestSites::start(&[("a", 3), ("b", 3), ("edge", 1)], fast_tuning(60_000, 10_000, 1_000)).await?;
-//! sites.site("edge").create_tenant(0, "t").await?;     // the test process reaches every API
-//! sites.node_url("a", 1);                               // "http://10.251.X.1:PORT"
-//! sites.cli_in("a", &sites.node_url("b", 0), sites.site("b").token.as_deref(),
-//!              &["cluster", "status", "-o", "json"], Duration::from_secs(5)).await?; // Some(output) or None
-//! sites.http_from("a", "GET", &url, None, None, Duration::from_secs(3)).await?;     // curl inside a
-//! sites.cut("edge")?;  // edge <-> other sites and edge -> root namespace: dropped; tests -> edge API: kept
+//! ```text
+//! let tuning = fast_tuning(60_000, 10_000, 1_000);
+//! let sites = TestSites::start(&[("a", 3), ("b", 3), ("edge", 1)], tuning).await?;
+//! sites.site("edge").create_tenant(0, "t").await?; // the test process reaches every API
+//! sites.node_url("a", 1);                           // "http://10.251.X.1:PORT"
+//! let b = (sites.node_url("b", 0), sites.site("b").token.clone());
+//! // The CLI inside a: Some(output), or None when nothing answered within 5 s.
+//! sites.cli_in("a", &b.0, b.1.as_deref(), &["cluster", "status"], secs(5)).await?;
+//! sites.http_from("a", "GET", &url, None, None, secs(3)).await?; // curl inside a
+//! sites.cut("edge")?;  // edge <-> other sites, edge -> root: dropped; tests -> edge API: kept
 //! sites.heal("edge")?;
-//! sites.cut_link("a", "b")?; // a <-> b only; both still reach edge and are reached by the tests
+//! sites.cut_link("a", "b")?; // a <-> b only; both still reach edge and the tests reach both
 //! sites.heal_link("a", "b")?;
+//! sites.set_link_loss("a", "edge", 20)?; // 20% of packets lost each way; 0 restores
 //! ```
 //!
 //! - [`TestSites::start`] / [`TestSites::start_with`]: one namespace per site and one cluster per
