@@ -227,26 +227,8 @@ impl SiteNet {
     /// Creates one namespace per name (at most [`MAX_SITES`]), each with loopback up and its
     /// address on a fresh bridge. Leftovers of dead owners are removed first.
     pub fn start(names: &[&str]) -> Result<SiteNet, SiteNetError> {
+        check_names(names)?;
         available()?;
-        let mut seen = BTreeSet::new();
-        for n in names {
-            let ok = !n.is_empty()
-                && n.len() <= 20
-                && n.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !ok {
-                return Err(SiteNetError::BadName(n.to_string()));
-            }
-            if !seen.insert(*n) {
-                return Err(SiteNetError::Duplicate(n.to_string()));
-            }
-        }
-        if names.len() > MAX_SITES {
-            return Err(SiteNetError::TooManySites {
-                max: MAX_SITES,
-                asked: names.len(),
-            });
-        }
         std::fs::create_dir_all(STATE_DIR)?;
         // Allocation and cleanup happen under one lock, and an owner's record is written before
         // anything of it exists, so a cleaner never mistakes a network being built for a leftover.
@@ -530,6 +512,30 @@ impl Drop for SiteNet {
     }
 }
 
+/// Site names become parts of namespace names: short, lower-case, distinct.
+fn check_names(names: &[&str]) -> Result<(), SiteNetError> {
+    if names.len() > MAX_SITES {
+        return Err(SiteNetError::TooManySites {
+            max: MAX_SITES,
+            asked: names.len(),
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for n in names {
+        let ok = !n.is_empty()
+            && n.len() <= 20
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(SiteNetError::BadName(n.to_string()));
+        }
+        if !seen.insert(*n) {
+            return Err(SiteNetError::Duplicate(n.to_string()));
+        }
+    }
+    Ok(())
+}
+
 fn record_path(idx: u8) -> PathBuf {
     Path::new(STATE_DIR).join(format!("net{idx}"))
 }
@@ -673,6 +679,27 @@ fn teardown(idx: u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn site_names_are_short_lower_case_and_distinct() {
+        assert!(check_names(&["a", "b", "edge-1"]).is_ok());
+        for bad in ["", "A", "a b", "a/b", "a_b", "abcdefghijklmnopqrstu"] {
+            assert!(
+                matches!(check_names(&[bad]), Err(SiteNetError::BadName(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            check_names(&["a", "a"]),
+            Err(SiteNetError::Duplicate(_))
+        ));
+        let many: Vec<String> = (0..=MAX_SITES).map(|i| format!("s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(matches!(
+            check_names(&many),
+            Err(SiteNetError::TooManySites { .. })
+        ));
+    }
 
     #[test]
     fn a_stamp_of_a_dead_or_reused_pid_is_not_alive() {
