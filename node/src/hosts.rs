@@ -132,12 +132,12 @@ pub struct Host {
 impl Host {
     /// The libvirt socket as seen from outside the host's mount namespace.
     pub fn socket(&self) -> PathBuf {
-        self.root.join("run").join("libvirt-sock")
+        libvirt_socket(&self.root)
     }
 
     /// A URI reaching this host's libvirtd from outside its namespaces (virsh in tests).
     pub fn outside_uri(&self) -> String {
-        format!("qemu+unix:///system?socket={}", self.socket().display())
+        libvirt_outside_uri(&self.root)
     }
 
     /// A command that runs `program` inside this host's network, mount and UTS namespaces.
@@ -154,25 +154,118 @@ impl Host {
         tokio::process::Command::from(self.command(program))
     }
 
-    fn virsh(&self, args: &[&str]) -> Result<String, HostError> {
-        run(Command::new("virsh")
-            .args(["-q", "-c", &self.outside_uri()])
-            .args(args))
-    }
-
     fn stop(&self) {
-        if let Ok(names) = self.virsh(&["list", "--name"]) {
-            for d in names.lines().map(str::trim).filter(|d| !d.is_empty()) {
-                let _ = self.virsh(&["destroy", d]);
-            }
-        }
-        let _ = run(Command::new("kill").arg(self.libvirtd_pid.to_string()));
-        let proc_dir = PathBuf::from(format!("/proc/{}", self.libvirtd_pid));
-        let _ = wait_until("libvirtd to exit", Duration::from_secs(10), || {
-            !proc_dir.exists()
-        });
+        stop_libvirtd(&self.root, self.libvirtd_pid);
         let _ = run(Command::new("ip").args(["netns", "del", &self.netns]));
     }
+}
+
+/// The libvirt socket of a libvirtd started by [`start_libvirtd`] under `root`, as seen from
+/// outside its mount namespace.
+pub fn libvirt_socket(root: &Path) -> PathBuf {
+    root.join("run").join("libvirt-sock")
+}
+
+/// A URI reaching the libvirtd under `root` from outside its namespaces.
+pub fn libvirt_outside_uri(root: &Path) -> String {
+    format!(
+        "qemu+unix:///system?socket={}",
+        libvirt_socket(root).display()
+    )
+}
+
+fn virsh(root: &Path, args: &[&str]) -> Result<String, HostError> {
+    run(Command::new("virsh")
+        .args(["-q", "-c", &libvirt_outside_uri(root)])
+        .args(args))
+}
+
+/// Starts a libvirtd inside the existing network namespace `netns`, in a private mount and UTS
+/// namespace of its own (host name `hostname`, libvirt directories under `root`, its own host
+/// UUID), and waits until it answers. Returns its pid: `nsenter -t PID -m -n -u` enters the
+/// host. Used by [`HostSet`] and by `sitenet` for sites with their own libvirt.
+pub fn start_libvirtd(netns: &str, hostname: &str, root: &Path) -> Result<u32, HostError> {
+    available()?;
+    ensure_system_bits()?;
+    for (_, sub) in BIND_MOUNTS {
+        std::fs::create_dir_all(root.join(sub))?;
+    }
+    std::fs::create_dir_all(root.join("log").join("qemu"))?;
+    let caps = root.join("cache").join("qemu").join("capabilities");
+    std::fs::create_dir_all(&caps)?;
+    let shared_caps = std::env::temp_dir().join(CAPS_CACHE);
+    copy_dir(&shared_caps, &caps);
+    let uuid = uuid::Uuid::new_v4();
+    std::fs::write(
+        root.join("etc").join("libvirtd.conf"),
+        format!(
+            "listen_tls = 0\nlisten_tcp = 0\nauth_unix_rw = \"none\"\nhost_uuid = \"{uuid}\"\n\
+             log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n"
+        ),
+    )?;
+    std::fs::write(root.join("etc").join("qemu.conf"), QEMU_CONF)?;
+
+    let mut script = format!("hostname {hostname}\n");
+    for (mount_point, sub) in BIND_MOUNTS {
+        std::fs::create_dir_all(mount_point)?;
+        script.push_str(&format!(
+            "mount --bind '{}' {mount_point}\n",
+            root.join(sub).display()
+        ));
+    }
+    script.push_str("exec /usr/sbin/libvirtd --daemon --pid-file /run/libvirt/libvirtd.pid\n");
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        netns,
+        "unshare",
+        "-m",
+        "-u",
+        "--propagation",
+        "private",
+        "sh",
+        "-ec",
+        &script,
+    ]))?;
+    let pid_file = root.join("run").join("libvirtd.pid");
+    let mut pid = 0;
+    wait_until("libvirtd to write its pid", START_TIMEOUT, || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .map(|p| pid = p)
+            .is_some()
+    })?;
+    let socket = libvirt_socket(root);
+    let answered = wait_until("libvirtd's socket", START_TIMEOUT, || socket.exists()).and_then(
+        // The first connection runs QEMU's capabilities probe; wait for it once here.
+        |()| {
+            wait_until("libvirtd to answer", START_TIMEOUT, || {
+                virsh(root, &["version"]).is_ok()
+            })
+        },
+    );
+    if let Err(e) = answered {
+        stop_libvirtd(root, pid);
+        return Err(e);
+    }
+    let _ = std::fs::create_dir_all(&shared_caps);
+    copy_dir(&caps, &shared_caps);
+    Ok(pid)
+}
+
+/// Destroys the domains of the libvirtd under `root` and stops it (best effort).
+pub fn stop_libvirtd(root: &Path, pid: u32) {
+    if let Ok(names) = virsh(root, &["list", "--name"]) {
+        for d in names.lines().map(str::trim).filter(|d| !d.is_empty()) {
+            let _ = virsh(root, &["destroy", d]);
+        }
+    }
+    let _ = run(Command::new("kill").arg(pid.to_string()));
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let _ = wait_until("libvirtd to exit", Duration::from_secs(10), || {
+        !proc_dir.exists()
+    });
 }
 
 /// Several hosts on one bridge; dropping it tears everything down.
@@ -241,23 +334,6 @@ impl HostSet {
         let netns = format!("nc{tag}h{}", i + 1);
         let addr = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], index);
         let root = self.root.join(&name);
-        for (_, sub) in BIND_MOUNTS {
-            std::fs::create_dir_all(root.join(sub))?;
-        }
-        std::fs::create_dir_all(root.join("log").join("qemu"))?;
-        let caps = root.join("cache").join("qemu").join("capabilities");
-        std::fs::create_dir_all(&caps)?;
-        let shared_caps = std::env::temp_dir().join(CAPS_CACHE);
-        copy_dir(&shared_caps, &caps);
-        let uuid = uuid::Uuid::new_v4();
-        std::fs::write(
-            root.join("etc").join("libvirtd.conf"),
-            format!(
-                "listen_tls = 0\nlisten_tcp = 0\nauth_unix_rw = \"none\"\nhost_uuid = \"{uuid}\"\n\
-                 log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n"
-            ),
-        )?;
-        std::fs::write(root.join("etc").join("qemu.conf"), QEMU_CONF)?;
 
         run(Command::new("ip").args(["netns", "add", &netns]))?;
         let veth_out = format!("ncv{tag}{}", i + 1);
@@ -271,52 +347,14 @@ impl HostSet {
         in_ns(&["link", "set", "eth0", "up"])?;
         in_ns(&["link", "set", "lo", "up"])?;
 
-        let mut script = format!("hostname {name}\n");
-        for (mount_point, sub) in BIND_MOUNTS {
-            std::fs::create_dir_all(mount_point)?;
-            script.push_str(&format!(
-                "mount --bind '{}' {mount_point}\n",
-                root.join(sub).display()
-            ));
-        }
-        script.push_str("exec /usr/sbin/libvirtd --daemon --pid-file /run/libvirt/libvirtd.pid\n");
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &netns,
-            "unshare",
-            "-m",
-            "-u",
-            "--propagation",
-            "private",
-            "sh",
-            "-ec",
-            &script,
-        ]))?;
-        let pid_file = root.join("run").join("libvirtd.pid");
-        let mut host = Host {
+        let libvirtd_pid = start_libvirtd(&netns, &name, &root)?;
+        Ok(Host {
             name,
             netns,
             addr,
-            root: root.clone(),
-            libvirtd_pid: 0,
-        };
-        wait_until("libvirtd to write its pid", START_TIMEOUT, || {
-            std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok())
-                .map(|p| host.libvirtd_pid = p)
-                .is_some()
-        })?;
-        let socket = host.socket();
-        wait_until("libvirtd's socket", START_TIMEOUT, || socket.exists())?;
-        // The first connection runs QEMU's capabilities probe; wait for it once here.
-        wait_until("libvirtd to answer", START_TIMEOUT, || {
-            host.virsh(&["version"]).is_ok()
-        })?;
-        let _ = std::fs::create_dir_all(&shared_caps);
-        copy_dir(&caps, &shared_caps);
-        Ok(host)
+            root,
+            libvirtd_pid,
+        })
     }
 }
 

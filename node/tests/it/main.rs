@@ -21,6 +21,7 @@ mod raft_failure;
 mod real_migration;
 mod real_vm;
 mod scheduler;
+mod sites;
 mod snapshot;
 mod vm_metrics;
 mod vms;
