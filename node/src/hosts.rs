@@ -9,8 +9,15 @@
 //! integration tests of migration. Needs root, `ip`, `unshare`, `nsenter` and `libvirtd`.
 //! Everything is undone when the [`HostSet`] is dropped: domains destroyed, daemons stopped,
 //! namespaces and the bridge deleted.
+//!
+//! A process that dies without dropping its `HostSet` (SIGKILL, a crash) leaves QEMU, libvirtd,
+//! the namespaces and the bridge behind: libvirtd daemonises and QEMU outlives it. So every
+//! `HostSet` records what it creates in a registry file (`/run/novacron-hosts/`), with its
+//! owner's pid and start time, and [`HostSet::start`] first removes what the records of dead
+//! owners name: every process inside their network namespaces, the namespaces, the bridge.
 
 use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -42,6 +49,10 @@ const BIND_MOUNTS: [(&str, &str); 5] = [
 const CAPS_CACHE: &str = "novacron-qemu-caps";
 
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Where each live [`HostSet`] records what it created. Under `/run` because namespaces,
+/// bridges and processes do not survive a reboot either, so neither should their records.
+pub const REGISTRY_DIR: &str = "/run/novacron-hosts";
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -127,6 +138,9 @@ pub struct Host {
     pub root: PathBuf,
     /// The libvirtd process; its namespaces are the host's.
     pub libvirtd_pid: u32,
+    /// The network namespace's inode: every process inside it (libvirtd, QEMU, the node, the
+    /// migration tunnels) shows it in `/proc/PID/ns/net`, even once the name is deleted.
+    pub netns_inode: u64,
 }
 
 impl Host {
@@ -140,13 +154,27 @@ impl Host {
         format!("qemu+unix:///system?socket={}", self.socket().display())
     }
 
+    /// The command line prefix that runs a program inside this host's network, mount and UTS
+    /// namespaces: `nsenter ... --`, to be followed by the program and its arguments.
+    pub fn enter_prefix(&self) -> Vec<String> {
+        // Without --pid nsenter execs the program itself, so the child's pid is the program's.
+        ["nsenter", "-t", &self.libvirtd_pid.to_string(), "-m", "-n", "-u", "--"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
     /// A command that runs `program` inside this host's network, mount and UTS namespaces.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        // Without --pid nsenter execs the program itself, so the child's pid is the program's.
-        c.args(["-t", &self.libvirtd_pid.to_string(), "-m", "-n", "-u", "--"])
-            .arg(program);
+        let prefix = self.enter_prefix();
+        let mut c = Command::new(&prefix[0]);
+        c.args(&prefix[1..]).arg(program);
         c
+    }
+
+    /// Processes inside this host's network namespace (libvirtd, QEMU, the node, tunnels).
+    pub fn processes(&self) -> Vec<u32> {
+        processes_in_netns(self.netns_inode)
     }
 
     /// The same as [`Host::command`], for tokio.
@@ -171,8 +199,143 @@ impl Host {
         let _ = wait_until("libvirtd to exit", Duration::from_secs(10), || {
             !proc_dir.exists()
         });
+        // What is still inside (a QEMU whose destroy failed, a tunnel, a node that outlived its
+        // parent) would keep the namespace, and its guest, alive after the name is gone.
+        kill_netns_processes(self.netns_inode);
         let _ = run(Command::new("ip").args(["netns", "del", &self.netns]));
     }
+}
+
+/// What a [`HostSet`] created, written to [`REGISTRY_DIR`] before each piece is made.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Record {
+    owner_pid: u32,
+    /// The owner's start time (clock ticks after boot): a recycled pid is not the owner.
+    owner_start: u64,
+    bridge: String,
+    hosts: Vec<RecordedHost>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct RecordedHost {
+    netns: String,
+    /// Known once the namespace exists.
+    netns_inode: Option<u64>,
+}
+
+impl Record {
+    fn path(&self) -> PathBuf {
+        Path::new(REGISTRY_DIR).join(format!("{}.json", self.bridge))
+    }
+
+    fn save(&self) -> Result<(), HostError> {
+        std::fs::create_dir_all(REGISTRY_DIR)?;
+        let path = self.path();
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        // A rename, so a reader never sees half a record.
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(self.path());
+    }
+
+    /// Removes everything the record names. Processes are killed outright: their owner is
+    /// gone, nothing will ever talk to them again.
+    fn clean(&self) {
+        for h in &self.hosts {
+            let inode = h.netns_inode.or_else(|| netns_inode(&h.netns).ok());
+            if let Some(inode) = inode {
+                kill_netns_processes(inode);
+            }
+            let _ = run(Command::new("ip").args(["netns", "del", &h.netns]));
+        }
+        let _ = run(Command::new("ip").args(["link", "del", &self.bridge]));
+    }
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`), if it runs; a zombie (dead,
+/// not yet reaped by its parent) does not run.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    // Field 3 (the state) was taken; the start time is field 22.
+    fields.nth(18)?.parse().ok()
+}
+
+fn netns_inode(name: &str) -> Result<u64, HostError> {
+    Ok(std::fs::metadata(Path::new("/run/netns").join(name))?.ino())
+}
+
+/// Every process whose network namespace is the one with `inode`.
+pub fn processes_in_netns(inode: u64) -> Vec<u32> {
+    let want = format!("net:[{inode}]");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let ns = std::fs::read_link(e.path().join("ns").join("net")).ok()?;
+            (ns.to_str() == Some(want.as_str())).then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGKILLs every process in the network namespace and waits until they are gone.
+fn kill_netns_processes(inode: u64) {
+    let _ = wait_until(
+        "the namespace's processes to exit",
+        Duration::from_secs(10),
+        || {
+            let pids = processes_in_netns(inode);
+            if pids.is_empty() {
+                return true;
+            }
+            let _ = run(Command::new("kill")
+                .arg("-KILL")
+                .args(pids.iter().map(u32::to_string)));
+            false
+        },
+    );
+}
+
+/// Removes what earlier `HostSet`s whose process died without dropping them left behind, and
+/// returns their bridges' names. Records of live owners (concurrent test processes, another
+/// `dev up`) are left alone.
+pub fn remove_leftovers() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(REGISTRY_DIR) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let Ok(text) = std::fs::read(&path) else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_slice::<Record>(&text) else {
+            // Records are renamed into place whole; one that does not parse is not ours.
+            continue;
+        };
+        if process_start(record.owner_pid) == Some(record.owner_start) {
+            continue;
+        }
+        record.clean();
+        record.remove();
+        removed.push(record.bridge);
+    }
+    removed
 }
 
 /// Several hosts on one bridge; dropping it tears everything down.
@@ -183,14 +346,19 @@ pub struct HostSet {
     /// The bridge's own address (the root namespace's foot on the hosts' network).
     pub gateway: Ipv4Addr,
     root: PathBuf,
+    record: Record,
 }
 
 impl HostSet {
     /// Starts `n` hosts under `root` (created if needed). The bridge and namespace names and the
     /// /24 are derived from this process's id, so concurrent test processes do not collide.
+    /// Leftovers of earlier sets whose process died are removed first (see [`remove_leftovers`]).
     pub fn start(root: &Path, n: usize) -> Result<HostSet, HostError> {
         available()?;
         ensure_system_bits()?;
+        for bridge in remove_leftovers() {
+            tracing::warn!(%bridge, "removed the libvirt hosts a dead process left behind");
+        }
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let tag = format!("{}{}", pid % 100_000, seq % 10);
@@ -201,18 +369,38 @@ impl HostSet {
         let bridge = format!("ncb{tag}");
         let gateway = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 254);
         std::fs::create_dir_all(root)?;
+        let record = Record {
+            owner_pid: pid,
+            owner_start: process_start(pid).unwrap_or_default(),
+            bridge: bridge.clone(),
+            hosts: (0..n)
+                .map(|i| RecordedHost {
+                    netns: format!("nc{tag}h{}", i + 1),
+                    netns_inode: None,
+                })
+                .collect(),
+        };
+        // Recorded before anything exists, so a death at any point leaves nothing unnamed.
+        record.save()?;
         let mut set = HostSet {
             hosts: Vec::new(),
             bridge: bridge.clone(),
             gateway,
             root: root.to_path_buf(),
+            record,
         };
         run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]))?;
         run(Command::new("ip").args(["addr", "add", &format!("{gateway}/24"), "dev", &bridge]))?;
         run(Command::new("ip").args(["link", "set", &bridge, "up"]))?;
         for i in 0..n {
             match set.start_host(&tag, subnet, i) {
-                Ok(host) => set.hosts.push(host),
+                Ok(host) => {
+                    if let Some(r) = set.record.hosts.get_mut(i) {
+                        r.netns_inode = Some(host.netns_inode);
+                    }
+                    set.record.save()?;
+                    set.hosts.push(host);
+                }
                 Err(e) => {
                     // The hosts already started go with `set`; this one's pieces go here.
                     let root = set.root.join(format!("nchost{}", i + 1));
@@ -223,11 +411,11 @@ impl HostSet {
                     {
                         let _ = run(Command::new("kill").arg(pid.to_string()));
                     }
-                    let _ = run(Command::new("ip").args([
-                        "netns",
-                        "del",
-                        &format!("nc{tag}h{}", i + 1),
-                    ]));
+                    let netns = format!("nc{tag}h{}", i + 1);
+                    if let Ok(inode) = netns_inode(&netns) {
+                        kill_netns_processes(inode);
+                    }
+                    let _ = run(Command::new("ip").args(["netns", "del", &netns]));
                     return Err(e);
                 }
             }
@@ -241,6 +429,9 @@ impl HostSet {
         let netns = format!("nc{tag}h{}", i + 1);
         let addr = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], index);
         let root = self.root.join(&name);
+        // A run that died leaves libvirtd's pid file and socket behind; the pid wait below
+        // would take the dead daemon's pid for the new one's.
+        let _ = std::fs::remove_dir_all(root.join("run"));
         for (_, sub) in BIND_MOUNTS {
             std::fs::create_dir_all(root.join(sub))?;
         }
@@ -260,6 +451,7 @@ impl HostSet {
         std::fs::write(root.join("etc").join("qemu.conf"), QEMU_CONF)?;
 
         run(Command::new("ip").args(["netns", "add", &netns]))?;
+        let netns_inode = netns_inode(&netns)?;
         let veth_out = format!("ncv{tag}{}", i + 1);
         run(Command::new("ip").args([
             "link", "add", &veth_out, "type", "veth", "peer", "name", "eth0", "netns", &netns,
@@ -300,6 +492,7 @@ impl HostSet {
             addr,
             root: root.clone(),
             libvirtd_pid: 0,
+            netns_inode,
         };
         wait_until("libvirtd to write its pid", START_TIMEOUT, || {
             std::fs::read_to_string(&pid_file)
@@ -326,6 +519,7 @@ impl Drop for HostSet {
             h.stop();
         }
         let _ = run(Command::new("ip").args(["link", "del", &self.bridge]));
+        self.record.remove();
     }
 }
 
