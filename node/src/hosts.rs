@@ -247,9 +247,15 @@ impl Record {
     /// gone, nothing will ever talk to them again.
     fn clean(&self) {
         for h in &self.hosts {
-            let inode = h.netns_inode.or_else(|| netns_inode(&h.netns).ok());
-            if let Some(inode) = inode {
-                kill_netns_processes(inode);
+            // Only while the name still holds the namespace: once a namespace is gone its
+            // inode number is reused, and the processes of someone else's namespace are not
+            // ours to kill. The name is deleted last (see `Host::stop`), so while anything of
+            // ours runs in it, it is there.
+            match netns_inode(&h.netns) {
+                Ok(inode) if h.netns_inode.is_none_or(|r| r == inode) => {
+                    kill_netns_processes(inode)
+                }
+                _ => {}
             }
             let _ = run(Command::new("ip").args(["netns", "del", &h.netns]));
         }

@@ -219,6 +219,25 @@ async fn client(ready: &Value) -> anyhow::Result<TestCluster> {
     Ok(c)
 }
 
+/// The start time of a running (not zombie) process: with its pid, it names the process.
+fn started(pid: u64) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    (fields.first() != Some(&"Z")).then(|| fields.get(19).map(|s| s.to_string()))?
+}
+
+/// Every process inside the run's host namespaces now, named by pid and start time. Checked
+/// after the run by identity, not by namespace: a freed namespace's inode number is soon
+/// reused by another one (other tests, other users of the machine).
+fn inside_hosts(hosts: &RunHosts) -> Vec<(u64, String)> {
+    hosts
+        .netns_inodes
+        .iter()
+        .flat_map(|i| node::hosts::processes_in_netns(*i))
+        .filter_map(|pid| started(u64::from(pid)).map(|t| (u64::from(pid), t)))
+        .collect()
+}
+
 fn alive(pid: u64) -> bool {
     // A zombie is dead for our purpose: it holds no port, namespace or guest.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -325,18 +344,27 @@ fn domstate(uri: &str, id: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Asserts that nothing of the run is left: nodes, libvirtds, any process in its namespaces,
-/// any process of its VMs, the namespaces, the bridge, its registry record.
-fn assert_nothing_left(ready: &Value, hosts: &RunHosts, vm_ids: &[String]) {
+/// Asserts that nothing of the run is left: nodes, libvirtds, the processes that were inside
+/// its namespaces (`inside`, taken before it stopped), any process of its VMs, the namespaces,
+/// the bridge, its registry record.
+fn assert_nothing_left(
+    ready: &Value,
+    hosts: &RunHosts,
+    inside: &[(u64, String)],
+    vm_ids: &[String],
+) {
     for pid in node_pids(ready) {
         assert!(!alive(pid), "node process {pid} outlived dev up");
     }
     for pid in &hosts.libvirtd_pids {
         assert!(!alive(*pid), "libvirtd {pid} outlived dev up");
     }
-    for inode in &hosts.netns_inodes {
-        let inside = node::hosts::processes_in_netns(*inode);
-        assert!(inside.is_empty(), "processes left in a host's namespace: {inside:?}");
+    for (pid, start) in inside {
+        assert!(
+            started(*pid).as_ref() != Some(start),
+            "process {pid} of a host's namespace left: {:?}",
+            std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        );
     }
     for id in vm_ids {
         let left = processes_mentioning(id);
@@ -422,12 +450,15 @@ async fn on_libvirt_hosts_dev_up_boots_and_live_migrates_a_real_guest_and_leaves
     assert_eq!(qemu2.len(), 1, "{qemu2:?}");
     assert!(node::hosts::processes_in_netns(hosts.netns_inodes[1]).contains(&qemu2[0]));
 
+    let inside = inside_hosts(&hosts);
+    // libvirtd, the node and the guest's QEMU, on each host.
+    assert!(inside.len() >= 4, "{inside:?}");
     // Ctrl-C, as a user stops it.
     dev.signal("INT")?;
     let status = dev.exit(Duration::from_secs(120)).await?;
     assert!(status.success(), "dev up exited with {status}");
     assert!(dev.output().contains("dev cluster stopped"), "{}", dev.output());
-    assert_nothing_left(&ready, &hosts, &[id]);
+    assert_nothing_left(&ready, &hosts, &inside, &[id]);
     Ok(())
 }
 
@@ -452,6 +483,7 @@ async fn on_libvirt_hosts_a_killed_dev_up_is_cleaned_up_by_the_next_start() -> a
         .collect();
     assert_eq!(qemu.len(), 1, "{qemu:?}");
 
+    let inside = inside_hosts(&hosts);
     // SIGKILL: no handler, no Drop. The node goes with its parent (parent-death signal), but
     // libvirtd (a daemon) and QEMU (libvirtd's child) stay, with the namespace and bridge.
     dev.signal("KILL")?;
@@ -470,7 +502,7 @@ async fn on_libvirt_hosts_a_killed_dev_up_is_cleaned_up_by_the_next_start() -> a
     let hosts_dir = dev.data_dir().join("hosts");
     let set = tokio::task::spawn_blocking(move || node::hosts::HostSet::start(&hosts_dir, 1))
         .await??;
-    assert_nothing_left(&ready, &hosts, &[id]);
+    assert_nothing_left(&ready, &hosts, &inside, &[id]);
     let fresh = &set.hosts[0];
     assert_ne!(u64::from(fresh.libvirtd_pid), hosts.libvirtd_pids[0]);
     assert!(alive(u64::from(fresh.libvirtd_pid)), "the new host's libvirtd runs");
@@ -480,9 +512,10 @@ async fn on_libvirt_hosts_a_killed_dev_up_is_cleaned_up_by_the_next_start() -> a
     assert!(version.status.success(), "the new host's libvirtd answers");
     let fresh_inode = fresh.netns_inode;
     let fresh_pid = fresh.libvirtd_pid;
+    let fresh_inside: Vec<u32> = node::hosts::processes_in_netns(fresh_inode);
+    assert!(fresh_inside.contains(&fresh_pid), "{fresh_inside:?}");
     tokio::task::spawn_blocking(move || drop(set)).await?;
     assert!(!alive(u64::from(fresh_pid)));
-    assert!(node::hosts::processes_in_netns(fresh_inode).is_empty());
     Ok(())
 }
 
