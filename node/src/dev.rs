@@ -359,7 +359,9 @@ pub async fn up(
     let mut running = Running::default();
 
     let use_hosts = if test_driver {
-        println!("mode: test driver (--test-driver): VMs are simulated by libvirt's {DEV_LIBVIRT_URI}");
+        println!(
+            "mode: test driver (--test-driver): VMs are simulated by libvirt's {DEV_LIBVIRT_URI}"
+        );
         false
     } else {
         match crate::hosts::available() {

@@ -158,10 +158,18 @@ impl Host {
     /// namespaces: `nsenter ... --`, to be followed by the program and its arguments.
     pub fn enter_prefix(&self) -> Vec<String> {
         // Without --pid nsenter execs the program itself, so the child's pid is the program's.
-        ["nsenter", "-t", &self.libvirtd_pid.to_string(), "-m", "-n", "-u", "--"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect()
+        [
+            "nsenter",
+            "-t",
+            &self.libvirtd_pid.to_string(),
+            "-m",
+            "-n",
+            "-u",
+            "--",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
     }
 
     /// A command that runs `program` inside this host's network, mount and UTS namespaces.
@@ -318,7 +326,11 @@ fn kill_netns_processes(inode: u64) {
 /// returns their bridges' names. Records of live owners (concurrent test processes, another
 /// `dev up`) are left alone.
 pub fn remove_leftovers() -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(REGISTRY_DIR) else {
+    remove_leftovers_in(Path::new(REGISTRY_DIR))
+}
+
+fn remove_leftovers_in(registry: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(registry) else {
         return Vec::new();
     };
     let mut removed = Vec::new();
@@ -338,7 +350,7 @@ pub fn remove_leftovers() -> Vec<String> {
             continue;
         }
         record.clean();
-        record.remove();
+        let _ = std::fs::remove_file(&path);
         removed.push(record.bridge);
     }
     removed
@@ -560,5 +572,69 @@ fn copy_dir(from: &Path, to: &Path) {
                 let _ = std::fs::copy(e.path(), to.join(e.file_name()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(owner_pid: u32, owner_start: u64, bridge: &str) -> Record {
+        Record {
+            owner_pid,
+            owner_start,
+            bridge: bridge.into(),
+            hosts: vec![RecordedHost {
+                // Names no namespace: cleaning it is a no-op that must not fail.
+                netns: format!("{bridge}-none"),
+                netns_inode: None,
+            }],
+        }
+    }
+
+    fn write(dir: &Path, r: &Record) {
+        std::fs::write(
+            dir.join(format!("{}.json", r.bridge)),
+            serde_json::to_vec(r).unwrap(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_process_start_time_names_a_running_process_only() {
+        let me = std::process::id();
+        let start = process_start(me).unwrap();
+        assert_eq!(process_start(me), Some(start), "stable while it runs");
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert_eq!(process_start(pid), None, "a reaped process does not run");
+    }
+
+    #[test]
+    fn only_records_of_dead_owners_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let mine = record(me, process_start(me).unwrap(), "nctestlive");
+        // Same pid, other start time: the pid was recycled, the owner is gone.
+        let recycled = record(me, process_start(me).unwrap() + 1, "nctestrecycled");
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let dead = record(dead_pid, 1, "nctestdead");
+        for r in [&mine, &recycled, &dead] {
+            write(dir.path(), r);
+        }
+        std::fs::write(dir.path().join("garbage.json"), b"{").unwrap();
+
+        let mut removed = remove_leftovers_in(dir.path());
+        removed.sort();
+        assert_eq!(removed, vec!["nctestdead", "nctestrecycled"]);
+        assert!(dir.path().join("nctestlive.json").exists());
+        assert!(!dir.path().join("nctestdead.json").exists());
+        assert!(!dir.path().join("nctestrecycled.json").exists());
+        // Not ours to judge: left as it is.
+        assert!(dir.path().join("garbage.json").exists());
+        assert!(remove_leftovers_in(&dir.path().join("absent")).is_empty());
     }
 }

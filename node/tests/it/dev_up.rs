@@ -92,10 +92,12 @@ impl DevUp {
             let exited = child.try_wait().ok().flatten();
             async move {
                 match (found, exited) {
-                    (Some(json), _) => Some(serde_json::from_str::<Value>(&json).map_err(Into::into)),
-                    (None, Some(status)) => {
-                        Some(Err(anyhow::anyhow!("dev up exited with {status} before ready")))
+                    (Some(json), _) => {
+                        Some(serde_json::from_str::<Value>(&json).map_err(Into::into))
                     }
+                    (None, Some(status)) => Some(Err(anyhow::anyhow!(
+                        "dev up exited with {status} before ready"
+                    ))),
                     (None, None) => None,
                 }
             }
@@ -194,8 +196,7 @@ async fn client(ready: &Value) -> anyhow::Result<TestCluster> {
         })
         .collect();
     let mut c = TestCluster::attach(nodes)?;
-    let password =
-        std::fs::read_to_string(ready["admin_password_file"].as_str().unwrap())?;
+    let password = std::fs::read_to_string(ready["admin_password_file"].as_str().unwrap())?;
     c.token = Some(c.login(0, "admin", password.trim()).await?);
     // The scheduler places only on nodes that are up and have reported their capacity.
     let n = c.nodes.len();
@@ -318,7 +319,11 @@ fn run_hosts(ready: &Value) -> RunHosts {
         bridge: ready["bridge"].as_str().unwrap().to_string(),
         netns_inodes: netns
             .iter()
-            .map(|n| std::fs::metadata(Path::new("/run/netns").join(n)).unwrap().ino())
+            .map(|n| {
+                std::fs::metadata(Path::new("/run/netns").join(n))
+                    .unwrap()
+                    .ino()
+            })
             .collect(),
         netns,
         libvirtd_pids: hosts
@@ -363,7 +368,8 @@ fn assert_nothing_left(
         assert!(
             started(*pid).as_ref() != Some(start),
             "process {pid} of a host's namespace left: {:?}",
-            std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         );
     }
     for id in vm_ids {
@@ -373,13 +379,19 @@ fn assert_nothing_left(
     let namespaces = netns_list();
     for ns in &hosts.netns {
         assert!(
-            !namespaces.lines().any(|l| l.split_whitespace().next() == Some(ns)),
+            !namespaces
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
             "network namespace {ns} left: {namespaces}"
         );
     }
     assert!(!link_exists(&hosts.bridge), "bridge {} left", hosts.bridge);
     let record = Path::new(node::hosts::REGISTRY_DIR).join(format!("{}.json", hosts.bridge));
-    assert!(!record.exists(), "registry record {} left", record.display());
+    assert!(
+        !record.exists(),
+        "registry record {} left",
+        record.display()
+    );
 }
 
 fn hosts_env(test: &str) -> Option<RealEnv> {
@@ -408,7 +420,11 @@ async fn on_libvirt_hosts_dev_up_boots_and_live_migrates_a_real_guest_and_leaves
         return Ok(());
     };
     let _turn = daemon_turn();
-    let mut dev = DevUp::spawn(&["--nodes", "2", "--base-port", "0"], &guest_env(&env), true)?;
+    let mut dev = DevUp::spawn(
+        &["--nodes", "2", "--base-port", "0"],
+        &guest_env(&env),
+        true,
+    )?;
     let ready = dev.ready(Duration::from_secs(240)).await?;
     assert!(
         dev.output().contains("mode: libvirt hosts"),
@@ -439,7 +455,11 @@ async fn on_libvirt_hosts_dev_up_boots_and_live_migrates_a_real_guest_and_leaves
     let v = wait_state(&c, 0, &id, "running").await?;
     assert_eq!(v["node"], node_id(&c, "node2").await?, "{v}");
     assert_eq!(domstate(&hosts.uris[1], &id), "running");
-    assert_eq!(domstate(&hosts.uris[0], &id), "absent", "debris on the source");
+    assert_eq!(
+        domstate(&hosts.uris[0], &id),
+        "absent",
+        "debris on the source"
+    );
     // The guest goes on ticking on its new host.
     console_shows(&c, &id, "tick ").await?;
     let qemu2: Vec<u32> = processes_mentioning(&id)
@@ -457,20 +477,27 @@ async fn on_libvirt_hosts_dev_up_boots_and_live_migrates_a_real_guest_and_leaves
     dev.signal("INT")?;
     let status = dev.exit(Duration::from_secs(120)).await?;
     assert!(status.success(), "dev up exited with {status}");
-    assert!(dev.output().contains("dev cluster stopped"), "{}", dev.output());
+    assert!(
+        dev.output().contains("dev cluster stopped"),
+        "{}",
+        dev.output()
+    );
     assert_nothing_left(&ready, &hosts, &inside, &[id]);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_libvirt_hosts_a_killed_dev_up_is_cleaned_up_by_the_next_start() -> anyhow::Result<()>
-{
+async fn on_libvirt_hosts_a_killed_dev_up_is_cleaned_up_by_the_next_start() -> anyhow::Result<()> {
     let test = "on_libvirt_hosts_a_killed_dev_up_is_cleaned_up_by_the_next_start";
     let Some(env) = hosts_env(test) else {
         return Ok(());
     };
     let _turn = daemon_turn();
-    let mut dev = DevUp::spawn(&["--nodes", "1", "--base-port", "0"], &guest_env(&env), true)?;
+    let mut dev = DevUp::spawn(
+        &["--nodes", "1", "--base-port", "0"],
+        &guest_env(&env),
+        true,
+    )?;
     let ready = dev.ready(Duration::from_secs(240)).await?;
     assert_eq!(ready["mode"], "libvirt-hosts", "{ready}");
     let hosts = run_hosts(&ready);
@@ -488,24 +515,36 @@ async fn on_libvirt_hosts_a_killed_dev_up_is_cleaned_up_by_the_next_start() -> a
     // libvirtd (a daemon) and QEMU (libvirtd's child) stay, with the namespace and bridge.
     dev.signal("KILL")?;
     dev.exit(Duration::from_secs(30)).await?;
-    eventually("the orphaned node to stop", Duration::from_secs(30), || async {
-        node_pids(&ready).iter().all(|p| !alive(*p)).then_some(())
-    })
+    eventually(
+        "the orphaned node to stop",
+        Duration::from_secs(30),
+        || async { node_pids(&ready).iter().all(|p| !alive(*p)).then_some(()) },
+    )
     .await?;
-    assert!(alive(u64::from(qemu[0])), "QEMU {} should outlive a killed dev up", qemu[0]);
-    assert!(alive(hosts.libvirtd_pids[0]), "libvirtd should outlive a killed dev up");
+    assert!(
+        alive(u64::from(qemu[0])),
+        "QEMU {} should outlive a killed dev up",
+        qemu[0]
+    );
+    assert!(
+        alive(hosts.libvirtd_pids[0]),
+        "libvirtd should outlive a killed dev up"
+    );
     assert!(netns_list().contains(&hosts.netns[0]));
     assert!(link_exists(&hosts.bridge));
 
     // The next start, on the same data dir (its stale libvirtd pid file included), removes all
     // of it before making its own host.
     let hosts_dir = dev.data_dir().join("hosts");
-    let set = tokio::task::spawn_blocking(move || node::hosts::HostSet::start(&hosts_dir, 1))
-        .await??;
+    let set =
+        tokio::task::spawn_blocking(move || node::hosts::HostSet::start(&hosts_dir, 1)).await??;
     assert_nothing_left(&ready, &hosts, &inside, &[id]);
     let fresh = &set.hosts[0];
     assert_ne!(u64::from(fresh.libvirtd_pid), hosts.libvirtd_pids[0]);
-    assert!(alive(u64::from(fresh.libvirtd_pid)), "the new host's libvirtd runs");
+    assert!(
+        alive(u64::from(fresh.libvirtd_pid)),
+        "the new host's libvirtd runs"
+    );
     let version = std::process::Command::new("virsh")
         .args(["-q", "-c", &fresh.outside_uri(), "version"])
         .output()?;
@@ -528,7 +567,11 @@ async fn with_the_test_driver_dev_up_runs_a_vm_and_stops_cleanly() -> anyhow::Re
         false,
     )?;
     let ready = dev.ready(Duration::from_secs(120)).await?;
-    assert!(dev.output().contains("mode: test driver"), "{}", dev.output());
+    assert!(
+        dev.output().contains("mode: test driver"),
+        "{}",
+        dev.output()
+    );
     assert_eq!(ready["mode"], "test-driver", "{ready}");
     assert_eq!(ready["nodes"].as_array().unwrap().len(), 3, "{ready}");
     assert!(ready["bridge"].is_null(), "{ready}");
@@ -542,10 +585,110 @@ async fn with_the_test_driver_dev_up_runs_a_vm_and_stops_cleanly() -> anyhow::Re
     dev.signal("TERM")?;
     let status = dev.exit(Duration::from_secs(60)).await?;
     assert!(status.success(), "dev up exited with {status}");
-    assert!(dev.output().contains("dev cluster stopped"), "{}", dev.output());
+    assert!(
+        dev.output().contains("dev cluster stopped"),
+        "{}",
+        dev.output()
+    );
     for pid in node_pids(&ready) {
         assert!(!alive(pid), "node process {pid} outlived dev up");
     }
     assert!(!data_dir.exists(), "{} left", data_dir.display());
+    Ok(())
+}
+
+/// The registry record (see `node::hosts::REGISTRY_DIR`) of the hosts process `pid` is making.
+fn record_of(pid: u32) -> Option<Value> {
+    std::fs::read_dir(node::hosts::REGISTRY_DIR)
+        .ok()?
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+        .find(|r| r["owner_pid"] == pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_libvirt_hosts_a_signal_during_start_up_leaves_nothing() -> anyhow::Result<()> {
+    let test = "on_libvirt_hosts_a_signal_during_start_up_leaves_nothing";
+    let Some(env) = hosts_env(test) else {
+        return Ok(());
+    };
+    let _turn = daemon_turn();
+    let mut dev = DevUp::spawn(
+        &["--nodes", "2", "--base-port", "0"],
+        &guest_env(&env),
+        true,
+    )?;
+    let pid = dev.child.id().unwrap();
+    // SIGTERM once the first host's namespace exists, while the hosts are still starting.
+    let record = eventually(
+        "the first host's namespace",
+        Duration::from_secs(120),
+        || async {
+            let r = record_of(pid)?;
+            let ns = r["hosts"][0]["netns"].as_str()?;
+            Path::new("/run/netns").join(ns).exists().then_some(r)
+        },
+    )
+    .await?;
+    dev.signal("TERM")?;
+    let bridge = record["bridge"].as_str().unwrap().to_string();
+    let names: Vec<String> = record["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["netns"].as_str().unwrap().to_string())
+        .collect();
+    // Until it exits, note every process that enters one of its namespaces.
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let exited = tokio::time::timeout(Duration::from_secs(180), async {
+        loop {
+            for ns in &names {
+                if let Ok(m) = std::fs::metadata(Path::new("/run/netns").join(ns)) {
+                    for p in node::hosts::processes_in_netns(m.ino()) {
+                        if let Some(t) = started(u64::from(p)) {
+                            if !seen.contains(&(u64::from(p), t.clone())) {
+                                seen.push((u64::from(p), t));
+                            }
+                        }
+                    }
+                }
+            }
+            if let Ok(Some(status)) = dev.child.try_wait() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let Ok(status) = exited else {
+        dev.dump();
+        anyhow::bail!("dev up did not exit within 180 s of SIGTERM");
+    };
+    assert!(status.success(), "dev up exited with {status}");
+    assert!(!dev.output().contains(READY), "{}", dev.output());
+    assert!(
+        dev.output().contains("dev cluster stopped"),
+        "{}",
+        dev.output()
+    );
+    assert!(!seen.is_empty(), "libvirtd ran in the first namespace");
+    for (p, t) in &seen {
+        assert!(
+            started(*p).as_ref() != Some(t),
+            "process {p} of the run left"
+        );
+    }
+    let namespaces = netns_list();
+    for ns in &names {
+        assert!(
+            !namespaces
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns.as_str())),
+            "network namespace {ns} left: {namespaces}"
+        );
+    }
+    assert!(!link_exists(&bridge), "bridge {bridge} left");
+    assert!(record_of(pid).is_none(), "registry record left");
     Ok(())
 }
