@@ -66,6 +66,12 @@ pub enum HostError {
     Command { command: String, stderr: String },
     #[error("{what} did not happen within {within:?}")]
     Timeout { what: String, within: Duration },
+    #[error(
+        "the subnet 10.250.{0}.0/24 of {1} is in use: is another cluster running on this data dir?"
+    )]
+    SubnetInUse(u8, PathBuf),
+    #[error("every subnet 10.250.X.0/24 is in use")]
+    NoFreeSubnet,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -368,8 +374,9 @@ pub struct HostSet {
 }
 
 impl HostSet {
-    /// Starts `n` hosts under `root` (created if needed). The bridge and namespace names and the
-    /// /24 are derived from this process's id, so concurrent test processes do not collide.
+    /// Starts `n` hosts under `root` (created if needed). The bridge and namespace names are
+    /// derived from this process's id, so concurrent test processes do not collide; the /24 is
+    /// a free one, kept under `root` for the next start (see [`choose_subnet`]).
     /// Leftovers of earlier sets whose process died are removed first (see [`remove_leftovers`]).
     pub fn start(root: &Path, n: usize) -> Result<HostSet, HostError> {
         available()?;
@@ -380,13 +387,12 @@ impl HostSet {
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let tag = format!("{}{}", pid % 100_000, seq % 10);
-        // 10.250.X.0/24 with X from the pid and sequence: distinct for concurrent processes.
-        let third =
-            u8::try_from((pid.wrapping_mul(7).wrapping_add(seq * 31)) % 250).unwrap_or(0) + 1;
+        std::fs::create_dir_all(root)?;
+        // Candidates start from the pid and sequence, so concurrent processes start apart.
+        let third = choose_subnet(root, pid.wrapping_mul(7).wrapping_add(seq * 31))?;
         let subnet = [10u8, 250, third];
         let bridge = format!("ncb{tag}");
         let gateway = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 254);
-        std::fs::create_dir_all(root)?;
         let record = Record {
             owner_pid: pid,
             owner_start: process_start(pid).unwrap_or_default(),
@@ -539,6 +545,36 @@ impl Drop for HostSet {
         let _ = run(Command::new("ip").args(["link", "del", &self.bridge]));
         self.record.remove();
     }
+}
+
+/// Remembers the subnet of the hosts under a root (see [`choose_subnet`]).
+const SUBNET_FILE: &str = "subnet";
+
+/// The X of the hosts' 10.250.X.0/24: the one the hosts under `root` had before, so that nodes
+/// restarted from their data dirs (which stored their addresses) find them again; else the first
+/// one no interface of this namespace uses, trying from `start` on.
+fn choose_subnet(root: &Path, start: u32) -> Result<u8, HostError> {
+    let addrs = run(Command::new("ip").args(["-4", "-o", "addr", "show"]))?;
+    // "inet 10.250.1." does not match 10.250.10.x: the dot ends the octet.
+    let used = |x: u8| addrs.contains(&format!("inet 10.250.{x}."));
+    let file = root.join(SUBNET_FILE);
+    if let Some(x) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u8>().ok())
+    {
+        if used(x) {
+            return Err(HostError::SubnetInUse(x, root.to_path_buf()));
+        }
+        return Ok(x);
+    }
+    for k in 0..250u32 {
+        let x = u8::try_from(start.wrapping_add(k) % 250).unwrap_or(0) + 1;
+        if !used(x) {
+            std::fs::write(&file, format!("{x}\n"))?;
+            return Ok(x);
+        }
+    }
+    Err(HostError::NoFreeSubnet)
 }
 
 /// libvirt looks its compiled-in QEMU user up before reading qemu.conf: it must exist.

@@ -692,3 +692,60 @@ async fn on_libvirt_hosts_a_signal_during_start_up_leaves_nothing() -> anyhow::R
     assert!(record_of(pid).is_none(), "registry record left");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_libvirt_hosts_dev_up_restarts_from_its_data_dir_with_its_guests() -> anyhow::Result<()>
+{
+    let test = "on_libvirt_hosts_dev_up_restarts_from_its_data_dir_with_its_guests";
+    let Some(env) = hosts_env(test) else {
+        return Ok(());
+    };
+    let _turn = daemon_turn();
+    let data = tempfile::tempdir()?;
+    let data_dir = data.path().join("cluster");
+    let args = [
+        "--nodes",
+        "2",
+        "--base-port",
+        "0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+    let mut first = DevUp::spawn(&args, &guest_env(&env), false)?;
+    let ready = first.ready(Duration::from_secs(240)).await?;
+    let hosts = run_hosts(&ready);
+    let c = client(&ready).await?;
+    let id = create_on(&c, "node2", "keeper", Some("tiny")).await?;
+    first.signal("TERM")?;
+    assert!(first.exit(Duration::from_secs(120)).await?.success());
+    drop(c);
+
+    // The same data dir again: the nodes come back on the addresses they stored, and the guest
+    // the cluster wants running runs again, under QEMU on node2's host.
+    let mut second = DevUp::spawn(&args, &guest_env(&env), false)?;
+    let again = second.ready(Duration::from_secs(240)).await?;
+    assert_eq!(again["mode"], "libvirt-hosts", "{again}");
+    for i in 0..2 {
+        assert_eq!(
+            again["nodes"][i]["api"], ready["nodes"][i]["api"],
+            "{again}"
+        );
+    }
+    let hosts2 = run_hosts(&again);
+    assert_ne!(hosts2.bridge, hosts.bridge, "a new set of hosts");
+    let c = client(&again).await?;
+    let v = wait_state(&c, 0, &id, "running").await?;
+    assert_eq!(v["node"], node_id(&c, "node2").await?, "{v}");
+    eventually(
+        "the guest to run on node2's host",
+        Duration::from_secs(60),
+        || async { (domstate(&hosts2.uris[1], &id) == "running").then_some(()) },
+    )
+    .await?;
+    console_shows(&c, &id, &env.marker).await?;
+    let inside = inside_hosts(&hosts2);
+    second.signal("TERM")?;
+    assert!(second.exit(Duration::from_secs(120)).await?.success());
+    assert_nothing_left(&again, &hosts2, &inside, &[id]);
+    Ok(())
+}
