@@ -37,7 +37,9 @@ const HOST_LIBVIRT_URI: &str = "qemu:///system";
 pub const READY_PREFIX: &str = "dev-cluster-ready ";
 
 /// util-linux's `setpriv`, used to give each node a parent-death signal: a `dev up` killed
-/// outright (SIGKILL) then still stops its nodes, which would otherwise hold their ports.
+/// outright (SIGKILL) then still stops its nodes, which would otherwise hold their ports. The
+/// signal fires when the *thread* that spawned the node ends: nodes are spawned from `up`'s own
+/// future, which runs on the main thread (`block_on`), never from a pool thread that may retire.
 const SETPRIV: &str = "/usr/bin/setpriv";
 
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
