@@ -127,8 +127,12 @@ struct Placement<'a> {
 }
 
 fn spawn(exe: &Path, args: &[String], log: &Path, host: Option<&Host>) -> anyhow::Result<Child> {
-    let out =
-        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    // Appended to: a cluster restarted from its data dir keeps the logs of its earlier runs.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
     let err = out.try_clone()?;
     let mut argv: Vec<OsString> = Vec::new();
     if Path::new(SETPRIV).exists() {
