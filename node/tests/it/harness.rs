@@ -569,6 +569,22 @@ impl TestCluster {
         Ok(i)
     }
 
+    /// A client of a cluster started outside the harness (`novacron dev up`), from each
+    /// node's name, API `host:port` and data directory; it starts and stops nothing.
+    pub fn attach(nodes: Vec<(String, String, PathBuf)>) -> Result<TestCluster> {
+        let mut c = TestCluster::empty(String::new())?;
+        c.nodes = nodes
+            .into_iter()
+            .map(|(name, api, dir)| TestNode {
+                name,
+                dir,
+                api,
+                child: None,
+            })
+            .collect();
+        Ok(c)
+    }
+
     /// An empty cluster (no node yet) whose nodes live under a fresh temporary directory.
     pub fn empty(tuning: String) -> Result<TestCluster> {
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -9,6 +9,7 @@ mod api_cluster;
 mod cli;
 mod cluster;
 mod day2;
+mod dev_up;
 mod federation;
 mod ha;
 mod images;
