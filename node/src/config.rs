@@ -240,6 +240,13 @@ pub struct Tuning {
     /// changed there, so the site's last sync time and latency stay fresh.
     #[serde(default = "default_federation_heartbeat_ms")]
     pub federation_heartbeat_ms: u64,
+    /// A linked site whose catalog was not refreshed for this long is shown as stale.
+    #[serde(default = "default_site_stale_after_ms")]
+    pub site_stale_after_ms: u64,
+}
+
+fn default_site_stale_after_ms() -> u64 {
+    15_000
 }
 
 fn default_federation_sync_ms() -> u64 {
@@ -283,6 +290,7 @@ impl Default for Tuning {
             lease_margin_ms: default_lease_margin_ms(),
             federation_sync_ms: default_federation_sync_ms(),
             federation_heartbeat_ms: default_federation_heartbeat_ms(),
+            site_stale_after_ms: default_site_stale_after_ms(),
         }
     }
 }

@@ -110,6 +110,23 @@ pub async fn link_site(
     if own.id == token.site_id {
         return Err(ClusterError::Invalid("a site cannot link to itself".into()));
     }
+    // Refuse before the peer consumes the token: our side must be able to commit its half.
+    let probe = Command::LinkSite {
+        link: SiteLink {
+            site: own.clone(),
+            ca_cert_pem: String::new(),
+            addrs: Vec::new(),
+            created_at: 0,
+            updated_at: 0,
+        },
+        token: None,
+    };
+    if let Err(blockers) = crate::features::gate(ctl, &probe) {
+        return Err(ClusterError::FeatureUnavailable {
+            command: probe.name().to_string(),
+            blockers,
+        });
+    }
     let mut own_addrs = federation_addrs(&ctl.reader);
     if own_addrs.is_empty() {
         own_addrs.push(ctl.federation.addr.to_string());
@@ -168,15 +185,22 @@ pub async fn forward_to_site(
 ) -> Result<ForwardedReply, ClusterError> {
     let link = find_link(&ctl.reader, site)
         .ok_or_else(|| ClusterError::Invalid(format!("site {site} is not linked")))?;
-    ctl.federation
-        .peers
-        .forward(&link, call)
-        .await
-        .map_err(|e| match e {
-            CallError::Refused { message, .. } => ClusterError::Unavailable(message),
-            other => ClusterError::Unavailable(other.to_string()),
-        })
+    // A user waits on this call: a site that no node of answers within the deadline is
+    // reported unreachable rather than retried until the client gives up.
+    match tokio::time::timeout(FORWARD_DEADLINE, ctl.federation.peers.forward(&link, call)).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(CallError::Refused { message, .. })) => Err(ClusterError::Unavailable(message)),
+        Ok(Err(other)) => Err(ClusterError::Unavailable(other.to_string())),
+        Err(_) => Err(ClusterError::Unavailable(format!(
+            "no node of site {} answered within {} s",
+            link.site.name,
+            FORWARD_DEADLINE.as_secs()
+        ))),
+    }
 }
+
+/// How long a forwarded call may take, retries included.
+const FORWARD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Binds the federation endpoint's TCP listener.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

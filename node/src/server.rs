@@ -472,11 +472,11 @@ impl Node {
 
         let api_addr = listener.local_addr()?;
         // The dashboard is static and talks to the API of the same origin.
-        let app = api::router(api::AppState::new(
-            control.clone(),
-            api::ApiConfig::default(),
-        ))
-        .merge(web::router());
+        let api_config = api::ApiConfig {
+            site_stale_after: Duration::from_millis(config.tuning.site_stale_after_ms),
+            ..api::ApiConfig::default()
+        };
+        let app = api::router(api::AppState::new(control.clone(), api_config)).merge(web::router());
         tasks.extend(crate::federation::spawn(
             control.clone(),
             federation_listener,
@@ -741,8 +741,14 @@ async fn finish_init(ctl: &NodeControl, dir: &Path, config: &NodeConfig) -> anyh
         join_secret_sha256: m.join_secret_sha256,
         created_at: now,
     };
+    // Ids carry the home site (`<site id>-<uuid>`), the admin's too: it is known by that id
+    // at linked sites.
+    let admin_id = match &m.site {
+        Some(site) => format!("{}-{}", site.id, uuid::Uuid::new_v4()),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
     let admin = User {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: admin_id,
         username: "admin".into(),
         password_hash: m.admin_password_hash,
         tenant: SYSTEM_TENANT.into(),

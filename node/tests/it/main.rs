@@ -11,6 +11,7 @@ mod cluster;
 mod day2;
 mod dev_up;
 mod federation;
+mod federation_sites;
 mod ha;
 mod images;
 mod join;
