@@ -137,8 +137,23 @@ impl Peers {
             .clone()
     }
 
-    /// Runs `f` against some node of `link`'s site, failing over between its addresses.
-    pub async fn call<T, F, Fut>(&self, link: &SiteLink, mut f: F) -> Result<T, CallError>
+    /// Runs `f` against some node of `link`'s site, failing over between its addresses, for
+    /// [`Peers::rounds`] rounds.
+    pub async fn call<T, F, Fut>(&self, link: &SiteLink, f: F) -> Result<T, CallError>
+    where
+        F: FnMut(FederationClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_rounds(link, self.rounds, f).await
+    }
+
+    /// Like [`Peers::call`], with an explicit number of rounds over the addresses.
+    pub async fn call_rounds<T, F, Fut>(
+        &self,
+        link: &SiteLink,
+        rounds: u32,
+        mut f: F,
+    ) -> Result<T, CallError>
     where
         F: FnMut(FederationClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -156,7 +171,7 @@ impl Peers {
         )?);
         let slot = self.slot(link);
         let mut backoff = Backoff::new(self.backoff_base, self.backoff_max);
-        let attempts = link.addrs.len() * self.rounds.max(1) as usize;
+        let attempts = link.addrs.len() * rounds.max(1) as usize;
         let mut last = String::new();
         for attempt in 0..attempts {
             if attempt > 0 && attempt.is_multiple_of(link.addrs.len()) {
@@ -216,7 +231,9 @@ impl Peers {
         Err(CallError::Unreachable { site, last })
     }
 
-    /// One page of `link`'s changes after `since`, with the round trip it took.
+    /// One page of `link`'s changes after `since`, with the round trip it took. One round over
+    /// the site's addresses: the pull loop itself retries every interval, and a long retry here
+    /// would only delay recording that the site is unreachable.
     pub async fn changes(
         &self,
         link: &SiteLink,
@@ -225,7 +242,7 @@ impl Peers {
     ) -> Result<(ChangesReply, Duration), CallError> {
         let started = Instant::now();
         let reply = self
-            .call(link, |mut c| async move {
+            .call_rounds(link, 1, |mut c| async move {
                 let started = Instant::now();
                 let r = c.changes(ChangesRequest { since, limit }).await;
                 tracing::trace!(elapsed = ?started.elapsed(), "changes call");

@@ -118,8 +118,8 @@ pub struct Syncer {
     pub peers: Arc<Peers>,
     pub config: SyncConfig,
     pub metrics: Arc<SyncMetrics>,
-    /// When this node last committed a pull of each site (empty after gaining leadership).
-    last_commit: HashMap<String, Instant>,
+    /// When this node last committed a pull of each site (cleared when leadership is lost).
+    last_commit: Mutex<HashMap<String, Instant>>,
     actor: String,
 }
 
@@ -138,42 +138,33 @@ impl Syncer {
             peers,
             config,
             metrics,
-            last_commit: HashMap::new(),
+            last_commit: Mutex::new(HashMap::new()),
             actor,
         }
     }
 
-    /// One round over every linked site, concurrently (an unreachable site does not hold up
-    /// the others).
-    pub async fn round(&mut self) {
-        let links = crate::server::links_of(&self.reader);
-        let last = &self.last_commit;
-        let this = &*self;
-        let outcomes = futures::future::join_all(links.iter().map(|link| async move {
-            let due = last
-                .get(&link.site.id)
-                .is_none_or(|t| t.elapsed() >= this.config.heartbeat);
-            (link, this.pull(link, due).await)
-        }))
-        .await;
-        let mut committed = Vec::new();
-        for (link, outcome) in outcomes {
-            match outcome {
-                Ok(true) => committed.push(link.site.id.clone()),
-                Ok(false) => {}
-                Err(e) => {
-                    self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(site = %link.site.id, error = %e, "catalog pull failed");
-                    self.record_failure(link, &e).await;
-                }
+    fn last_commits(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.last_commit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pulls `link` once and records the outcome: the time of a commit, or the failure.
+    pub async fn pull_and_record(&self, link: &SiteLink) {
+        let due = self
+            .last_commits()
+            .get(&link.site.id)
+            .is_none_or(|t| t.elapsed() >= self.config.heartbeat);
+        match self.pull(link, due).await {
+            Ok(true) => {
+                self.last_commits()
+                    .insert(link.site.id.clone(), Instant::now());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(site = %link.site.id, error = %e, "catalog pull failed");
+                self.record_failure(link, &e).await;
             }
         }
-        let now = Instant::now();
-        for site in committed {
-            self.last_commit.insert(site, now);
-        }
-        self.last_commit
-            .retain(|site, _| links.iter().any(|l| &l.site.id == site));
     }
 
     async fn record_failure(&self, link: &SiteLink, e: &PullError) {
@@ -291,30 +282,52 @@ impl Syncer {
     }
 }
 
-/// Runs rounds every `config.interval` while `is_leader()` holds, until `stop` turns true.
+/// Starts a pull of every linked site each `config.interval` while `is_leader()` holds, until
+/// `stop` turns true. Each site is pulled by its own task and a site still being pulled is
+/// skipped, so an unreachable site (whose calls wait for timeouts) never delays the others.
 pub async fn run(
-    mut syncer: Syncer,
+    syncer: Arc<Syncer>,
     is_leader: impl Fn() -> bool + Send,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut interval = tokio::time::interval(syncer.config.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut in_flight: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
         }
         if *stop.borrow() {
-            return;
+            break;
         }
+        in_flight.retain(|_, task| !task.is_finished());
         if !is_leader() {
-            // A later leadership starts with heartbeats due at once.
-            syncer.last_commit.clear();
+            // A pull started while leading may still commit: harmless, as every pull is a
+            // compare-and-set on the index; a later leadership starts with heartbeats due.
+            for (_, task) in in_flight.drain() {
+                task.abort();
+            }
+            syncer.last_commits().clear();
             continue;
         }
-        tokio::select! {
-            _ = syncer.round() => {}
-            _ = stop.changed() => return,
+        let links = crate::server::links_of(&syncer.reader);
+        syncer
+            .last_commits()
+            .retain(|site, _| links.iter().any(|l| &l.site.id == site));
+        for link in links {
+            if in_flight.contains_key(&link.site.id) {
+                continue;
+            }
+            let s = syncer.clone();
+            let site = link.site.id.clone();
+            in_flight.insert(
+                site,
+                tokio::spawn(async move { s.pull_and_record(&link).await }),
+            );
         }
+    }
+    for (_, task) in in_flight.drain() {
+        task.abort();
     }
 }

@@ -213,7 +213,7 @@ pub fn spawn(
             }
         }));
     }
-    let syncer = Syncer::new(
+    let syncer = Arc::new(Syncer::new(
         ctl.reader.clone(),
         ctl.clone(),
         ctl.federation.peers.clone(),
@@ -224,7 +224,7 @@ pub fn spawn(
         },
         ctl.federation.metrics.clone(),
         format!("node:{}", ctl.id),
-    );
+    ));
     let leader = ctl.clone();
     tasks.push(tokio::spawn(federation::sync::run(
         syncer,
@@ -268,5 +268,20 @@ mod tests {
         assert_eq!(default_addr(api).to_string(), "10.0.0.1:8082");
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         assert_eq!(default_addr(any).port(), 0);
+    }
+
+    #[test]
+    fn ids_with_a_site_prefix_give_their_uuid_to_libvirt() {
+        let uuid = "0b3e5f1c-1111-2222-3333-444444444444";
+        let with_site = format!("{}-{uuid}", new_site_id());
+        assert_eq!(
+            crate::agent::uuid_of_id(&with_site).map(|u| u.to_string()),
+            Some(uuid.to_string())
+        );
+        assert_eq!(
+            crate::agent::uuid_of_id(uuid).map(|u| u.to_string()),
+            Some(uuid.to_string())
+        );
+        assert!(crate::agent::uuid_of_id("abcdef-nope").is_none());
     }
 }

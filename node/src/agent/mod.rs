@@ -25,6 +25,16 @@ use tokio::sync::watch;
 use plan::Action;
 
 use crate::liveness::{Capacity, LeaseStatus, Liveness, ObservedDomain};
+/// The UUID inside an object id: the whole id for ids made before federation, the part after
+/// the home site's prefix for `<site id>-<uuid>` ids.
+pub fn uuid_of_id(id: &str) -> Option<uuid::Uuid> {
+    let bare = match raft::federation::home_site_of_id(id) {
+        Some(site) => id.get(site.len() + 1..)?,
+        None => id,
+    };
+    uuid::Uuid::parse_str(bare).ok()
+}
+
 /// The domain spec of `vm` as node `owner` defines it.
 pub fn build_spec(
     vm: &Vm,
@@ -32,7 +42,8 @@ pub fn build_spec(
     domain_type: DomainType,
     config: &AgentConfig,
 ) -> Result<VmSpec, AgentError> {
-    let uuid = uuid::Uuid::parse_str(&vm.id).map_err(|_| AgentError::BadId(vm.id.clone()))?;
+    // Ids made since federation are `<site id>-<uuid>`; the domain UUID is the uuid part.
+    let uuid = uuid_of_id(&vm.id).ok_or_else(|| AgentError::BadId(vm.id.clone()))?;
     let boot = match (&vm.image, &config.guest_kernel) {
         (Some(img), Some(kernel)) if img == "tiny" => Some(DirectBoot {
             kernel: kernel.clone(),

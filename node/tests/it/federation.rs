@@ -131,7 +131,7 @@ async fn last_sync(c: &TestCluster, i: usize, peer: &str) -> Result<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linked_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() -> Result<()> {
+async fn three_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() -> Result<()> {
     let mut a = site("a", 3).await?;
     let b = site("b", 1).await?;
     let (a_id, a_addrs) = identity(&a, 3).await?;
@@ -319,6 +319,78 @@ async fn linked_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() -
         forwarded.is_err(),
         "an unlinked site forwarded a call: {forwarded:?}"
     );
+
+    // A third, single-node edge site linked to a: a VM created there through a node of a
+    // runs at the edge and is listed at a with its site.
+    let edge = site("edge", 1).await?;
+    let (edge_id, _) = identity(&edge, 1).await?;
+    let t = create(&a, 1, "/api/v1/federation/tokens", json!(null)).await?;
+    create(
+        &edge,
+        0,
+        "/api/v1/sites",
+        json!({"token": t["token"], "addrs": t["addrs"]}),
+    )
+    .await?;
+    // The edge site must know a's admin before it serves calls a forwards for them.
+    wait_catalog(&edge, 0, &a_id, "a's users at the edge", |k| {
+        k.iter().any(|k| k.starts_with("u/"))
+    })
+    .await?;
+    let ve = id_of(
+        &create(
+            &a,
+            2,
+            "/api/v1/vms",
+            json!({"name": "at-edge", "vcpus": 1, "memory_mib": 128, "site": "edge"}),
+        )
+        .await?,
+    )?;
+    assert!(
+        ve.starts_with(&format!("{edge_id}-")),
+        "made by the edge: {ve}"
+    );
+    let running = eventually(
+        "the VM to run at the edge",
+        Duration::from_secs(30),
+        || async {
+            let (s, v) = call(&edge, 0, Method::GET, &format!("/api/v1/vms/{ve}"), None)
+                .await
+                .ok()?;
+            (s == 200 && v["state"] == "running").then_some(())
+        },
+    )
+    .await;
+    if let Err(e) = running {
+        let (_, v) = call(&edge, 0, Method::GET, &format!("/api/v1/vms/{ve}"), None).await?;
+        let (_, n) = call(&edge, 0, Method::GET, "/api/v1/nodes", None).await?;
+        edge.dump_logs();
+        bail!("{e}: {v} on nodes {n}");
+    }
+    wait_catalog(&a, 0, &edge_id, "the edge VM listed at a", |k| {
+        k.contains(&format!("v/{ve}"))
+    })
+    .await?;
+
+    // Cutting the edge off: a records the failure once and keeps its last data.
+    let mut edge = edge;
+    edge.kill(0)?;
+    let failing = eventually(
+        "a to report the edge unreachable",
+        Duration::from_secs(30),
+        || async {
+            let v = sites(&a, 0).await.ok()?;
+            let e = v["sites"]
+                .as_array()?
+                .iter()
+                .find(|x| x["id"] == edge_id.as_str())?
+                .clone();
+            e["error"].as_str().is_some().then_some(e)
+        },
+    )
+    .await?;
+    println!("edge as seen from a once cut: {failing}");
+    assert!(catalog(&a, 0, &edge_id).await?.contains(&format!("v/{ve}")));
 
     // Killing a's leader: b keeps syncing through another node of a.
     let leader = a.wait_leader(0, None).await?;
