@@ -68,6 +68,7 @@ pub async fn up(
     base_port: u16,
     data_dir: Option<PathBuf>,
     test_driver: bool,
+    site: Option<String>,
 ) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 9 {
         bail!("--nodes must be between 1 and 9");
@@ -114,6 +115,8 @@ pub async fn up(
     };
     let api = |i: usize| format!("{}:{}", ip(i), base_port as usize + i);
     let peer = |i: usize| format!("{}:{}", ip(i), base_port as usize + 100 + i);
+    // Explicit, because the default (API port + 2) is another node's API port here.
+    let federation = |i: usize| format!("{}:{}", ip(i), base_port as usize + 200 + i);
     for i in 0..nodes {
         let dir = root.join(format!("node{}", i + 1));
         let mut args = vec![
@@ -126,11 +129,16 @@ pub async fn up(
             api(i),
             "--peer-addr".into(),
             peer(i),
+            "--federation-addr".into(),
+            federation(i),
         ];
         let restarting = dir.join(crate::config::CONFIG_FILE).exists();
         if !restarting {
             if i == 0 {
                 args.push("--init".into());
+                if let Some(site) = &site {
+                    args.extend(["--site".into(), site.clone()]);
+                }
             } else {
                 let token = std::fs::read_to_string(root.join("node1").join("join-token"))
                     .context("the first node wrote no join token")?;

@@ -186,6 +186,24 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot bind the federation endpoint {addr}"))
 }
 
+/// Binds the default federation endpoint of a node whose API is at `api`: API port + 2, or any
+/// free port of the same host when that one is taken (the bound address is stored and
+/// advertised, so peers learn it either way).
+pub async fn bind_default(api: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = default_addr(api);
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(%addr, "the default federation port is taken; binding any free port");
+            bind(SocketAddr::new(api.ip(), 0)).await
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("cannot bind the federation endpoint {addr}")))
+        }
+    }
+}
+
 /// Serves the endpoint on `listener` and runs the catalog pull while this node leads, both
 /// until `stop` turns true.
 pub fn spawn(

@@ -241,19 +241,26 @@ impl Node {
 
         config.tuning.validate()?;
         let federation_listener = {
-            let addr = match (&config.federation_addr, opts.federation_addr) {
-                (Some(stored), _) => stored
-                    .parse()
-                    .with_context(|| format!("bad federation address {stored}"))?,
-                (None, Some(given)) => given,
-                (None, None) => crate::federation::default_addr(
-                    config
-                        .api_addr
-                        .parse()
-                        .with_context(|| format!("bad API address {}", config.api_addr))?,
-                ),
+            let listener = match (&config.federation_addr, opts.federation_addr) {
+                (Some(stored), _) => {
+                    crate::federation::bind(
+                        stored
+                            .parse()
+                            .with_context(|| format!("bad federation address {stored}"))?,
+                    )
+                    .await?
+                }
+                (None, Some(given)) => crate::federation::bind(given).await?,
+                (None, None) => {
+                    crate::federation::bind_default(
+                        config
+                            .api_addr
+                            .parse()
+                            .with_context(|| format!("bad API address {}", config.api_addr))?,
+                    )
+                    .await?
+                }
             };
-            let listener = crate::federation::bind(addr).await?;
             let actual = listener.local_addr()?.to_string();
             if config.federation_addr.as_deref() != Some(actual.as_str()) {
                 config.federation_addr = Some(actual);
