@@ -31,6 +31,24 @@ async fn site(name: &str, n: usize) -> Result<TestCluster> {
     Ok(c)
 }
 
+/// Runs the CLI against node `i` of `c` as its admin.
+fn cli(c: &TestCluster, i: usize, args: &[&str]) -> Result<(bool, String)> {
+    let out = std::process::Command::new(crate::harness::BIN)
+        .args(args)
+        .env("NOVACRON_URL", c.nodes[i].url())
+        .env("NOVACRON_TOKEN", c.token.as_deref().unwrap_or_default())
+        .env("HOME", c.root.path())
+        .output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
 async fn call(
     c: &TestCluster,
     i: usize,
@@ -324,14 +342,34 @@ async fn three_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() ->
     // runs at the edge and is listed at a with its site.
     let edge = site("edge", 1).await?;
     let (edge_id, _) = identity(&edge, 1).await?;
-    let t = create(&a, 1, "/api/v1/federation/tokens", json!(null)).await?;
-    create(
+    // Linked with the CLI: a token issued through a follower of a, used at the edge.
+    let (ok, out) = cli(&a, 1, &["site", "token", "-o", "json"])?;
+    assert!(ok, "site token: {out}");
+    let t: Value = serde_json::from_str(&out)?;
+    let a_fed_addrs: Vec<&str> = t["addrs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let token_text = t["token"].as_str().unwrap_or_default().to_string();
+    let (ok, out) = cli(
         &edge,
         0,
-        "/api/v1/sites",
-        json!({"token": t["token"], "addrs": t["addrs"]}),
-    )
-    .await?;
+        &[
+            "site",
+            "link",
+            &token_text,
+            "--addr",
+            &a_fed_addrs.join(","),
+        ],
+    )?;
+    assert!(ok, "site link: {out}");
+    let (ok, out) = cli(&edge, 0, &["site", "list"])?;
+    assert!(
+        ok && out.contains(&a_id) && out.contains("edge"),
+        "site list: {out}"
+    );
     // The edge site must know a's admin before it serves calls a forwards for them.
     wait_catalog(&edge, 0, &a_id, "a's users at the edge", |k| {
         k.iter().any(|k| k.starts_with("u/"))
