@@ -50,6 +50,8 @@ impl Default for SyncConfig {
 pub struct SyncMetrics {
     pulls: AtomicU64,
     failures: AtomicU64,
+    /// Failures committed as `SiteSyncFailed` (only when the error text changed).
+    failures_recorded: AtomicU64,
     /// Per site: entries of the peer's log not yet in our catalog, at the last pull.
     lag: Mutex<BTreeMap<String, u64>>,
 }
@@ -70,10 +72,14 @@ impl SyncMetrics {
              # HELP novacron_federation_pull_failures_total Catalog pulls that failed.\n\
              # TYPE novacron_federation_pull_failures_total counter\n\
              novacron_federation_pull_failures_total {}\n\
+             # HELP novacron_federation_failures_recorded_total Pull failures committed to the log (changes of error only).\n\
+             # TYPE novacron_federation_failures_recorded_total counter\n\
+             novacron_federation_failures_recorded_total {}\n\
              # HELP novacron_federation_lag_entries Log entries of a linked site not yet pulled.\n\
              # TYPE novacron_federation_lag_entries gauge\n",
             self.pulls(),
-            self.failures()
+            self.failures(),
+            self.failures_recorded.load(Ordering::Relaxed)
         );
         let lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
         for (site, n) in lag.iter() {
@@ -187,8 +193,13 @@ impl Syncer {
                 error: text,
             },
         );
-        if let Err(e) = self.cp.write(req).await {
-            tracing::debug!(error = %e, "cannot record the pull failure");
+        match self.cp.write(req).await {
+            Ok(_) => {
+                self.metrics
+                    .failures_recorded
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot record the pull failure"),
         }
     }
 

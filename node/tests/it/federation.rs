@@ -429,6 +429,22 @@ async fn three_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() ->
     .await?;
     println!("edge as seen from a once cut: {failing}");
     assert!(catalog(&a, 0, &edge_id).await?.contains(&format!("v/{ve}")));
+    // Many failed attempts, no more log entries: the failure is recorded only when its text
+    // changes (the error above is already recorded).
+    let leader = a.wait_leader(0, None).await?;
+    let failures = "novacron_federation_pull_failures_total";
+    let recorded = "novacron_federation_failures_recorded_total";
+    let (base, base_recorded) = (
+        a.metric(leader, failures).await?,
+        a.metric(leader, recorded).await?,
+    );
+    eventually(
+        "five more failed pulls of the edge",
+        Duration::from_secs(30),
+        || async { (a.metric(leader, failures).await.ok()? >= base + 5.0).then_some(()) },
+    )
+    .await?;
+    assert_eq!(a.metric(leader, recorded).await?, base_recorded);
 
     // Killing a's leader: b keeps syncing through another node of a.
     let leader = a.wait_leader(0, None).await?;
