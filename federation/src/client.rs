@@ -36,6 +36,10 @@ pub enum CallError {
         code: Code,
         message: String,
     },
+    /// The call was sent and its outcome is unknown (the connection broke or timed out); it
+    /// was not retried because it might not be idempotent.
+    #[error("site {site} did not answer a sent call ({last}); it may or may not have run")]
+    Indeterminate { site: String, last: String },
     #[error("TLS setup failed: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("the peer answered something unexpected: {0}")]
@@ -144,7 +148,7 @@ impl Peers {
         F: FnMut(FederationClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call_rounds(link, self.rounds, f).await
+        self.call_inner(link, self.rounds, true, f).await
     }
 
     /// Like [`Peers::call`], with an explicit number of rounds over the addresses.
@@ -152,6 +156,22 @@ impl Peers {
         &self,
         link: &SiteLink,
         rounds: u32,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut(FederationClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_inner(link, rounds, true, f).await
+    }
+
+    /// `retry_sent`: whether a call that was sent but got no answer may be sent again
+    /// (idempotent calls); otherwise only failures to connect move on to the next address.
+    async fn call_inner<T, F, Fut>(
+        &self,
+        link: &SiteLink,
+        rounds: u32,
+        retry_sent: bool,
         mut f: F,
     ) -> Result<T, CallError>
     where
@@ -218,6 +238,9 @@ impl Peers {
                     );
                     s.channel = None;
                     s.next_addr = s.next_addr.wrapping_add(1);
+                    if !retry_sent {
+                        return Err(CallError::Indeterminate { site, last });
+                    }
                 }
                 Err(status) => {
                     return Err(CallError::Refused {
@@ -266,8 +289,12 @@ impl Peers {
             idempotency_key: call.idempotency_key,
             if_match: call.if_match,
         };
+        // A read, or a write the home site deduplicates by its key, may be sent again after a
+        // broken connection; any other write is sent once.
+        let idempotent = matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS")
+            || req.idempotency_key.is_some();
         let reply: ForwardReply = self
-            .call(link, |mut c| {
+            .call_inner(link, self.rounds, idempotent, |mut c| {
                 let req = req.clone();
                 async move { c.forward(req).await }
             })

@@ -37,7 +37,8 @@ pub const MAX_PAGE: u32 = 1_000;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a forwarded REST call may run (an event stream would never end).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Below the client's call timeout, so the caller gets this answer rather than a cut call.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Who is at the other end of a connection.
 #[derive(Debug, Clone)]

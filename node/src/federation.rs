@@ -174,6 +174,8 @@ pub async fn forward_to_site(
         .await
         .map_err(|e| match e {
             CallError::Refused { message, .. } => ClusterError::Unavailable(message),
+            // The client may retry with an Idempotency-Key, as after any timeout.
+            CallError::Indeterminate { .. } => ClusterError::Timeout,
             other => ClusterError::Unavailable(other.to_string()),
         })
 }
