@@ -408,7 +408,7 @@ async function route() {
   $('#menu-toggle').setAttribute('aria-expanded', 'false');
   S.view = { name };
   clear(main);
-  const views = { login: viewLogin, cluster: viewCluster, nodes: viewNodes, vms: viewVms, tenants: viewTenants, users: viewUsers, audit: viewAudit };
+  const views = { login: viewLogin, cluster: viewCluster, nodes: viewNodes, vms: viewVms, sites: viewSites, tenants: viewTenants, users: viewUsers, audit: viewAudit };
   const fn = views[name] || viewNotFound;
   try {
     await fn(main, parts.slice(1), query);
@@ -624,7 +624,7 @@ function vmButtons(vm, onError, after) {
 async function viewVms(main, rest, query) {
   if (rest[0] === 'new') return viewVmNew(main);
   if (rest[0]) return viewVmDetail(main, decodeURIComponent(rest[0]));
-  const f = { q: query.get('q') || '', state: query.get('state') || '', node: query.get('node') || '', tenant: query.get('tenant') || '', label: query.get('label') || '', cursor: query.get('cursor') || '' };
+  const f = { q: query.get('q') || '', state: query.get('state') || '', node: query.get('node') || '', tenant: query.get('tenant') || '', label: query.get('label') || '', site: query.get('site') || '', cursor: query.get('cursor') || '' };
   const prevStack = (query.get('prev') || '').split(',').filter(Boolean);
   const err = h('div', {});
   const tableBox = h('div', { 'aria-live': 'polite', 'aria-busy': 'true' });
@@ -634,11 +634,13 @@ async function viewVms(main, rest, query) {
   let tenants = [];
   if (isAdmin()) { try { tenants = (await api('GET', '/tenants?limit=500')).items || []; } catch { tenants = []; } }
   const members = (S.cluster && S.cluster.members) || [];
+  const sites = await loadSites();
   const form = h('form', { class: 'panel row filters', role: 'search', 'aria-label': 'Filter VMs', onsubmit: (ev) => {
     ev.preventDefault();
     const d = new FormData(form);
-    setHashQuery('#/vms', { q: d.get('q'), state: d.get('state'), node: d.get('node'), tenant: d.get('tenant'), label: d.get('label') });
+    setHashQuery('#/vms', { q: d.get('q'), state: d.get('state'), node: d.get('node'), tenant: d.get('tenant'), label: d.get('label'), site: d.get('site') });
   } },
+  sites.length > 1 ? select('site', 'Site', f.site, [['', 'This site'], ['all', 'All sites'], ...sites.filter((x) => !x.local).map((x) => [x.name, x.name])]) : null,
   input('q', 'Search by name', f.q, { type: 'search', placeholder: 'name contains…' }),
   select('state', 'State', f.state, [['', 'Any state'], ...VM_STATES.map((s) => [s, s])]),
   select('node', 'Node', f.node, [['', 'Any node'], ...members.map((m) => [m.name, m.name])]),
@@ -655,7 +657,7 @@ async function viewVms(main, rest, query) {
     const q = new URLSearchParams();
     // The API filters by name, state, node, tenant and label, so every search pages the same way.
     q.set('limit', String(PAGE_SIZE));
-    for (const k of ['q', 'state', 'node', 'tenant', 'label', 'cursor']) if (f[k]) q.set(k, f[k]);
+    for (const k of ['q', 'state', 'node', 'tenant', 'label', 'site', 'cursor']) if (f[k]) q.set(k, f[k]);
     let page;
     try { page = await api('GET', '/vms?' + q.toString()); } catch (e) { clear(err).append(errorBox(e)); tableBox.setAttribute('aria-busy', 'false'); return; }
     clear(err);
@@ -672,18 +674,20 @@ async function viewVms(main, rest, query) {
     if (!items.length) { tableBox.append(h('p', { class: 'panel muted' }, 'No VMs match.')); }
     else {
       tableBox.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards', id: 'vm-table' },
-        h('thead', {}, h('tr', {}, ['Name', 'State', 'Node', 'vCPUs', 'Memory', 'Tenant', 'Labels', 'Actions'].map((t, i) => h('th', { scope: 'col', class: i === 3 || i === 4 ? 'num' : null }, t)))),
-        h('tbody', {}, items.map((v) => h('tr', { 'data-vm': v.id },
+        h('thead', {}, h('tr', {}, ['Name', 'State', 'Site', 'Node', 'vCPUs', 'Memory', 'Tenant', 'Labels', 'Actions'].map((t, i) => h('th', { scope: 'col', class: i === 4 || i === 5 ? 'num' : null }, t)))),
+        h('tbody', {}, items.map((v) => h('tr', { 'data-vm': v.id, 'data-site': v.site ? v.site.name : '' },
           h('td', { 'data-label': 'Name' }, h('a', { href: '#/vms/' + encodeURIComponent(v.id) }, v.name)),
           h('td', { 'data-label': 'State' }, badge(v.state), v.desired_state && v.desired_state !== v.state ? h('span', { class: 'muted' }, ' → ' + v.desired_state) : null),
-          h('td', { 'data-label': 'Node' }, v.node === null || v.node === undefined ? '—' : memberName(v.node)),
+          h('td', { 'data-label': 'Site' }, siteCell(v.site)),
+          // Node ids are per site: only this site's are named.
+          h('td', { 'data-label': 'Node' }, v.node === null || v.node === undefined ? '—' : (!v.site || isLocalSite(sites, v.site) ? memberName(v.node) : '#' + v.node)),
           h('td', { 'data-label': 'vCPUs', class: 'num' }, v.vcpus),
           h('td', { 'data-label': 'Memory', class: 'num' }, fmtMiB(v.memory_mib)),
           h('td', { 'data-label': 'Tenant' }, tenantName(v.tenant)),
           h('td', { 'data-label': 'Labels' }, Object.entries(v.labels || {}).map(([k, val]) => h('span', { class: 'tag' }, k + '=' + val))),
           h('td', { 'data-label': 'Actions' }, vmButtons(v, onError, refreshView))))))));
     }
-    const base = { q: f.q, state: f.state, node: f.node, tenant: f.tenant, label: f.label };
+    const base = { q: f.q, state: f.state, node: f.node, tenant: f.tenant, label: f.label, site: f.site };
     tableBox.append(h('nav', { class: 'pager', 'aria-label': 'Pages' },
       h('button', { type: 'button', class: 'secondary', disabled: !f.cursor, onclick: () => {
         const prev = prevStack.slice(); const back = prev.pop();
@@ -901,6 +905,7 @@ async function viewVmNew(main) {
   let tenants = [];
   if (isAdmin()) { try { tenants = (await api('GET', '/tenants?limit=500')).items || []; } catch { tenants = []; } }
   const members = (S.cluster && S.cluster.members) || [];
+  const sites = await loadSites();
   const err = h('div', {});
   const fields = {};
   const field = (id, label, control, hint) => {
@@ -915,6 +920,7 @@ async function viewVmNew(main) {
     h('div', { class: 'grid2' },
       field('name', 'Name', h('input', { required: true, autocomplete: 'off' }), 'Letters, digits, ".", "-", "_"; up to 63.'),
       isAdmin() ? field('tenant', 'Tenant', h('select', {}, opt('', 'My tenant'), tenants.map((t) => opt(t.id, t.name)))) : null,
+      sites.length > 1 ? field('site', 'Site', h('select', {}, opt('', 'This site'), sites.filter((x) => !x.local).map((x) => opt(x.name, x.name + (x.health === 'ok' ? '' : ' (' + x.health + ')')))), 'Another site creates it there, over the site link; its scheduler picks the node') : null,
       field('vcpus', 'vCPUs', h('input', { type: 'number', min: 1, max: 64, value: 1, required: true }), '1 to 64'),
       field('memory', 'Memory (MiB)', h('input', { type: 'number', min: 64, max: 1048576, value: 128, step: 64, required: true }), '64 to 1048576'),
       field('disk', 'Disk (GiB)', h('input', { type: 'number', min: 0, max: 65536 }), 'Optional'),
@@ -954,8 +960,10 @@ async function viewVmNew(main) {
     if (disk !== null) body.disk_gib = disk;
     if (v('image')) body.image = v('image');
     if (v('tenant')) body.tenant = v('tenant');
+    if (v('site')) body.site = v('site');
     const placement = {};
-    if (v('node')) placement.node = v('node');
+    // Node names are per site: a node of this site means nothing elsewhere.
+    if (v('node') && !v('site')) placement.node = v('node');
     if (v('group')) placement.anti_affinity_group = v('group');
     if (Object.keys(placement).length) body.placement = placement;
     const btn = $('#create-vm');
@@ -971,6 +979,95 @@ async function viewVmNew(main) {
       err.firstChild.focus();
     } finally { btn.disabled = false; }
   });
+}
+
+// ---------------------------------------------------------------- sites
+
+// GET /sites, or just this site when the node has no federation (404) or it fails.
+async function loadSites() {
+  if (S.features.sites === false) return [];
+  try { return (await api('GET', '/sites')).sites || []; } catch (e) {
+    if (e.status === 404) { S.features.sites = false; applyFeatures(); }
+    return [];
+  }
+}
+
+function isLocalSite(sites, tag) {
+  const local = sites.find((x) => x.local);
+  return !local || local.id === tag.id;
+}
+
+function fmtAge(ms) {
+  if (ms === null || ms === undefined) return '—';
+  if (ms < 1000) return ms + ' ms';
+  if (ms < 120000) return Math.round(ms / 1000) + ' s';
+  return Math.round(ms / 60000) + ' min';
+}
+
+function siteCell(tag) {
+  if (!tag) return '—';
+  return h('span', {}, tag.name, tag.stale ? h('span', { class: 'badge warn', title: 'last heard from ' + fmtAge(tag.age_ms) + ' ago' }, ' stale ' + fmtAge(tag.age_ms)) : null);
+}
+
+function healthBadge(health) {
+  const cls = health === 'ok' ? 'ok' : (health === 'never' ? 'muted' : 'warn');
+  return h('span', { class: 'badge ' + cls }, health);
+}
+
+async function viewSites(main) {
+  const err = h('div', {});
+  const box = h('div', { 'aria-live': 'polite' });
+  main.append(h('h1', {}, 'Sites'), h('p', { class: 'muted' }, 'Each site is its own cluster and keeps working alone; linked sites share a catalog of their nodes, VMs, tenants and users.'), err, box);
+  const render = async () => {
+    let list;
+    try { list = await api('GET', '/sites'); } catch (e) { clear(err).append(errorBox(e)); return; }
+    clear(err);
+    clear(box);
+    box.append(h('div', { class: 'table-wrap' }, h('table', { class: 'cards', id: 'site-table' },
+      h('thead', {}, h('tr', {}, ['Site', 'Health', 'Latency', 'Last sync', 'Lag', 'Endpoints', 'Error', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      h('tbody', {}, (list.sites || []).map((x) => h('tr', { 'data-site': x.name },
+        h('td', { 'data-label': 'Site' }, h('strong', {}, x.name), x.local ? h('span', { class: 'muted' }, ' (this site)') : null),
+        h('td', { 'data-label': 'Health' }, healthBadge(x.health)),
+        h('td', { 'data-label': 'Latency' }, x.latency_ms === null || x.latency_ms === undefined ? '—' : x.latency_ms + ' ms'),
+        h('td', { 'data-label': 'Last sync' }, x.local ? '—' : (x.age_ms === null || x.age_ms === undefined ? 'never' : fmtAge(x.age_ms) + ' ago')),
+        h('td', { 'data-label': 'Lag' }, x.local || x.lag_entries === null || x.lag_entries === undefined ? '—' : x.lag_entries + ' entries'),
+        h('td', { 'data-label': 'Endpoints' }, (x.addrs || []).join(', ') || '—'),
+        h('td', { 'data-label': 'Error' }, x.error || '—'),
+        h('td', { 'data-label': 'Actions' },
+          h('a', { class: 'button secondary', href: '#/vms?site=' + encodeURIComponent(x.local ? '' : x.name) }, 'VMs'),
+          !x.local && isAdmin() ? h('button', { type: 'button', class: 'danger', onclick: async () => {
+            if (!(await confirmAction('Unlink site ' + x.name + '? Its catalog is forgotten here; nothing changes at the site itself.', 'Unlink'))) return;
+            try { await api('DELETE', '/sites/' + encodeURIComponent(x.name)); render(); } catch (e) { clear(err).append(errorBox(e)); }
+          } }, 'Unlink') : null)))))));
+  };
+  if (isAdmin()) {
+    const out = h('div', { 'aria-live': 'polite' });
+    const token = h('input', { id: 'link-token', name: 'link-token', autocomplete: 'off', required: true });
+    const addrs = h('input', { id: 'link-addrs', name: 'link-addrs', autocomplete: 'off', placeholder: 'host:port, host:port', required: true });
+    const linkErr = h('div', {});
+    main.append(h('section', { class: 'panel', 'aria-labelledby': 'link-title' },
+      h('h2', { id: 'link-title' }, 'Link sites'),
+      h('p', { class: 'muted' }, 'Issue a one-time token here and enter it, with this site\'s endpoints, at the other site; or enter a token from the other site below.'),
+      h('button', { type: 'button', id: 'issue-token', onclick: async () => {
+        try {
+          const t = await api('POST', '/federation/tokens');
+          clear(out).append(h('p', {}, 'Token (shown once, valid for an hour): ', h('code', { id: 'issued-token' }, t.token)), h('p', {}, 'Endpoints: ', h('code', {}, (t.addrs || []).join(','))));
+        } catch (e) { clear(out).append(errorBox(e)); }
+      } }, 'Issue link token'), out,
+      h('form', { id: 'link-form', onsubmit: async (ev) => {
+        ev.preventDefault();
+        clear(linkErr);
+        const list = addrs.value.split(',').map((a) => a.trim()).filter(Boolean);
+        try { await api('POST', '/sites', { token: token.value.trim(), addrs: list }); token.value = ''; addrs.value = ''; render(); } catch (e) { linkErr.append(errorBox(e)); }
+      } },
+      h('div', { class: 'grid2' },
+        h('div', { class: 'field' }, h('label', { for: 'link-token' }, 'Token from the other site'), token),
+        h('div', { class: 'field' }, h('label', { for: 'link-addrs' }, 'Its endpoints'), addrs)),
+      linkErr,
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Link')))));
+  }
+  S.view.refresh = render;
+  await render();
 }
 
 // ---------------------------------------------------------------- tenants

@@ -183,6 +183,7 @@ async fn check_pages(b: &Browser, axe: &str, base: &str, scheme: &str) -> Result
         ("VMs list", "#/vms", "#vm-table", "db-primary"),
         ("new VM form", "#/vms/new", "main h1", "New VM"),
         ("nodes", "#/nodes", "main table", "node-1"),
+        ("sites", "#/sites", "#site-table", "edge-1"),
         ("tenants", "#/tenants", "main table", "acme"),
         ("users", "#/users", "main table", "alice"),
         ("audit", "#/audit", "main h1", "Audit"),

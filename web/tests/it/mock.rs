@@ -317,6 +317,15 @@ async fn list_tenants(State(s): State<Shared>) -> Response {
     Json(json!({"items": m.tenants, "next_cursor": null})).into_response()
 }
 
+/// This site and one linked edge site whose catalog is old (stale).
+async fn list_sites() -> Response {
+    Json(json!({"sites": [
+        {"id": "aaaaaa", "name": "main", "local": true, "health": "ok", "addrs": ["10.0.0.1:7003"], "latency_ms": null, "last_sync_at": null, "age_ms": 0, "lag_entries": 0, "error": null, "linked_at": null},
+        {"id": "eeeeee", "name": "edge-1", "local": false, "health": "stale", "addrs": ["10.9.0.1:7003"], "latency_ms": 41, "last_sync_at": now_ms() - 90_000, "age_ms": 90_000, "lag_entries": 3, "error": "connection refused", "linked_at": now_ms() - 3_600_000}
+    ]}))
+    .into_response()
+}
+
 async fn list_users(State(s): State<Shared>) -> Response {
     let m = s.lock().expect("mock state lock is never poisoned");
     Json(json!({"items": m.users, "next_cursor": null})).into_response()
@@ -379,6 +388,7 @@ pub fn app() -> Router {
         .route("/vms/{id}/{verb}", post(vm_action))
         .route("/operations/{id}", get(get_op))
         .route("/tenants", get(list_tenants))
+        .route("/sites", get(list_sites))
         .route("/users", get(list_users))
         .route("/users/{id}", get(get_user))
         .with_state(state);
