@@ -45,12 +45,24 @@ pub fn default_addr(api: SocketAddr) -> SocketAddr {
     SocketAddr::new(api.ip(), port)
 }
 
+/// The address other sites should call: the bound one, except that an unspecified IP
+/// (`0.0.0.0`, `::`) is replaced by the IP of the node's peer address when that one is specific.
+pub fn advertised_addr(bound: SocketAddr, peer_addr: &str) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    match peer_addr.parse::<SocketAddr>() {
+        Ok(peer) if !peer.ip().is_unspecified() => SocketAddr::new(peer.ip(), bound.port()),
+        _ => bound,
+    }
+}
+
 /// What a node keeps for federation besides its replica.
 pub struct NodeFederation {
     pub identity: NodeIdentity,
     pub peers: Arc<Peers>,
     pub metrics: Arc<SyncMetrics>,
-    /// This node's bound federation endpoint.
+    /// This node's federation endpoint, as advertised to other sites.
     pub addr: SocketAddr,
 }
 
@@ -288,6 +300,13 @@ mod tests {
         assert_eq!(default_addr(api).to_string(), "10.0.0.1:8082");
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         assert_eq!(default_addr(any).port(), 0);
+        let wild: SocketAddr = "0.0.0.0:8082".parse().unwrap();
+        assert_eq!(
+            advertised_addr(wild, "10.1.2.3:7070").to_string(),
+            "10.1.2.3:8082"
+        );
+        assert_eq!(advertised_addr(wild, "0.0.0.0:7070"), wild);
+        assert_eq!(advertised_addr(api, "10.1.2.3:7070"), api);
     }
 
     #[test]

@@ -389,7 +389,7 @@ impl Node {
             placement,
             federation: Arc::new(crate::federation::NodeFederation::new(
                 identity.clone(),
-                federation_addr,
+                crate::federation::advertised_addr(federation_addr, &config.peer_addr),
             )),
         });
         control.metrics.register(Box::new(store.append_histogram()));
@@ -431,7 +431,10 @@ impl Node {
             crate::features::own_traits(
                 config.witness,
                 &opts.missing_features,
-                Some(federation_addr.to_string()),
+                Some(
+                    crate::federation::advertised_addr(federation_addr, &config.peer_addr)
+                        .to_string(),
+                ),
             ),
             stop_rx.clone(),
         )));
