@@ -246,7 +246,6 @@ pub fn spawn(
         }));
     }
     let syncer = Arc::new(Syncer::new(
-        ctl.reader.clone(),
         ctl.clone(),
         ctl.federation.peers.clone(),
         SyncConfig {
