@@ -344,6 +344,7 @@ impl Federation for Endpoint {
                 more: false,
                 head,
                 changes: Vec::new(),
+                addrs: self.ctx.cp.federation_addrs(),
             }));
         }
         let page = self
@@ -362,6 +363,7 @@ impl Federation for Endpoint {
             more: page.more,
             head: head.max(page.to),
             changes,
+            addrs: self.ctx.cp.federation_addrs(),
         }))
     }
 

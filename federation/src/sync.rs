@@ -235,6 +235,36 @@ impl Syncer {
         }
     }
 
+    /// Re-links `link` with the addresses its site reports now, when they differ (a node was
+    /// added or removed there), so later calls reach every node it has.
+    async fn follow_addrs(&self, link: &SiteLink, addrs: &[String]) {
+        let mut now: Vec<String> = addrs.to_vec();
+        now.sort();
+        now.dedup();
+        let mut had = link.addrs.clone();
+        had.sort();
+        if now.is_empty() || now == had {
+            return;
+        }
+        let mut updated = link.clone();
+        updated.addrs = now;
+        let req = Request::new(
+            crate::now_ms(),
+            self.actor.clone(),
+            Command::LinkSite {
+                link: updated,
+                token: None,
+            },
+        );
+        match self.cp.write(req).await {
+            Ok((_, Response::Ok)) => {
+                tracing::info!(site = %link.site.id, "the site's federation addresses changed")
+            }
+            Ok((_, other)) => tracing::debug!(?other, "cannot update the site's addresses"),
+            Err(e) => tracing::debug!(error = %e, "cannot update the site's addresses"),
+        }
+    }
+
     /// The stored pull state of `site` (default before the first pull).
     fn sync_state(&self, site: &str) -> Result<SiteSync, PullError> {
         let store = |e: String| PullError::Store(e);
@@ -316,6 +346,10 @@ impl Syncer {
                 } => return Ok(committed),
                 Response::Rejected { message, .. } => return Err(PullError::Commit(message)),
                 other => return Err(PullError::Commit(format!("unexpected {other:?}"))),
+            }
+            if !committed {
+                // Once per pull: `link` is this pull's copy and stays the old one.
+                self.follow_addrs(link, &reply.addrs).await;
             }
             committed = true;
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
@@ -456,6 +490,8 @@ mod tests {
     #[derive(Default)]
     struct FakePeer {
         feed: Mutex<PeerState>,
+        /// The addresses the peer reports (none: the link is left alone).
+        addrs: Mutex<Vec<String>>,
     }
 
     impl FakePeer {
@@ -495,6 +531,7 @@ mod tests {
                 more: false,
                 head,
                 changes,
+                addrs: self.addrs.lock().unwrap().clone(),
             };
             Ok((reply, Duration::from_millis(3)))
         }
@@ -612,5 +649,12 @@ mod tests {
         assert!(metrics
             .render()
             .contains("novacron_federation_lag_entries{site=\"bbbbbb\"} 0"));
+
+        // The peer grew a node: the link follows its addresses.
+        *peer.addrs.lock().unwrap() = vec!["127.0.0.1:2".into(), "127.0.0.1:1".into()];
+        assert!(syncer.pull(&link, true).await.unwrap());
+        let stored: SiteLink =
+            raft::codec::decode(&cp.get(&fed::link_key("bbbbbb")).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.addrs, ["127.0.0.1:1", "127.0.0.1:2"]);
     }
 }
