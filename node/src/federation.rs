@@ -313,13 +313,15 @@ mod tests {
         let uuid = "0b3e5f1c-1111-2222-3333-444444444444";
         let with_site = format!("{}-{uuid}", new_site_id());
         assert_eq!(
-            crate::agent::uuid_of_id(&with_site).map(|u| u.to_string()),
+            crate::agent::domain_uuid(&with_site)
+                .map(|u| u.to_string())
+                .ok(),
             Some(uuid.to_string())
         );
         assert_eq!(
-            crate::agent::uuid_of_id(uuid).map(|u| u.to_string()),
+            crate::agent::domain_uuid(uuid).map(|u| u.to_string()).ok(),
             Some(uuid.to_string())
         );
-        assert!(crate::agent::uuid_of_id("abcdef-nope").is_none());
+        assert!(crate::agent::domain_uuid("abcdef-nope").is_err());
     }
 }

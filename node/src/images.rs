@@ -336,7 +336,7 @@ impl NodeImages {
     /// operator put in the store by hand stay. Returns how many were removed.
     pub async fn collect_garbage(&self) -> Result<usize, FetchError> {
         let gone = |name: &str| -> Result<bool, FetchError> {
-            Ok(crate::agent::uuid_of_id(name).is_some()
+            Ok(crate::agent::domain_uuid(name).is_ok()
                 && self.reader.get::<Image>(&image_key(name))?.is_none())
         };
         let mut removed = 0;

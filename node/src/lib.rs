@@ -26,4 +26,5 @@ pub mod placement;
 pub mod recover;
 pub mod scheduler;
 pub mod server;
+pub mod sitenet;
 pub mod stats;

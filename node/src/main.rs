@@ -48,10 +48,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DevCommand {
-    /// Start a local N-node cluster on loopback; Ctrl-C stops it.
+    /// Start a local N-node cluster (on per-node libvirt hosts as root with libvirt and QEMU,
+    /// else on loopback with libvirt's test driver); Ctrl-C or SIGTERM stops it.
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Node i serves its API on BASE+i and QUIC on BASE+100+i; 0 picks free ports.
         #[arg(long, default_value_t = 8080)]
         base_port: u16,
         /// Where the nodes keep their data (default: a fresh temporary directory).

@@ -25,14 +25,14 @@ use tokio::sync::watch;
 use plan::Action;
 
 use crate::liveness::{Capacity, LeaseStatus, Liveness, ObservedDomain};
-/// The UUID inside an object id: the whole id for ids made before federation, the part after
-/// the home site's prefix for `<site id>-<uuid>` ids.
-pub fn uuid_of_id(id: &str) -> Option<uuid::Uuid> {
-    let bare = match raft::federation::home_site_of_id(id) {
-        Some(site) => id.get(site.len() + 1..)?,
-        None => id,
+/// The libvirt UUID of a VM's domain: its id, without the home-site prefix ids made since
+/// federation carry (`<site id>-<uuid>`; a VM moved between sites keeps it).
+pub fn domain_uuid(vm_id: &str) -> Result<uuid::Uuid, AgentError> {
+    let bare = match raft::federation::home_site_of_id(vm_id) {
+        Some(site) => vm_id.get(site.len() + 1..).unwrap_or(vm_id),
+        None => vm_id,
     };
-    uuid::Uuid::parse_str(bare).ok()
+    uuid::Uuid::parse_str(bare).map_err(|_| AgentError::BadId(vm_id.to_string()))
 }
 
 /// The domain spec of `vm` as node `owner` defines it.
@@ -42,8 +42,7 @@ pub fn build_spec(
     domain_type: DomainType,
     config: &AgentConfig,
 ) -> Result<VmSpec, AgentError> {
-    // Ids made since federation are `<site id>-<uuid>`; the domain UUID is the uuid part.
-    let uuid = uuid_of_id(&vm.id).ok_or_else(|| AgentError::BadId(vm.id.clone()))?;
+    let uuid = domain_uuid(&vm.id)?;
     let boot = match (&vm.image, &config.guest_kernel) {
         (Some(img), Some(kernel)) if img == "tiny" => Some(DirectBoot {
             kernel: kernel.clone(),
@@ -511,5 +510,19 @@ impl Agent {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_id_with_a_site_prefix_names_its_domain_by_the_uuid_part() {
+        let plain = "0b3e5f1c-1111-2222-3333-444444444444";
+        assert_eq!(domain_uuid(plain).unwrap().to_string(), plain);
+        let sited = format!("ab12cd-{plain}");
+        assert_eq!(domain_uuid(&sited).unwrap().to_string(), plain);
+        assert!(domain_uuid("ab12cd-not-a-uuid").is_err());
     }
 }

@@ -93,7 +93,11 @@ async fn create_tiny(c: &TestCluster) -> anyhow::Result<String> {
 }
 
 /// Reads the console through the API until `marker` appears.
-async fn console_shows(c: &TestCluster, id: &str, marker: &str) -> anyhow::Result<String> {
+pub(crate) async fn console_shows(
+    c: &TestCluster,
+    id: &str,
+    marker: &str,
+) -> anyhow::Result<String> {
     let resp = c
         .http
         .get(format!("{}/api/v1/vms/{id}/console", c.nodes[0].url()))
