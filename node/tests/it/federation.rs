@@ -314,6 +314,30 @@ async fn three_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() ->
     let as_b = federation::client::Peers::new(b_identity);
     let (page, _) = as_b.changes(&link_to_a, 0, 10).await?;
     assert!(!page.changes.is_empty());
+    // Forward as b: runs as the given user at a; only /api/v1/ is reachable that way.
+    let fwd = |path: &str| api::control::ForwardedCall {
+        method: "GET".into(),
+        path_and_query: path.into(),
+        body: vec![],
+        user_id: viewer.clone(),
+        idempotency_key: None,
+        if_match: None,
+    };
+    let listed = as_b.forward(&link_to_a, fwd("/api/v1/vms")).await?;
+    assert_eq!(
+        listed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&listed.body)
+    );
+    let outside = as_b.forward(&link_to_a, fwd("/metrics")).await;
+    assert!(
+        matches!(
+            outside,
+            Err(federation::client::CallError::Refused { ref message, .. }) if message.contains("/api/v1/")
+        ),
+        "{outside:?}"
+    );
     let stranger_ca = raft::tls::generate_ca("stranger")?;
     let stranger = raft::tls::NodeIdentity::issue(&stranger_ca, "x1")?;
     let mut as_stranger = federation::client::Peers::new(stranger);
