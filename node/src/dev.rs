@@ -1,6 +1,8 @@
 //! `novacron dev up`: a local N-node cluster, as child processes of this binary.
 //!
-//! Node i serves its API on `base_port + i` and QUIC on `base_port + 100 + i`; with base port 0
+//! Node i serves its API on `base_port + i`, QUIC on `base_port + 100 + i` and its federation
+//! endpoint on `base_port + 200 + i` (the default, API port + 2, is another node's API port
+//! here); with base port 0
 //! every node picks free ports (tests run several clusters at once). The first node creates the
 //! cluster; the others join it with its token. SIGINT (Ctrl-C), SIGTERM or SIGHUP, at any time,
 //! even during start-up, stops the nodes and tears the libvirt hosts down.
@@ -205,6 +207,7 @@ async fn start_nodes(
     root: &Path,
     nodes: usize,
     base_port: u16,
+    site: Option<&str>,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the novacron binary")?;
     let http = reqwest::Client::builder()
@@ -238,10 +241,17 @@ async fn start_nodes(
             format!("{}:{}", at.ip, port(i)),
             "--peer-addr".into(),
             format!("{}:{}", at.ip, port(100 + i)),
+            "--federation-addr".into(),
+            format!("{}:{}", at.ip, port(200 + i)),
         ];
         if !crate::config::NodeConfig::exists(&dir) {
             match running.nodes.first() {
-                None => args.push("--init".into()),
+                None => {
+                    args.push("--init".into());
+                    if let Some(site) = site {
+                        args.extend(["--site".into(), site.to_string()]);
+                    }
+                }
                 Some(first) => {
                     let token = std::fs::read_to_string(
                         root.join("node1").join(crate::config::JOIN_TOKEN_FILE),
@@ -349,6 +359,7 @@ pub async fn up(
     base_port: u16,
     data_dir: Option<PathBuf>,
     test_driver: bool,
+    site: Option<String>,
 ) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 9 {
         bail!("--nodes must be between 1 and 9");
@@ -410,7 +421,7 @@ pub async fn up(
     }
 
     let outcome = tokio::select! {
-        r = start_nodes(&mut running, &root, nodes, base_port) => r.map(|()| true),
+        r = start_nodes(&mut running, &root, nodes, base_port, site.as_deref()) => r.map(|()| true),
         s = signals.recv() => {
             println!("{s}: stopping during start-up");
             Ok(false)

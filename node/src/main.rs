@@ -62,6 +62,9 @@ enum DevCommand {
         /// Use libvirt's test driver even where each node could get its own libvirt host.
         #[arg(long)]
         test_driver: bool,
+        /// The site name of the new cluster (default `default`).
+        #[arg(long)]
+        site: Option<String>,
     },
 }
 
@@ -174,10 +177,11 @@ fn main() -> ExitCode {
                         base_port,
                         data_dir,
                         test_driver,
+                        site,
                     },
             } => {
                 init_tracing();
-                node::dev::up(nodes, base_port, data_dir, test_driver).await
+                node::dev::up(nodes, base_port, data_dir, test_driver, site).await
             }
             Command::BenchScheduler {
                 nodes,

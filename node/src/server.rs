@@ -241,19 +241,26 @@ impl Node {
 
         config.tuning.validate()?;
         let federation_listener = {
-            let addr = match (&config.federation_addr, opts.federation_addr) {
-                (Some(stored), _) => stored
-                    .parse()
-                    .with_context(|| format!("bad federation address {stored}"))?,
-                (None, Some(given)) => given,
-                (None, None) => crate::federation::default_addr(
-                    config
-                        .api_addr
-                        .parse()
-                        .with_context(|| format!("bad API address {}", config.api_addr))?,
-                ),
+            let listener = match (&config.federation_addr, opts.federation_addr) {
+                (Some(stored), _) => {
+                    crate::federation::bind(
+                        stored
+                            .parse()
+                            .with_context(|| format!("bad federation address {stored}"))?,
+                    )
+                    .await?
+                }
+                (None, Some(given)) => crate::federation::bind(given).await?,
+                (None, None) => {
+                    crate::federation::bind_default(
+                        config
+                            .api_addr
+                            .parse()
+                            .with_context(|| format!("bad API address {}", config.api_addr))?,
+                    )
+                    .await?
+                }
             };
-            let listener = crate::federation::bind(addr).await?;
             let actual = listener.local_addr()?.to_string();
             if config.federation_addr.as_deref() != Some(actual.as_str()) {
                 config.federation_addr = Some(actual);
@@ -382,7 +389,7 @@ impl Node {
             placement,
             federation: Arc::new(crate::federation::NodeFederation::new(
                 identity.clone(),
-                federation_addr,
+                crate::federation::advertised_addr(federation_addr, &config.peer_addr),
             )),
         });
         control.metrics.register(Box::new(store.append_histogram()));
@@ -424,7 +431,10 @@ impl Node {
             crate::features::own_traits(
                 config.witness,
                 &opts.missing_features,
-                Some(federation_addr.to_string()),
+                Some(
+                    crate::federation::advertised_addr(federation_addr, &config.peer_addr)
+                        .to_string(),
+                ),
             ),
             stop_rx.clone(),
         )));
