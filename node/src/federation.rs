@@ -205,11 +205,9 @@ pub async fn forward_to_site(
         // The client may retry with an Idempotency-Key, as after any timeout.
         Ok(Err(CallError::Indeterminate { .. })) => Err(ClusterError::Timeout),
         Ok(Err(other)) => Err(ClusterError::Unavailable(other.to_string())),
-        Err(_) => Err(ClusterError::Unavailable(format!(
-            "no node of site {} answered within {} s",
-            link.site.name,
-            FORWARD_DEADLINE.as_secs()
-        ))),
+        // Nothing answered in time: a request may have arrived all the same, so the outcome
+        // is unknown (as after any timeout; retry with an Idempotency-Key).
+        Err(_) => Err(ClusterError::Timeout),
     }
 }
 

@@ -449,11 +449,9 @@ async fn forward(
         .forward_to_site(site, call)
         .await
         .map_err(|e| match e {
-            ClusterError::Unavailable(_) | ClusterError::Timeout | ClusterError::Internal(_) => {
-                ApiError::Cluster(ClusterError::Unavailable(format!(
-                    "site {site} cannot be reached: {e}"
-                )))
-            }
+            ClusterError::Unavailable(_) | ClusterError::Internal(_) => ApiError::Cluster(
+                ClusterError::Unavailable(format!("site {site} cannot be reached: {e}")),
+            ),
             other => ApiError::Cluster(other),
         })
 }
