@@ -36,6 +36,10 @@ pub enum CallError {
         code: Code,
         message: String,
     },
+    /// The call was sent and its outcome is unknown (the connection broke or timed out); it
+    /// was not retried because it might not be idempotent.
+    #[error("site {site} did not answer a sent call ({last}); it may or may not have run")]
+    Indeterminate { site: String, last: String },
     #[error("TLS setup failed: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("the peer answered something unexpected: {0}")]
@@ -96,6 +100,13 @@ struct SiteChannel {
     channel: Option<Channel>,
 }
 
+/// The `Federation` service's client on a channel.
+fn federation_client(channel: Channel) -> FederationClient<Channel> {
+    FederationClient::new(channel)
+        .max_decoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
+        .max_encoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
+}
+
 /// Clients of every linked site, shared by the sync loop and forwarded calls.
 pub struct Peers {
     identity: NodeIdentity,
@@ -137,29 +148,54 @@ impl Peers {
             .clone()
     }
 
-    /// Runs `f` against some node of `link`'s site, failing over between its addresses.
+    /// Runs `f` against some node of `link`'s site, failing over between its addresses, for
+    /// [`Peers::rounds`] rounds.
     pub async fn call<T, F, Fut>(&self, link: &SiteLink, f: F) -> Result<T, CallError>
     where
         F: FnMut(FederationClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call_with(
-            link,
-            |channel| {
-                FederationClient::new(channel)
-                    .max_decoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
-                    .max_encoding_message_size(crate::MAX_FORWARD_BODY + 64 * 1024)
-            },
-            f,
-        )
-        .await
+        self.call_inner(link, self.rounds, true, federation_client, f)
+            .await
     }
 
     /// Like [`Peers::call`], for any service on the site's federation endpoint: `wrap` makes
-    /// that service's client from the channel.
+    /// that service's client from the channel. Only idempotent calls go through here.
     pub async fn call_with<C, T, F, Fut>(
         &self,
         link: &SiteLink,
+        wrap: impl Fn(Channel) -> C,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut(C) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_inner(link, self.rounds, true, wrap, f).await
+    }
+
+    /// Like [`Peers::call`], with an explicit number of rounds over the addresses.
+    pub async fn call_rounds<T, F, Fut>(
+        &self,
+        link: &SiteLink,
+        rounds: u32,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut(FederationClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_inner(link, rounds, true, federation_client, f)
+            .await
+    }
+
+    /// `retry_sent`: whether a call that was sent but got no answer may be sent again
+    /// (idempotent calls); otherwise only failures to connect move on to the next address.
+    async fn call_inner<C, T, F, Fut>(
+        &self,
+        link: &SiteLink,
+        rounds: u32,
+        retry_sent: bool,
         wrap: impl Fn(Channel) -> C,
         mut f: F,
     ) -> Result<T, CallError>
@@ -180,7 +216,7 @@ impl Peers {
         )?);
         let slot = self.slot(link);
         let mut backoff = Backoff::new(self.backoff_base, self.backoff_max);
-        let attempts = link.addrs.len() * self.rounds.max(1) as usize;
+        let attempts = link.addrs.len() * rounds.max(1) as usize;
         let mut last = String::new();
         for attempt in 0..attempts {
             if attempt > 0 && attempt.is_multiple_of(link.addrs.len()) {
@@ -224,6 +260,9 @@ impl Peers {
                     );
                     s.channel = None;
                     s.next_addr = s.next_addr.wrapping_add(1);
+                    if !retry_sent {
+                        return Err(CallError::Indeterminate { site, last });
+                    }
                 }
                 Err(status) => {
                     return Err(CallError::Refused {
@@ -237,7 +276,9 @@ impl Peers {
         Err(CallError::Unreachable { site, last })
     }
 
-    /// One page of `link`'s changes after `since`, with the round trip it took.
+    /// One page of `link`'s changes after `since`, with the round trip it took. One round over
+    /// the site's addresses: the pull loop itself retries every interval, and a long retry here
+    /// would only delay recording that the site is unreachable.
     pub async fn changes(
         &self,
         link: &SiteLink,
@@ -246,7 +287,7 @@ impl Peers {
     ) -> Result<(ChangesReply, Duration), CallError> {
         let started = Instant::now();
         let reply = self
-            .call(link, |mut c| async move {
+            .call_rounds(link, 1, |mut c| async move {
                 let started = Instant::now();
                 let r = c.changes(ChangesRequest { since, limit }).await;
                 tracing::trace!(elapsed = ?started.elapsed(), "changes call");
@@ -270,8 +311,12 @@ impl Peers {
             idempotency_key: call.idempotency_key,
             if_match: call.if_match,
         };
+        // A read, or a write the home site deduplicates by its key, may be sent again after a
+        // broken connection; any other write is sent once.
+        let idempotent = matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS")
+            || req.idempotency_key.is_some();
         let reply: ForwardReply = self
-            .call(link, |mut c| {
+            .call_inner(link, self.rounds, idempotent, federation_client, |mut c| {
                 let req = req.clone();
                 async move { c.forward(req).await }
             })

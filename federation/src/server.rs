@@ -37,7 +37,8 @@ pub const MAX_PAGE: u32 = 1_000;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a forwarded REST call may run (an event stream would never end).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Below the client's call timeout, so the caller gets this answer rather than a cut call.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Who is at the other end of a connection.
 #[derive(Debug, Clone)]
@@ -193,6 +194,13 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    fn stored_token(&self, id: &str) -> Result<Option<fed::FederationToken>, Status> {
+        self.ctx
+            .reader
+            .get::<fed::FederationToken>(&fed::token_key(id))
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+
     /// The linked site that made this call, or the reason it may not.
     fn caller<T>(&self, request: &tonic::Request<T>) -> Result<String, Status> {
         let site = request
@@ -245,6 +253,27 @@ impl Federation for Endpoint {
         if req.addrs.is_empty() {
             return Err(Status::invalid_argument("no federation address given"));
         }
+        // Refuse unknown or wrong tokens from the replica, so that guessing costs no log entry.
+        // The token may have been created an instant ago through another node: a token not
+        // found is looked up again after a linearizable barrier before refusing.
+        let secret_sha256 = crate::token::secret_sha256(&req.secret);
+        let mut stored = self.stored_token(&req.token_id)?;
+        if stored.is_none() {
+            self.ctx
+                .cp
+                .read_barrier(Consistency::Linearizable)
+                .await
+                .map_err(cluster_status)?;
+            stored = self.stored_token(&req.token_id)?;
+        }
+        match stored {
+            Some(t) if t.secret_sha256 == secret_sha256 && t.expires_at > crate::now_ms() => {}
+            _ => {
+                return Err(Status::permission_denied(
+                    "unknown, used, expired or wrong federation token",
+                ))
+            }
+        }
         let link = SiteLink {
             site: site.clone(),
             ca_cert_pem: req.ca_cert_pem,
@@ -255,7 +284,7 @@ impl Federation for Endpoint {
         // The token is checked and consumed inside apply, in the same entry as the link.
         let command = Command::LinkSite {
             link,
-            token: Some((req.token_id, crate::token::secret_sha256(&req.secret))),
+            token: Some((req.token_id, secret_sha256)),
         };
         let (_, response) = self
             .ctx
@@ -319,6 +348,7 @@ impl Federation for Endpoint {
                 more: false,
                 head,
                 changes: Vec::new(),
+                addrs: self.ctx.cp.federation_addrs(),
             }));
         }
         let page = self
@@ -337,6 +367,7 @@ impl Federation for Endpoint {
             more: page.more,
             head: head.max(page.to),
             changes,
+            addrs: self.ctx.cp.federation_addrs(),
         }))
     }
 
@@ -354,7 +385,10 @@ impl Federation for Endpoint {
         if req.body.len() > crate::MAX_FORWARD_BODY {
             return Err(Status::resource_exhausted("the request body is too large"));
         }
-        if req.user_id.is_empty() {
+        // A login carries its own credentials (a user of this site logging in at a linked
+        // site, which asks home to check them); every other call acts as a given user.
+        let login = req.method == "POST" && req.path_and_query == "/api/v1/auth/login";
+        if req.user_id.is_empty() && !login {
             return Err(Status::invalid_argument("no user given"));
         }
         let method = axum::http::Method::from_bytes(req.method.as_bytes())

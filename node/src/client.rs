@@ -104,9 +104,9 @@ pub enum SiteCommand {
     /// Issue a one-time token that lets another site link to this one; prints it with the
     /// federation addresses to give along.
     Token,
-    /// Link this site to the site that issued TOKEN, reachable at ADDR (comma-separated).
+    /// Link this site to the site that issued TOKEN (`nft1.…`), reachable at ADDR
+    /// (comma-separated). The token is positional: `--token` is the API credential.
     Link {
-        #[arg(long)]
         token: String,
         #[arg(long, value_delimiter = ',', required = true)]
         addr: Vec<String>,

@@ -247,10 +247,17 @@ pub struct Tuning {
     /// Caps the bytes per second of a cross-site move's disk copy; `None`: no cap.
     #[serde(default)]
     pub site_move_bytes_per_sec: Option<u64>,
+    /// A linked site whose catalog was not refreshed for this long is shown as stale.
+    #[serde(default = "default_site_stale_after_ms")]
+    pub site_stale_after_ms: u64,
 }
 
 fn default_site_move_link_timeout_ms() -> u64 {
     60_000
+}
+
+fn default_site_stale_after_ms() -> u64 {
+    15_000
 }
 
 fn default_federation_sync_ms() -> u64 {
@@ -296,6 +303,7 @@ impl Default for Tuning {
             federation_heartbeat_ms: default_federation_heartbeat_ms(),
             site_move_link_timeout_ms: default_site_move_link_timeout_ms(),
             site_move_bytes_per_sec: None,
+            site_stale_after_ms: default_site_stale_after_ms(),
         }
     }
 }

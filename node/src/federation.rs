@@ -45,12 +45,24 @@ pub fn default_addr(api: SocketAddr) -> SocketAddr {
     SocketAddr::new(api.ip(), port)
 }
 
+/// The address other sites should call: the bound one, except that an unspecified IP
+/// (`0.0.0.0`, `::`) is replaced by the IP of the node's peer address when that one is specific.
+pub fn advertised_addr(bound: SocketAddr, peer_addr: &str) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    match peer_addr.parse::<SocketAddr>() {
+        Ok(peer) if !peer.ip().is_unspecified() => SocketAddr::new(peer.ip(), bound.port()),
+        _ => bound,
+    }
+}
+
 /// What a node keeps for federation besides its replica.
 pub struct NodeFederation {
     pub identity: NodeIdentity,
     pub peers: Arc<Peers>,
     pub metrics: Arc<SyncMetrics>,
-    /// This node's bound federation endpoint.
+    /// This node's federation endpoint, as advertised to other sites.
     pub addr: SocketAddr,
 }
 
@@ -110,6 +122,23 @@ pub async fn link_site(
     if own.id == token.site_id {
         return Err(ClusterError::Invalid("a site cannot link to itself".into()));
     }
+    // Refuse before the peer consumes the token: our side must be able to commit its half.
+    let probe = Command::LinkSite {
+        link: SiteLink {
+            site: own.clone(),
+            ca_cert_pem: String::new(),
+            addrs: Vec::new(),
+            created_at: 0,
+            updated_at: 0,
+        },
+        token: None,
+    };
+    if let Err(blockers) = crate::features::gate(ctl, &probe) {
+        return Err(ClusterError::FeatureUnavailable {
+            command: probe.name().to_string(),
+            blockers,
+        });
+    }
     let mut own_addrs = federation_addrs(&ctl.reader);
     if own_addrs.is_empty() {
         own_addrs.push(ctl.federation.addr.to_string());
@@ -168,15 +197,22 @@ pub async fn forward_to_site(
 ) -> Result<ForwardedReply, ClusterError> {
     let link = find_link(&ctl.reader, site)
         .ok_or_else(|| ClusterError::Invalid(format!("site {site} is not linked")))?;
-    ctl.federation
-        .peers
-        .forward(&link, call)
-        .await
-        .map_err(|e| match e {
-            CallError::Refused { message, .. } => ClusterError::Unavailable(message),
-            other => ClusterError::Unavailable(other.to_string()),
-        })
+    // A user waits on this call: a site that no node of answers within the deadline is
+    // reported unreachable rather than retried until the client gives up.
+    match tokio::time::timeout(FORWARD_DEADLINE, ctl.federation.peers.forward(&link, call)).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(CallError::Refused { message, .. })) => Err(ClusterError::Unavailable(message)),
+        // The client may retry with an Idempotency-Key, as after any timeout.
+        Ok(Err(CallError::Indeterminate { .. })) => Err(ClusterError::Timeout),
+        Ok(Err(other)) => Err(ClusterError::Unavailable(other.to_string())),
+        // Nothing answered in time: a request may have arrived all the same, so the outcome
+        // is unknown (as after any timeout; retry with an Idempotency-Key).
+        Err(_) => Err(ClusterError::Timeout),
+    }
 }
+
+/// How long a forwarded call may take, retries included.
+const FORWARD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Binds the federation endpoint's TCP listener.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -184,6 +220,24 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind the federation endpoint {addr}"))
+}
+
+/// Binds the default federation endpoint of a node whose API is at `api`: API port + 2, or any
+/// free port of the same host when that one is taken (the bound address is stored and
+/// advertised, so peers learn it either way).
+pub async fn bind_default(api: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = default_addr(api);
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(%addr, "the default federation port is taken; binding any free port");
+            bind(SocketAddr::new(api.ip(), 0)).await
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("cannot bind the federation endpoint {addr}")))
+        }
+    }
 }
 
 /// Serves the endpoint on `listener` and runs the catalog pull while this node leads, both
@@ -214,8 +268,7 @@ pub fn spawn(
             }
         }));
     }
-    let syncer = Syncer::new(
-        ctl.reader.clone(),
+    let syncer = Arc::new(Syncer::new(
         ctl.clone(),
         ctl.federation.peers.clone(),
         SyncConfig {
@@ -225,7 +278,7 @@ pub fn spawn(
         },
         ctl.federation.metrics.clone(),
         format!("node:{}", ctl.id),
-    );
+    ));
     let leader = ctl.clone();
     tasks.push(tokio::spawn(federation::sync::run(
         syncer,
@@ -269,5 +322,29 @@ mod tests {
         assert_eq!(default_addr(api).to_string(), "10.0.0.1:8082");
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         assert_eq!(default_addr(any).port(), 0);
+        let wild: SocketAddr = "0.0.0.0:8082".parse().unwrap();
+        assert_eq!(
+            advertised_addr(wild, "10.1.2.3:7070").to_string(),
+            "10.1.2.3:8082"
+        );
+        assert_eq!(advertised_addr(wild, "0.0.0.0:7070"), wild);
+        assert_eq!(advertised_addr(api, "10.1.2.3:7070"), api);
+    }
+
+    #[test]
+    fn ids_with_a_site_prefix_give_their_uuid_to_libvirt() {
+        let uuid = "0b3e5f1c-1111-2222-3333-444444444444";
+        let with_site = format!("{}-{uuid}", new_site_id());
+        assert_eq!(
+            crate::agent::domain_uuid(&with_site)
+                .map(|u| u.to_string())
+                .ok(),
+            Some(uuid.to_string())
+        );
+        assert_eq!(
+            crate::agent::domain_uuid(uuid).map(|u| u.to_string()).ok(),
+            Some(uuid.to_string())
+        );
+        assert!(crate::agent::domain_uuid("abcdef-nope").is_err());
     }
 }

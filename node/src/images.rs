@@ -336,8 +336,7 @@ impl NodeImages {
     /// operator put in the store by hand stay. Returns how many were removed.
     pub async fn collect_garbage(&self) -> Result<usize, FetchError> {
         let gone = |name: &str| -> Result<bool, FetchError> {
-            Ok(uuid::Uuid::parse_str(name).is_ok()
-                && self.reader.get::<Image>(&image_key(name))?.is_none())
+            Ok(is_image_id(name) && self.reader.get::<Image>(&image_key(name))?.is_none())
         };
         let mut removed = 0;
         for info in self.store.list().await? {
@@ -380,5 +379,27 @@ pub async fn run_gc(
             Ok(n) => tracing::info!(removed = n, "removed the bytes of deleted images"),
             Err(e) => tracing::warn!(error = %e, "image garbage collection failed"),
         }
+    }
+}
+
+/// Whether a file name is an image id: a UUID, with the home-site prefix ids made since
+/// federation carry (`<site id>-<uuid>`).
+fn is_image_id(name: &str) -> bool {
+    let bare = match raft::federation::home_site_of_id(name) {
+        Some(site) => name.get(site.len() + 1..).unwrap_or(name),
+        None => name,
+    };
+    uuid::Uuid::parse_str(bare).is_ok()
+}
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn image_ids_with_and_without_a_site_prefix_are_recognised() {
+        let plain = "0b3e5f1c-1111-2222-3333-444444444444";
+        assert!(super::is_image_id(plain));
+        assert!(super::is_image_id(&format!("ab12cd-{plain}")));
+        assert!(!super::is_image_id("my-notes.txt"));
+        assert!(!super::is_image_id("ab12cd-notes"));
     }
 }

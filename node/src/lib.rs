@@ -27,4 +27,5 @@ pub mod recover;
 pub mod scheduler;
 pub mod server;
 pub mod site_move;
+pub mod sitenet;
 pub mod stats;

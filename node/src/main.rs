@@ -48,10 +48,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DevCommand {
-    /// Start a local N-node cluster on loopback; Ctrl-C stops it.
+    /// Start a local N-node cluster (on per-node libvirt hosts as root with libvirt and QEMU,
+    /// else on loopback with libvirt's test driver); Ctrl-C or SIGTERM stops it.
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Node i serves its API on BASE+i and QUIC on BASE+100+i; 0 picks free ports.
         #[arg(long, default_value_t = 8080)]
         base_port: u16,
         /// Where the nodes keep their data (default: a fresh temporary directory).
@@ -60,6 +62,9 @@ enum DevCommand {
         /// Use libvirt's test driver even where each node could get its own libvirt host.
         #[arg(long)]
         test_driver: bool,
+        /// The site name of the new cluster (default `default`).
+        #[arg(long)]
+        site: Option<String>,
     },
 }
 
@@ -172,10 +177,11 @@ fn main() -> ExitCode {
                         base_port,
                         data_dir,
                         test_driver,
+                        site,
                     },
             } => {
                 init_tracing();
-                node::dev::up(nodes, base_port, data_dir, test_driver).await
+                node::dev::up(nodes, base_port, data_dir, test_driver, site).await
             }
             Command::BenchScheduler {
                 nodes,

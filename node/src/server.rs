@@ -241,19 +241,26 @@ impl Node {
 
         config.tuning.validate()?;
         let federation_listener = {
-            let addr = match (&config.federation_addr, opts.federation_addr) {
-                (Some(stored), _) => stored
-                    .parse()
-                    .with_context(|| format!("bad federation address {stored}"))?,
-                (None, Some(given)) => given,
-                (None, None) => crate::federation::default_addr(
-                    config
-                        .api_addr
-                        .parse()
-                        .with_context(|| format!("bad API address {}", config.api_addr))?,
-                ),
+            let listener = match (&config.federation_addr, opts.federation_addr) {
+                (Some(stored), _) => {
+                    crate::federation::bind(
+                        stored
+                            .parse()
+                            .with_context(|| format!("bad federation address {stored}"))?,
+                    )
+                    .await?
+                }
+                (None, Some(given)) => crate::federation::bind(given).await?,
+                (None, None) => {
+                    crate::federation::bind_default(
+                        config
+                            .api_addr
+                            .parse()
+                            .with_context(|| format!("bad API address {}", config.api_addr))?,
+                    )
+                    .await?
+                }
             };
-            let listener = crate::federation::bind(addr).await?;
             let actual = listener.local_addr()?.to_string();
             if config.federation_addr.as_deref() != Some(actual.as_str()) {
                 config.federation_addr = Some(actual);
@@ -383,7 +390,7 @@ impl Node {
             placement,
             federation: Arc::new(crate::federation::NodeFederation::new(
                 identity.clone(),
-                federation_addr,
+                crate::federation::advertised_addr(federation_addr, &config.peer_addr),
             )),
         });
         control.metrics.register(Box::new(store.append_histogram()));
@@ -448,7 +455,10 @@ impl Node {
             crate::features::own_traits(
                 config.witness,
                 &opts.missing_features,
-                Some(federation_addr.to_string()),
+                Some(
+                    crate::federation::advertised_addr(federation_addr, &config.peer_addr)
+                        .to_string(),
+                ),
             ),
             stop_rx.clone(),
         )));
@@ -496,11 +506,11 @@ impl Node {
 
         let api_addr = listener.local_addr()?;
         // The dashboard is static and talks to the API of the same origin.
-        let app = api::router(api::AppState::new(
-            control.clone(),
-            api::ApiConfig::default(),
-        ))
-        .merge(web::router());
+        let api_config = api::ApiConfig {
+            site_stale_after: Duration::from_millis(config.tuning.site_stale_after_ms),
+            ..api::ApiConfig::default()
+        };
+        let app = api::router(api::AppState::new(control.clone(), api_config)).merge(web::router());
         tasks.extend(crate::federation::spawn(
             control.clone(),
             federation_listener,
@@ -765,8 +775,14 @@ async fn finish_init(ctl: &NodeControl, dir: &Path, config: &NodeConfig) -> anyh
         join_secret_sha256: m.join_secret_sha256,
         created_at: now,
     };
+    // Ids carry the home site (`<site id>-<uuid>`), the admin's too: it is known by that id
+    // at linked sites.
+    let admin_id = match &m.site {
+        Some(site) => format!("{}-{}", site.id, uuid::Uuid::new_v4()),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
     let admin = User {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: admin_id,
         username: "admin".into(),
         password_hash: m.admin_password_hash,
         tenant: SYSTEM_TENANT.into(),

@@ -40,8 +40,9 @@ pub(crate) struct SiteView {
     pub name: String,
     /// This site (the one answering).
     pub local: bool,
-    /// `ok`: synced recently; `stale`: no successful pull for longer than the stale limit;
-    /// `never`: linked but never synced. Always `ok` for the local site.
+    /// `ok`: synced recently; `failing`: the last pulls failed but the catalog is still
+    /// recent; `stale`: no successful pull for longer than the stale limit; `never`: linked but
+    /// never synced. Always `ok` for the local site.
     pub health: String,
     /// Federation endpoints of the site's nodes.
     pub addrs: Vec<String>,
@@ -136,6 +137,9 @@ pub(crate) async fn list(
             "never"
         } else if is_stale(&state, &sync, now) {
             "stale"
+        } else if sync.error.is_some() {
+            // Pulls fail, the catalog is not yet older than the stale limit.
+            "failing"
         } else {
             "ok"
         };
@@ -445,11 +449,9 @@ async fn forward(
         .forward_to_site(site, call)
         .await
         .map_err(|e| match e {
-            ClusterError::Unavailable(_) | ClusterError::Timeout | ClusterError::Internal(_) => {
-                ApiError::Cluster(ClusterError::Unavailable(format!(
-                    "site {site} cannot be reached: {e}"
-                )))
-            }
+            ClusterError::Unavailable(_) | ClusterError::Internal(_) => ApiError::Cluster(
+                ClusterError::Unavailable(format!("site {site} cannot be reached: {e}")),
+            ),
             other => ApiError::Cluster(other),
         })
 }

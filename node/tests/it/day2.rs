@@ -70,6 +70,15 @@ fn is_identity_or_membership(key: &[u8]) -> bool {
         || key.starts_with(raft::keys::NODE_PREFIX)
         || key.starts_with(b"nn/")
         || key.starts_with(raft::keys::NODE_TRAITS_PREFIX)
+        || is_member_change_feed(key)
+}
+
+/// The federation change feed's entries for node records (`f/x/<index>/n/…`, `f/xk/n/…`):
+/// the restored cluster's members publish their own records.
+fn is_member_change_feed(key: &[u8]) -> bool {
+    key.starts_with(b"f/xk/n/")
+        || raft::federation::parse_feed_key(key)
+            .is_some_and(|(_, object)| object.starts_with(raft::keys::NODE_PREFIX))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -31,6 +31,24 @@ async fn site(name: &str, n: usize) -> Result<TestCluster> {
     Ok(c)
 }
 
+/// Runs the CLI against node `i` of `c` as its admin.
+fn cli(c: &TestCluster, i: usize, args: &[&str]) -> Result<(bool, String)> {
+    let out = std::process::Command::new(crate::harness::BIN)
+        .args(args)
+        .env("NOVACRON_URL", c.nodes[i].url())
+        .env("NOVACRON_TOKEN", c.token.as_deref().unwrap_or_default())
+        .env("HOME", c.root.path())
+        .output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
 async fn call(
     c: &TestCluster,
     i: usize,
@@ -131,7 +149,7 @@ async fn last_sync(c: &TestCluster, i: usize, peer: &str) -> Result<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linked_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() -> Result<()> {
+async fn three_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() -> Result<()> {
     let mut a = site("a", 3).await?;
     let b = site("b", 1).await?;
     let (a_id, a_addrs) = identity(&a, 3).await?;
@@ -296,6 +314,30 @@ async fn linked_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() -
     let as_b = federation::client::Peers::new(b_identity);
     let (page, _) = as_b.changes(&link_to_a, 0, 10).await?;
     assert!(!page.changes.is_empty());
+    // Forward as b: runs as the given user at a; only /api/v1/ is reachable that way.
+    let fwd = |path: &str| api::control::ForwardedCall {
+        method: "GET".into(),
+        path_and_query: path.into(),
+        body: vec![],
+        user_id: viewer.clone(),
+        idempotency_key: None,
+        if_match: None,
+    };
+    let listed = as_b.forward(&link_to_a, fwd("/api/v1/vms")).await?;
+    assert_eq!(
+        listed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&listed.body)
+    );
+    let outside = as_b.forward(&link_to_a, fwd("/metrics")).await;
+    assert!(
+        matches!(
+            outside,
+            Err(federation::client::CallError::Refused { ref message, .. }) if message.contains("/api/v1/")
+        ),
+        "{outside:?}"
+    );
     let stranger_ca = raft::tls::generate_ca("stranger")?;
     let stranger = raft::tls::NodeIdentity::issue(&stranger_ca, "x1")?;
     let mut as_stranger = federation::client::Peers::new(stranger);
@@ -319,6 +361,114 @@ async fn linked_sites_share_catalogs_forward_calls_and_survive_a_leader_loss() -
         forwarded.is_err(),
         "an unlinked site forwarded a call: {forwarded:?}"
     );
+
+    // A third, single-node edge site linked to a: a VM created there through a node of a
+    // runs at the edge and is listed at a with its site.
+    let edge = site("edge", 1).await?;
+    let (edge_id, _) = identity(&edge, 1).await?;
+    // Linked with the CLI: a token issued through a follower of a, used at the edge.
+    let (ok, out) = cli(&a, 1, &["site", "token", "-o", "json"])?;
+    assert!(ok, "site token: {out}");
+    let t: Value = serde_json::from_str(&out)?;
+    let a_fed_addrs: Vec<&str> = t["addrs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let token_text = t["token"].as_str().unwrap_or_default().to_string();
+    let (ok, out) = cli(
+        &edge,
+        0,
+        &[
+            "site",
+            "link",
+            &token_text,
+            "--addr",
+            &a_fed_addrs.join(","),
+        ],
+    )?;
+    assert!(ok, "site link: {out}");
+    let (ok, out) = cli(&edge, 0, &["site", "list"])?;
+    assert!(
+        ok && out.contains(&a_id) && out.contains("edge"),
+        "site list: {out}"
+    );
+    // The edge site must know a's admin before it serves calls a forwards for them.
+    wait_catalog(&edge, 0, &a_id, "a's users at the edge", |k| {
+        k.iter().any(|k| k.starts_with("u/"))
+    })
+    .await?;
+    let ve = id_of(
+        &create(
+            &a,
+            2,
+            "/api/v1/vms",
+            json!({"name": "at-edge", "vcpus": 1, "memory_mib": 128, "site": "edge"}),
+        )
+        .await?,
+    )?;
+    assert!(
+        ve.starts_with(&format!("{edge_id}-")),
+        "made by the edge: {ve}"
+    );
+    let running = eventually(
+        "the VM to run at the edge",
+        Duration::from_secs(30),
+        || async {
+            let (s, v) = call(&edge, 0, Method::GET, &format!("/api/v1/vms/{ve}"), None)
+                .await
+                .ok()?;
+            (s == 200 && v["state"] == "running").then_some(())
+        },
+    )
+    .await;
+    if let Err(e) = running {
+        let (_, v) = call(&edge, 0, Method::GET, &format!("/api/v1/vms/{ve}"), None).await?;
+        let (_, n) = call(&edge, 0, Method::GET, "/api/v1/nodes", None).await?;
+        edge.dump_logs();
+        bail!("{e}: {v} on nodes {n}");
+    }
+    wait_catalog(&a, 0, &edge_id, "the edge VM listed at a", |k| {
+        k.contains(&format!("v/{ve}"))
+    })
+    .await?;
+
+    // Cutting the edge off: a records the failure once and keeps its last data.
+    let mut edge = edge;
+    edge.kill(0)?;
+    let failing = eventually(
+        "a to report the edge unreachable",
+        Duration::from_secs(30),
+        || async {
+            let v = sites(&a, 0).await.ok()?;
+            let e = v["sites"]
+                .as_array()?
+                .iter()
+                .find(|x| x["id"] == edge_id.as_str())?
+                .clone();
+            e["error"].as_str().is_some().then_some(e)
+        },
+    )
+    .await?;
+    println!("edge as seen from a once cut: {failing}");
+    assert!(catalog(&a, 0, &edge_id).await?.contains(&format!("v/{ve}")));
+    // Many failed attempts, no more log entries: the failure is recorded only when its text
+    // changes (the error above is already recorded).
+    let leader = a.wait_leader(0, None).await?;
+    let failures = "novacron_federation_pull_failures_total";
+    let recorded = "novacron_federation_failures_recorded_total";
+    let (base, base_recorded) = (
+        a.metric(leader, failures).await?,
+        a.metric(leader, recorded).await?,
+    );
+    eventually(
+        "five more failed pulls of the edge",
+        Duration::from_secs(30),
+        || async { (a.metric(leader, failures).await.ok()? >= base + 5.0).then_some(()) },
+    )
+    .await?;
+    assert_eq!(a.metric(leader, recorded).await?, base_recorded);
 
     // Killing a's leader: b keeps syncing through another node of a.
     let leader = a.wait_leader(0, None).await?;

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+pub mod sites;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");
 
 /// Short timers so failover and replacement happen within a test's patience.
@@ -52,24 +54,22 @@ pub struct TestCluster {
     pub token: Option<String>,
     /// Separate libvirt hosts, node i on host i (see `node::hosts`); dropped after the nodes.
     pub hosts: Option<node::hosts::HostSet>,
+    /// The site namespace every node of this cluster runs in and binds (see `sites`).
+    pub site: Option<node::sitenet::SiteNs>,
 }
 
+/// Starts `cmd` (the binary, possibly wrapped to enter namespaces) as a node.
 fn spawn(
     dir: &Path,
     args: &[String],
     tuning: &str,
     env: &[(String, String)],
-    host: Option<&node::hosts::Host>,
+    mut cmd: Command,
 ) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.with_extension("log"))?;
-    // On separate libvirt hosts the node runs inside its host's namespaces.
-    let mut cmd = match host {
-        Some(h) => h.command(BIN),
-        None => Command::new(BIN),
-    };
     cmd.args(args)
         .env("NOVACRON_TUNING", tuning)
         .env("NOVACRON_LOG", "info,openraft=warn")
@@ -133,6 +133,7 @@ impl TestCluster {
             http,
             token: None,
             hosts: None,
+            site: None,
         };
         c.add_node(true).await?;
         let password = std::fs::read_to_string(c.nodes[0].dir.join("admin-password"))?;
@@ -164,6 +165,7 @@ impl TestCluster {
             http,
             token: None,
             hosts: Some(hosts),
+            site: None,
         };
         c.add_node(true).await?;
         let password = std::fs::read_to_string(c.nodes[0].dir.join("admin-password"))?;
@@ -177,6 +179,25 @@ impl TestCluster {
     /// The libvirt host of node `i`, when the cluster runs on separate hosts.
     pub fn host(&self, i: usize) -> Option<&node::hosts::Host> {
         self.hosts.as_ref().and_then(|h| h.hosts.get(i))
+    }
+
+    /// The command that starts node `i`: inside its libvirt host's namespaces, inside the
+    /// cluster's site namespace, or plainly on this machine.
+    fn node_command(&self, i: usize) -> Command {
+        match (self.host(i), &self.site) {
+            (Some(h), _) => h.command(BIN),
+            (None, Some(s)) => s.command(BIN),
+            (None, None) => Command::new(BIN),
+        }
+    }
+
+    /// The address node `i` binds its API and QUIC endpoint on (port 0 is added).
+    fn bind_ip(&self, i: usize) -> String {
+        match (self.host(i), &self.site) {
+            (Some(h), _) => h.addr.to_string(),
+            (None, Some(s)) => s.addr.to_string(),
+            (None, None) => "127.0.0.1".into(),
+        }
     }
 
     pub fn join_token(&self) -> Result<String> {
@@ -203,10 +224,7 @@ impl TestCluster {
         let i = self.nodes.len();
         let name = format!("n{}", i + 1);
         let dir = self.root.path().join(&name);
-        let ip = self
-            .host(i)
-            .map(|h| h.addr.to_string())
-            .unwrap_or_else(|| "127.0.0.1".into());
+        let ip = self.bind_ip(i);
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
@@ -232,7 +250,7 @@ impl TestCluster {
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         std::fs::create_dir_all(self.root.path())?;
-        let child = spawn(&dir, &args, &self.tuning, &env, self.host(i))?;
+        let child = spawn(&dir, &args, &self.tuning, &env, self.node_command(i))?;
         let api = match self.wait_config(&dir).await {
             Ok(api) => api,
             Err(e) => {
@@ -465,7 +483,13 @@ impl TestCluster {
             "--data-dir".into(),
             dir.display().to_string(),
         ];
-        self.nodes[i].child = Some(spawn(&dir, &args, &self.tuning, &self.env, self.host(i))?);
+        self.nodes[i].child = Some(spawn(
+            &dir,
+            &args,
+            &self.tuning,
+            &self.env,
+            self.node_command(i),
+        )?);
         Ok(())
     }
 
@@ -528,7 +552,12 @@ impl TestCluster {
             "--data-dir".into(),
             dir.display().to_string(),
         ];
-        let child = spawn(&dir, &args, &self.tuning, &self.env, None)?;
+        // A restored node runs where the cluster's site puts it (never on a libvirt host).
+        let cmd = match &self.site {
+            Some(s) => s.command(BIN),
+            None => Command::new(BIN),
+        };
+        let child = spawn(&dir, &args, &self.tuning, &self.env, cmd)?;
         let api = self.wait_config(&dir).await?;
         self.nodes.push(TestNode {
             name: name.to_string(),
@@ -538,6 +567,22 @@ impl TestCluster {
         });
         self.wait_ready(i).await?;
         Ok(i)
+    }
+
+    /// A client of a cluster started outside the harness (`novacron dev up`), from each
+    /// node's name, API `host:port` and data directory; it starts and stops nothing.
+    pub fn attach(nodes: Vec<(String, String, PathBuf)>) -> Result<TestCluster> {
+        let mut c = TestCluster::empty(String::new())?;
+        c.nodes = nodes
+            .into_iter()
+            .map(|(name, api, dir)| TestNode {
+                name,
+                dir,
+                api,
+                child: None,
+            })
+            .collect();
+        Ok(c)
     }
 
     /// An empty cluster (no node yet) whose nodes live under a fresh temporary directory.
@@ -553,6 +598,7 @@ impl TestCluster {
                 .build()?,
             token: None,
             hosts: None,
+            site: None,
         })
     }
 
