@@ -231,9 +231,10 @@ pub fn link_targets(reader: StateReader, peers: Arc<federation::client::Peers>) 
     })
 }
 
-/// The target side of moves on this node: imports begun through this node land here (the
-/// node that answers the begin receives the disk and runs the VM), disks are staged under
-/// the image store's `site-moves/` and committed to the VM's disk path.
+/// The target side of moves on this node: an import goes to the least-loaded node of the site
+/// (which receives the disk and runs the VM; disk calls reaching another node are answered
+/// UNAVAILABLE so the caller tries the next address), disks are staged under the image
+/// store's `site-moves/` and committed to the VM's disk path.
 pub fn move_service(ctl: &crate::control::NodeControl) -> federation::move_rpc::MoveService {
     let me = ctl.id;
     let log = Arc::new(RaftSiteLog {
@@ -262,7 +263,14 @@ pub fn move_service(ctl: &crate::control::NodeControl) -> federation::move_rpc::
     };
     let target = Arc::new(federation::site_move::LocalTarget {
         log,
-        choose_node: Arc::new(move |_vm: &Vm| Ok(me)),
+        choose_node: {
+            let reader = ctl.reader.clone();
+            Arc::new(move |_vm: &Vm| {
+                let nodes = reader.nodes().map_err(store_err)?;
+                let vms = reader.vms().map_err(store_err)?;
+                Ok(least_loaded(&nodes, &vms).unwrap_or(me))
+            })
+        },
         receivers: {
             let receiver = receiver.clone();
             Arc::new(move |_node| receiver.clone())
@@ -296,6 +304,17 @@ pub fn settings(tuning: &crate::config::Tuning) -> MoveSettings {
             ..Default::default()
         },
     }
+}
+
+/// The node of this site that receives an imported VM: the up, schedulable node with the
+/// fewest VMs placed on it (ties to the lowest id), like the HA restart's choice. Its disk
+/// calls reach it through the caller's failover between the site's addresses.
+pub fn least_loaded(nodes: &[raft::model::NodeRecord], vms: &[Vm]) -> Option<NodeId> {
+    nodes
+        .iter()
+        .filter(|n| !n.removed && n.schedulable && n.state == raft::model::NodeState::Up)
+        .min_by_key(|n| (vms.iter().filter(|v| v.node == Some(n.id)).count(), n.id))
+        .map(|n| n.id)
 }
 
 /// Who drives a move at its current phase: the node with the disk, or the leader.
@@ -439,6 +458,35 @@ mod tests {
             version: 1,
             placement: Default::default(),
         }
+    }
+
+    #[test]
+    fn an_import_goes_to_the_least_loaded_up_schedulable_node() {
+        let node = |id: NodeId, up: bool, schedulable: bool| raft::model::NodeRecord {
+            id,
+            member: Default::default(),
+            state: if up {
+                raft::model::NodeState::Up
+            } else {
+                raft::model::NodeState::Down
+            },
+            schedulable,
+            labels: Default::default(),
+            joined_at: 0,
+            updated_at: 0,
+            removed: false,
+            capacity: None,
+        };
+        let nodes = [
+            node(1, true, true),
+            node(2, true, true),
+            node(3, false, true),
+            node(4, true, false),
+        ];
+        let vms = [vm(Some(1)), vm(Some(1)), vm(Some(2))];
+        assert_eq!(least_loaded(&nodes, &vms), Some(2));
+        assert_eq!(least_loaded(&nodes, &[]), Some(1));
+        assert_eq!(least_loaded(&nodes[2..], &[]), None);
     }
 
     #[test]

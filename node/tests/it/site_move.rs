@@ -484,3 +484,65 @@ async fn a_running_tiny_guest_moves_and_boots_at_the_target_site() -> Result<()>
     .await?;
     Ok(())
 }
+
+/// At a site of two nodes, the import goes to the least-loaded one, even when the other node
+/// answers first: its disk calls find their node through the failover between addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moves_to_the_least_loaded_node_of_the_target_site() -> Result<()> {
+    let a = site("hq", tuning(None, 60_000)).await?;
+    let mut b = site("edge", tuning(None, 60_000)).await?;
+    b.add_node(false).await?;
+    // b's first node gets a VM of its own, so its second node is the least loaded.
+    let own = ok(
+        &b,
+        Method::POST,
+        "/api/v1/tenants",
+        Some(json!({"name": "local"})),
+    )
+    .await?["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no tenant id"))?
+        .to_string();
+    ok(
+        &b,
+        Method::POST,
+        "/api/v1/vms",
+        Some(
+            json!({"name": "resident", "vcpus": 1, "memory_mib": 128, "tenant": own,
+                    "start": false, "placement": {"node": "n1"}}),
+        ),
+    )
+    .await?;
+    eventually(
+        "b's resident VM placed",
+        Duration::from_secs(30),
+        || async {
+            let v = ok(&b, Method::GET, "/api/v1/vms?limit=500", None)
+                .await
+                .ok()?;
+            v["items"]
+                .as_array()?
+                .iter()
+                .any(|x| x["name"] == "resident" && !x["node"].is_null())
+                .then_some(())
+        },
+    )
+    .await?;
+    let (vm, sha) = linked_with_a_stopped_vm(&a, &b).await?;
+    let op = start_move(&a, &vm).await?;
+    let finished = finished(&a, &op).await?;
+    assert_eq!(finished["state"], "succeeded", "{finished}");
+    let there = ok(&b, Method::GET, &format!("/api/v1/vms/{vm}"), None).await?;
+    let dst_disk = b.nodes[1]
+        .dir
+        .join("images/vms")
+        .join(&vm)
+        .join("root.qcow2");
+    assert_eq!(
+        sha256_of(&dst_disk).as_deref(),
+        Some(sha.as_str()),
+        "the disk is on b's second node: {there}"
+    );
+    assert_eq!(finished["result"]["target_node"], there["node"], "{there}");
+    Ok(())
+}
