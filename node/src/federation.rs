@@ -133,11 +133,18 @@ pub async fn link_site(
         },
         token: None,
     };
-    if let Err(blockers) = crate::features::gate(ctl, &probe) {
-        return Err(ClusterError::FeatureUnavailable {
-            command: probe.name().to_string(),
-            blockers,
-        });
+    // A node that joined a moment ago advertises its features within a heartbeat or two:
+    // give it that long before refusing.
+    let deadline = std::time::Instant::now() + GATE_PATIENCE;
+    while let Err(blockers) = crate::features::gate(ctl, &probe) {
+        if std::time::Instant::now() >= deadline {
+            return Err(ClusterError::FeatureUnavailable {
+                command: probe.name().to_string(),
+                blockers,
+            });
+        }
+        let _ = ctl.read_barrier(api::Consistency::Linearizable).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let mut own_addrs = federation_addrs(&ctl.reader);
     if own_addrs.is_empty() {
@@ -210,6 +217,9 @@ pub async fn forward_to_site(
         Err(_) => Err(ClusterError::Timeout),
     }
 }
+
+/// How long linking waits for just-joined members to advertise that they understand it.
+const GATE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a forwarded call may take, retries included.
 const FORWARD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(6);
