@@ -723,14 +723,15 @@ pub(crate) fn replace_section(doc: &str, heading: &str, section: &str) -> String
     out
 }
 
-/// The section `heading` of `doc` (up to the next heading of its level), if it has one; what
-/// `bench raft` keeps when it rewrites the rest of the document.
+/// The section `heading` of `doc` (up to the next heading of its level, or the marker of
+/// another benchmark's section), if it has one; what `bench raft` keeps when it rewrites the
+/// rest of the document.
 pub(crate) fn section_of(doc: &str, heading: &str) -> Option<String> {
     let lines: Vec<&str> = doc.lines().collect();
     let start = lines.iter().position(|l| l.trim_end() == heading)?;
     let end = lines[start + 1..]
         .iter()
-        .position(|l| l.starts_with("## ") || l.starts_with("# "))
+        .position(|l| l.starts_with("## ") || l.starts_with("# ") || l.starts_with("<!-- "))
         .map_or(lines.len(), |i| start + 1 + i);
     Some(lines[start..end].join("\n").trim_end().to_owned())
 }
@@ -750,6 +751,15 @@ mod tests {
         assert_eq!(
             section_of(&out, SECTION).as_deref(),
             Some("## Dashboard\n\nnew")
+        );
+    }
+
+    #[test]
+    fn stops_at_the_marker_of_another_section() {
+        let doc = "## Dashboard\n\nx\n\n<!-- vm-lifecycle:begin -->\n## VM lifecycle\n";
+        assert_eq!(
+            section_of(doc, SECTION).as_deref(),
+            Some("## Dashboard\n\nx")
         );
     }
 
