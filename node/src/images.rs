@@ -385,11 +385,7 @@ pub async fn run_gc(
 /// Whether a file name is an image id: a UUID, with the home-site prefix ids made since
 /// federation carry (`<site id>-<uuid>`).
 fn is_image_id(name: &str) -> bool {
-    let bare = match raft::federation::home_site_of_id(name) {
-        Some(site) => name.get(site.len() + 1..).unwrap_or(name),
-        None => name,
-    };
-    uuid::Uuid::parse_str(bare).is_ok()
+    uuid::Uuid::parse_str(raft::federation::uuid_part(name)).is_ok()
 }
 
 #[cfg(test)]

@@ -167,6 +167,15 @@ pub fn home_site_of_id(id: &str) -> Option<&str> {
     SiteIdentity::valid_id(site).then_some(site)
 }
 
+/// An id without its home-site prefix: the UUID part of `<site id>-<uuid>` (libvirt domain
+/// UUIDs, image file names), or the whole id when it has none.
+pub fn uuid_part(id: &str) -> &str {
+    match home_site_of_id(id) {
+        Some(site) => id.get(site.len() + 1..).unwrap_or(id),
+        None => id,
+    }
+}
+
 /// A peer site this site exchanges catalogs with; both sides hold one for the other.
 #[derive(
     Debug,

@@ -28,11 +28,8 @@ use crate::liveness::{Capacity, LeaseStatus, Liveness, ObservedDomain};
 /// The libvirt UUID of a VM's domain: its id, without the home-site prefix ids made since
 /// federation carry (`<site id>-<uuid>`; a VM moved between sites keeps it).
 pub fn domain_uuid(vm_id: &str) -> Result<uuid::Uuid, AgentError> {
-    let bare = match raft::federation::home_site_of_id(vm_id) {
-        Some(site) => vm_id.get(site.len() + 1..).unwrap_or(vm_id),
-        None => vm_id,
-    };
-    uuid::Uuid::parse_str(bare).map_err(|_| AgentError::BadId(vm_id.to_string()))
+    uuid::Uuid::parse_str(raft::federation::uuid_part(vm_id))
+        .map_err(|_| AgentError::BadId(vm_id.to_string()))
 }
 
 /// The domain spec of `vm` as node `owner` defines it.
